@@ -1,0 +1,40 @@
+"""lightning_dpzero: differentially private training for PyTorch Lightning.
+
+Importing the package registers the DP strategy names (``"dp"``) with Lightning's strategy registry.
+"""
+
+from lightning.pytorch.strategies import StrategyRegistry
+
+from lightning_dpzero.accounting import PrivacyAccountant, calibrate_noise_multiplier, epsilon_for
+from lightning_dpzero.callbacks import PrivacyBudget
+from lightning_dpzero.clipping import ClippingRule, UnsupportedLayerError, register_rule
+from lightning_dpzero.config import Accountant, ClippingFunction, ClippingStyle, NormMode, PrivacyConfig
+from lightning_dpzero.sampling.poisson import LogicalBatch, PoissonBatchSampler
+from lightning_dpzero.step import DPStep, PrivacyBudgetExhausted
+from lightning_dpzero.strategies import DPStrategy
+
+__all__ = [
+    "Accountant",
+    "ClippingFunction",
+    "ClippingRule",
+    "ClippingStyle",
+    "DPStep",
+    "DPStrategy",
+    "LogicalBatch",
+    "NormMode",
+    "PoissonBatchSampler",
+    "PrivacyAccountant",
+    "PrivacyBudget",
+    "PrivacyBudgetExhausted",
+    "PrivacyConfig",
+    "UnsupportedLayerError",
+    "calibrate_noise_multiplier",
+    "epsilon_for",
+    "register_rule",
+]
+
+__version__ = "0.1.0"
+
+for _strategy in (DPStrategy,):
+    if _strategy.strategy_name not in StrategyRegistry:
+        _strategy.register_strategies(StrategyRegistry)

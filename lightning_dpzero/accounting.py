@@ -1,0 +1,248 @@
+"""Privacy accounting on dp-accounting: epsilon after the logical steps taken, sigma from a target epsilon.
+
+One logical step is one Poisson-sampled Gaussian event ``PoissonSampledDpEvent(q, GaussianDpEvent(sigma))``;
+the run is their composition. The history is run-length encoded ``(noise_multiplier, sample_rate, steps)``,
+so a checkpoint stores a few numbers and epsilon can always be recomputed from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import dp_accounting
+import numpy as np
+from dp_accounting import pld, rdp
+from dp_accounting.rdp import rdp_privacy_accountant
+
+from lightning_dpzero.config import Accountant
+
+__all__ = [
+    "PrivacyAccountant",
+    "calibrate_noise_multiplier",
+    "dpsgd_event",
+    "epsilon_for",
+]
+
+# PLD discretisation of the privacy-loss values; dp-accounting's default (tight, ~0.2-0.8 s per evaluation).
+_PLD_DISCRETIZATION = 1e-4
+# Largest sigma calibration will consider; past it the budget is unreachable in any useful sense.
+_MAX_NOISE_MULTIPLIER = 1e4
+
+
+def dpsgd_event(
+    *, noise_multiplier: float, sample_rate: float, steps: int
+) -> dp_accounting.DpEvent:
+    """``steps`` logical DP-SGD steps: Poisson sampling with rate q, then the Gaussian mechanism with sigma."""
+    step = dp_accounting.PoissonSampledDpEvent(
+        sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)
+    )
+    return dp_accounting.SelfComposedDpEvent(step, steps)
+
+
+def _fresh(
+    kind: Accountant, *, coarse: bool = False
+) -> dp_accounting.PrivacyAccountant:
+    if kind is Accountant.PLD:
+        # The coarse grid (10x faster, epsilon within ~0.01) is only used to search; results use the fine one.
+        return pld.PLDAccountant(
+            value_discretization_interval=10 * _PLD_DISCRETIZATION
+            if coarse
+            else _PLD_DISCRETIZATION
+        )
+    return rdp.RdpAccountant()
+
+
+@contextlib.contextmanager
+def _quiet_absl() -> Iterator[None]:
+    """dp-accounting's RDP logs a convergence warning per excluded order at small sigma; the result is still valid."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@functools.lru_cache(maxsize=64)
+def _rdp_one_step(
+    noise_multiplier: float, sample_rate: float
+) -> tuple[tuple[float, ...], np.ndarray]:
+    """RDP orders and the RDP of one step; RDP composes additively, so T steps cost T times this vector."""
+    accountant = rdp.RdpAccountant()
+    with _quiet_absl():
+        accountant.compose(
+            dpsgd_event(
+                noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=1
+            )
+        )
+    return tuple(accountant.orders), np.asarray(accountant.rdp, dtype=np.float64)
+
+
+def epsilon_for(
+    history: Sequence[tuple[float, float, int]], *, delta: float, accountant: Accountant
+) -> float:
+    """Epsilon after the logical steps in ``history`` (``(noise_multiplier, sample_rate, steps)`` runs).
+
+    RDP takes a fast path that is exactly what ``RdpAccountant`` computes (additive composition of the same
+    per-step RDP vector, then dp-accounting's own RDP-to-DP conversion); PLD composes with ``PLDAccountant``.
+    """
+    history = [(float(s), float(q), int(t)) for s, q, t in history if t > 0 and q > 0]
+    if not history:
+        return 0.0
+    if any(s == 0.0 for s, _, _ in history):
+        return math.inf
+    if accountant is Accountant.RDP:
+        total = None
+        orders: tuple[float, ...] = ()
+        for sigma, q, steps in history:
+            orders, one = _rdp_one_step(sigma, q)
+            total = one * steps if total is None else total + one * steps
+        eps, _ = rdp_privacy_accountant.compute_epsilon(orders, total, delta)
+        return float(eps)
+    acc = _fresh(accountant)
+    for sigma, q, steps in history:
+        acc.compose(dpsgd_event(noise_multiplier=sigma, sample_rate=q, steps=steps))
+    return float(acc.get_epsilon(delta))
+
+
+def calibrate_noise_multiplier(
+    *,
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: Accountant,
+) -> float:
+    """The smallest sigma (to dp-accounting's tolerance) whose epsilon after ``steps`` steps is <= the target.
+
+    Raises:
+        ValueError: when even sigma = 1e4 cannot reach ``target_epsilon`` with these steps and sample rate.
+
+    Privacy:
+        The returned sigma is checked against the accountant and nudged up until epsilon(steps) <= target, so
+        the calibrated run never ends above the budget because of root-finding tolerance.
+    """
+
+    def eps(sigma: float) -> float:
+        return epsilon_for(
+            [(sigma, sample_rate, steps)], delta=delta, accountant=accountant
+        )
+
+    if eps(_MAX_NOISE_MULTIPLIER) > target_epsilon:
+        raise ValueError(
+            f"target_epsilon={target_epsilon} cannot be reached with {steps} logical steps at sample rate "
+            f"q={sample_rate:.4g} and delta={delta:.3g}, even with noise_multiplier={_MAX_NOISE_MULTIPLIER:g}. "
+            "Raise target_epsilon, or train fewer steps, or lower the expected batch size."
+        )
+    # RDP upper-bounds epsilon, so the RDP sigma reaches the target under either accountant: it brackets the
+    # PLD search from above, and keeps PLD away from tiny sigmas, whose discretised PLDs do not fit in memory.
+    sigma = _brent(
+        Accountant.RDP,
+        target_epsilon,
+        delta,
+        sample_rate,
+        steps,
+        (0.05, _MAX_NOISE_MULTIPLIER),
+    )
+    if accountant is Accountant.PLD:
+        lower = max(0.5 * sigma, 0.1)
+        if eps(lower) < target_epsilon:
+            sigma = lower
+        else:
+            sigma = _brent(
+                Accountant.PLD,
+                target_epsilon,
+                delta,
+                sample_rate,
+                steps,
+                (lower, sigma),
+            )
+    sigma = float(sigma)
+    while eps(sigma) > target_epsilon:  # Brent's root may sit a hair above the target
+        sigma *= 1.0 + 1e-4
+    return sigma
+
+
+def _brent(
+    kind: Accountant,
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    bracket: tuple[float, float],
+) -> float:
+    with _quiet_absl():
+        return dp_accounting.calibrate_dp_mechanism(
+            lambda: _fresh(kind, coarse=True),
+            lambda s: dpsgd_event(
+                noise_multiplier=s, sample_rate=sample_rate, steps=steps
+            ),
+            target_epsilon,
+            delta,
+            bracket_interval=dp_accounting.ExplicitBracketInterval(*bracket),
+            tol=1e-4,
+        )
+
+
+class PrivacyAccountant:
+    """The run's privacy ledger: the logical steps taken and epsilon after them.
+
+    Args:
+        kind: which dp-accounting accountant composes the steps.
+        delta: the delta of the guarantee.
+    """
+
+    def __init__(self, kind: Accountant, *, delta: float) -> None:
+        self.kind = Accountant(kind)
+        self.delta = float(delta)
+        self.history: list[tuple[float, float, int]] = []
+        self._cached: tuple[tuple[tuple[float, float, int], ...], float] | None = None
+
+    @property
+    def steps(self) -> int:
+        """Logical steps taken (noise draws accounted)."""
+        return sum(t for _, _, t in self.history)
+
+    def step(self, *, noise_multiplier: float, sample_rate: float) -> None:
+        """Record one logical step: one Poisson-sampled Gaussian event."""
+        if self.history and self.history[-1][:2] == (noise_multiplier, sample_rate):
+            sigma, q, t = self.history[-1]
+            self.history[-1] = (sigma, q, t + 1)
+        else:
+            self.history.append((float(noise_multiplier), float(sample_rate), 1))
+
+    def epsilon(self) -> float:
+        """Epsilon after the steps taken, for this accountant's delta."""
+        key = tuple(self.history)
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (
+                key,
+                epsilon_for(self.history, delta=self.delta, accountant=self.kind),
+            )
+        return self._cached[1]
+
+    def epsilon_after_next(
+        self, *, noise_multiplier: float, sample_rate: float
+    ) -> float:
+        """Epsilon if one more step with these parameters were taken."""
+        history = [*self.history, (noise_multiplier, sample_rate, 1)]
+        return epsilon_for(history, delta=self.delta, accountant=self.kind)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind.value,
+            "delta": self.delta,
+            "history": [list(h) for h in self.history],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.kind = Accountant(state["kind"])
+        self.delta = float(state["delta"])
+        self.history = [(float(s), float(q), int(t)) for s, q, t in state["history"]]
+        self._cached = None

@@ -1,0 +1,3 @@
+from lightning_dpzero.callbacks.privacy_budget import PrivacyBudget
+
+__all__ = ["PrivacyBudget"]

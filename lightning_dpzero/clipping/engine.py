@@ -1,0 +1,225 @@
+"""The clipping engine: per-example clipped gradient sums in one backward pass (book-keeping, Bu et al. 2210.00038).
+
+Forward: a hook on every module with trainable parameters records its input and routes its output through a
+``_Tap``. Backward: the engine differentiates the summed per-example losses with respect to one scalar *anchor*
+that every tap takes as an extra input, so autograd walks the whole graph down to the lowest tap but computes no
+parameter gradient at all (the weight-gradient matmuls of non-private training are skipped). Each tap receives
+its output gradient; the layer's rule turns (input, output gradient) into factored per-example gradients, whose
+squared norms (including cross terms of shared parameters) are added per clipping group as they arrive. After the
+backward, the clip factors are known and the clipped sums sum_i c_i G_i are formed from the same factors.
+
+Nothing is stored on modules or parameters: hook handles and per-batch state live here, keyed by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_dpzero.clipping import rules as _rules  # noqa: F401  (registers the built-in rules)
+from lightning_dpzero.clipping.contributions import Contribution, clipped_sum, inner, self_inner
+from lightning_dpzero.clipping.functions import clip_factors
+from lightning_dpzero.clipping.registry import ClippingRule, UnsupportedLayerError, rule_for
+from lightning_dpzero.clipping.styles import ClippingGroups, make_groups
+from lightning_dpzero.config import PrivacyConfig
+
+__all__ = ["ClippingEngine", "validate_model"]
+
+
+@dataclass(eq=False)
+class _Layer:
+    path: str
+    module: nn.Module
+    rule: ClippingRule
+    params: dict[str, str]  # attribute -> canonical parameter name (trainable only)
+
+
+def validate_model(model: nn.Module) -> tuple[list[_Layer], dict[str, nn.Parameter], dict[str, str]]:
+    """Check that every trainable parameter belongs to a module with a clipping rule.
+
+    Returns:
+        The layers to hook, the trainable parameters by canonical name, and each parameter's owning module path.
+    Raises:
+        UnsupportedLayerError: naming the first module whose trainable parameters have no rule, and the fix.
+    """
+    canonical = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
+    layers: list[_Layer] = []
+    owner: dict[str, str] = {}
+    for path, module in model.named_modules():
+        own = {attr: p for attr, p in module.named_parameters(recurse=False) if p.requires_grad}
+        if not own:
+            continue
+        rule = rule_for(module, path)
+        unknown = sorted(set(own) - {"weight", "bias"})
+        if unknown:
+            raise UnsupportedLayerError(path, module, f"its parameter(s) {unknown} have no clipping rule")
+        params = {attr: canonical[id(p)] for attr, p in own.items()}
+        for name in params.values():
+            owner.setdefault(name, path)
+        layers.append(_Layer(path, module, rule, params))
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    return layers, trainable, owner
+
+
+class _Tap(torch.autograd.Function):
+    """Identity on a module's output that hands the output gradient to the engine."""
+
+    @staticmethod
+    def forward(ctx: Any, output: Tensor, anchor: Tensor, engine: ClippingEngine, layer: _Layer, act: Tensor) -> Tensor:
+        ctx.engine, ctx.layer, ctx.activation, ctx.version = engine, layer, act, act._version
+        # A fresh tensor, not a view: downstream in-place ops (ReLU(inplace=True), x += ...) must stay legal.
+        return output.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
+        if ctx.activation._version != ctx.version:
+            raise RuntimeError(
+                f"the input of module '{ctx.layer.path}' was modified in place after the module used it; "
+                "per-example gradients need the value it saw. Avoid the in-place operation."
+            )
+        ctx.engine._receive(ctx.layer, ctx.activation, grad)
+        ctx.activation = None
+        return grad, None, None, None, None
+
+
+class ClippingEngine:
+    """Per-example clipping for one model, by the style and function of ``config``.
+
+    Args:
+        model: the module whose trainable parameters are privatised; validated at construction.
+        config: clip norm, style, groups, function and norm mode.
+    """
+
+    def __init__(self, model: nn.Module, config: PrivacyConfig) -> None:
+        self.config = config
+        self.layers, self.params, owner = validate_model(model)
+        if not self.params:
+            raise ValueError("the model has no trainable parameters; there is nothing to train privately.")
+        self.groups: ClippingGroups = make_groups(config, [(name, owner[name]) for name in self.params])
+        self.summed: dict[str, Tensor] = {}  # clipped sums over the physical batches of the current logical step
+        self.seen: set[str] = set()  # parameters that received a contribution since the last reset
+        self.last_norm_modes: dict[str, str] = {}  # layer path -> "ghost" / "instantiate" / "direct", for tests
+        self._handles: list[RemovableHandle] = []
+        self._anchor: Tensor | None = None  # the scalar every tap of the physical batch being recorded takes
+        self._recorded: Tensor | None = None  # the anchor of the last recorded physical batch, until its backward
+        self._contributions: dict[tuple[str, int | None], list[Contribution]] = defaultdict(list)
+        self._norm2: Tensor | None = None  # [K, n] squared per-group norms of the current physical batch
+
+    # ----------------------------------------------------------------------------------------------- hooks
+    def attach(self) -> None:
+        """Register the forward hooks (idempotent)."""
+        if self._handles:
+            return
+        for layer in self.layers:
+            self._handles.append(layer.module.register_forward_hook(self._forward_hook(layer)))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _forward_hook(self, layer: _Layer):
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+            if self._anchor is None or not torch.is_grad_enabled():
+                return None
+            if not isinstance(output, Tensor) or not output.requires_grad:
+                return None
+            if not args or not isinstance(args[0], Tensor):
+                raise UnsupportedLayerError(
+                    layer.path, module, "its input must be passed positionally as a tensor (e.g. layer(x))"
+                )
+            return _Tap.apply(output, self._anchor, self, layer, args[0].detach())
+
+        return hook
+
+    @contextlib.contextmanager
+    def recording(self, device: torch.device) -> Iterator[None]:
+        """Within this block, forward passes of hooked modules are recorded for one physical batch."""
+        self._anchor = torch.zeros((), device=device, requires_grad=True)
+        self._recorded = None
+        try:
+            yield
+        finally:
+            self._recorded, self._anchor = self._anchor, None
+
+    # -------------------------------------------------------------------------------------------- backward
+    def backward(self, loss: Tensor, mask: Tensor) -> None:
+        """Add this physical batch's clipped per-example gradients to ``summed``.
+
+        Args:
+            loss: the sum over the n examples of their own losses (a scalar), computed in the last ``recording``.
+            mask: [n], 1 for real examples and 0 for padding rows (which contribute exactly zero).
+        """
+        anchor, self._recorded = self._recorded, None
+        if anchor is not None and loss.requires_grad:
+            torch.autograd.grad(loss, [anchor], allow_unused=True)
+        try:
+            self._accumulate(mask)
+        finally:
+            self._contributions.clear()
+            self._norm2 = None
+
+    def _receive(self, layer: _Layer, activation: Tensor, grad_output: Tensor) -> None:
+        """Called from a tap's backward: this call's contributions and their squared norms."""
+        with torch.no_grad():
+            for c in layer.rule(layer.module, activation, grad_output, layer.params):
+                c.choose_norm_mode(self.config.norm_mode)
+                if c.instantiated is not None:
+                    self.last_norm_modes[layer.path] = "instantiate"
+                elif c.left is not None and c.left.dim() == 3 and c.left.shape[1] > 1:
+                    self.last_norm_modes.setdefault(layer.path, "ghost")
+                else:
+                    self.last_norm_modes.setdefault(layer.path, "direct")
+                norm2 = self_inner(c)
+                key = (c.param, None if c.rows is None else c.rows.start)
+                for previous in self._contributions[key]:  # the same parameter used again: cross terms
+                    norm2 = norm2 + 2.0 * inner(previous, c)
+                self._contributions[key].append(c)
+                if self._norm2 is None:
+                    self._norm2 = torch.zeros(len(self.groups), norm2.shape[0], device=norm2.device)
+                self._norm2[self.groups.group_of[c.param]] += norm2
+
+    def _accumulate(self, mask: Tensor) -> None:
+        if self._norm2 is None:
+            return
+        with torch.no_grad():
+            mask = mask.to(self._norm2.device)
+            norms = self._norm2.clamp(min=0).sqrt()  # [K, n]; cross terms can round a hair below zero
+            factors = torch.stack(
+                [
+                    clip_factors(
+                        norms[k],
+                        mask,
+                        clip_norm=self.groups.clip_norms[k],
+                        fn=self.config.clipping_function,
+                        stability_constant=self.config.stability_constant,
+                    )
+                    for k in range(len(self.groups))
+                ]
+            )
+            for (name, _), contributions in self._contributions.items():
+                target = self.summed.get(name)
+                if target is None:
+                    param = self.params[name]
+                    target = self.summed[name] = torch.zeros(param.shape, device=param.device, dtype=torch.float32)
+                factor = factors[self.groups.group_of[name]]
+                for c in contributions:
+                    block = clipped_sum(c, factor)
+                    if c.rows is None:
+                        target += block
+                    else:
+                        target[c.rows] += block
+                self.seen.add(name)
+
+    def pop_summed(self) -> dict[str, Tensor]:
+        """The clipped sums of the logical step so far (fp32, parameter-shaped), and reset."""
+        summed, self.summed = self.summed, {}
+        return summed
+

@@ -1,0 +1,41 @@
+"""Clipping functions: per-example scale factors from per-example (per-group) gradient norms."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from lightning_dpzero.config import ClippingFunction
+
+__all__ = ["clip_factors"]
+
+# norms [n] fp32, threshold C_k, gamma -> factors [n]
+_FUNCTIONS: dict[ClippingFunction, Callable[[Tensor, float, float], Tensor]] = {
+    # min(1, C/n): n = 0 gives C/0 = inf, clamped to 1.
+    ClippingFunction.ABADI: lambda norms, c, gamma: torch.clamp(c / norms, max=1.0),
+    # C/(n + gamma): every clipped gradient has norm C n/(n + gamma) < C (Bu et al. 2206.07136). The learning rate
+    # absorbs the constant C: with C = 1 this is "AUTO-S"; no factor is folded in silently.
+    ClippingFunction.AUTOMATIC: lambda norms, c, gamma: c / (norms + gamma),
+}
+
+
+def clip_factors(
+    norms: Tensor, mask: Tensor, *, clip_norm: float, fn: ClippingFunction, stability_constant: float
+) -> Tensor:
+    """Per-example scale factors so that each clipped gradient has L2 norm <= ``clip_norm``.
+
+    Args:
+        norms: per-example gradient L2 norms, shape [n], fp32.
+        mask: 1 for real examples, 0 for padding, shape [n].
+        clip_norm: the threshold C (or C_k of one group), in the units of ``norms``.
+        fn: ``ABADI`` gives min(1, C/n); ``AUTOMATIC`` gives C/(n + gamma).
+        stability_constant: gamma of ``AUTOMATIC``.
+    Returns:
+        Factors of shape [n], fp32; exactly 0 where ``mask`` is 0, even if a padded norm is not finite.
+    Privacy:
+        Bounds each example's contribution by C, the sensitivity the accountant assumes.
+    """
+    factors = _FUNCTIONS[fn](norms.float(), clip_norm, stability_constant)
+    return torch.where(mask.bool(), factors, torch.zeros_like(factors))

@@ -1,0 +1,65 @@
+"""``nn.Conv1d/2d/3d`` (any stride, padding and padding mode, dilation, groups): unfold the input into
+T = prod(output spatial) positions of C_in/groups * prod(kernel) features; then it is a Linear per group."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_dpzero.clipping.contributions import Contribution, Kind
+from lightning_dpzero.clipping.registry import UnsupportedLayerError, register_rule
+
+
+def _unfold(module: nn.Module, x: Tensor) -> Tensor:
+    """x [n, C, *S] -> patches [n, T, C * prod(kernel)], features ordered (C, k1, k2, ...) like the weight."""
+    pad = module._reversed_padding_repeated_twice  # F.pad's spec, also set for padding='same'
+    if any(pad):
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = F.pad(x, pad, mode=mode)
+    dims = len(module.kernel_size)
+    for i, (k, s, d) in enumerate(zip(module.kernel_size, module.stride, module.dilation)):
+        x = x.unfold(2 + i, d * (k - 1) + 1, s)[..., ::d]  # appends a kernel dim of size k
+    n, c = x.shape[:2]
+    out_spatial = x.shape[2 : 2 + dims]
+    # [n, C, *O, *k] -> [n, *O, C, *k] -> [n, T, C * prod(k)]
+    order = [0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims)]
+    return x.permute(order).reshape(n, math.prod(out_spatial), -1)
+
+
+def _check(module: nn.Module, path: str) -> None:
+    if module.transposed:  # pragma: no cover - ConvTranspose has its own types, kept for subclass safety
+        raise UnsupportedLayerError(path, module, "transposed convolutions have no rule yet")
+
+
+@register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, check=_check)
+def conv_rule(
+    module: nn.Module, activation: Tensor, grad_output: Tensor, params: Mapping[str, str]
+) -> list[Contribution]:
+    n, c_out = grad_output.shape[:2]
+    if activation.dim() != len(module.kernel_size) + 2:
+        raise UnsupportedLayerError("", module, "inputs without an example dimension are not supported")
+    b = grad_output.reshape(n, c_out, -1).transpose(1, 2)  # [n, T, C_out]
+    out = []
+    if "weight" in params:
+        patches = _unfold(module, activation)  # [n, T, C_in * prod(k)]
+        groups = module.groups
+        p, d = c_out // groups, patches.shape[-1] // groups
+        block = (p, *module.weight.shape[1:])
+        for g in range(groups):
+            rows = slice(g * p, (g + 1) * p) if groups > 1 else None
+            out.append(
+                Contribution(
+                    params["weight"],
+                    Kind.DENSE,
+                    b[..., g * p : (g + 1) * p],
+                    patches[..., g * d : (g + 1) * d],
+                    module.weight.shape if rows is None else block,
+                    rows=rows,
+                )
+            )
+    if "bias" in params:
+        out.append(Contribution(params["bias"], Kind.SAMPLE, b.sum(1), None, module.bias.shape))
+    return out

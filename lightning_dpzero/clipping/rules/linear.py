@@ -1,0 +1,25 @@
+"""``nn.Linear`` with any number of leading dimensions: G_i = sum_t b_t a_t^T, bias sum_t b_t."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import Tensor, nn
+
+from lightning_dpzero.clipping.contributions import Contribution, Kind
+from lightning_dpzero.clipping.registry import register_rule
+
+
+@register_rule(nn.Linear)
+def linear_rule(
+    module: nn.Module, activation: Tensor, grad_output: Tensor, params: Mapping[str, str]
+) -> list[Contribution]:
+    n = grad_output.shape[0]
+    b = grad_output.reshape(n, -1, grad_output.shape[-1])  # [n, T, P]: T = all dims between examples and features
+    out = []
+    if "weight" in params:
+        a = activation.reshape(n, -1, activation.shape[-1])  # [n, T, D]
+        out.append(Contribution(params["weight"], Kind.DENSE, b, a, module.weight.shape))
+    if "bias" in params:
+        out.append(Contribution(params["bias"], Kind.SAMPLE, b.sum(1), None, module.bias.shape))
+    return out

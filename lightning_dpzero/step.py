@@ -1,0 +1,318 @@
+"""``DPStep``: one logical DP-SGD step (DESIGN.md section 2), shared by every strategy.
+
+sample (Poisson, via the dataloader it builds) -> clip (per physical batch, ``ClippingEngine``) -> sum ->
+noise N(0, sigma^2 C^2) once per coordinate -> divide by the expected batch size B = qN -> account.
+Strategies only decide where the clipped sums are reduced and which coordinates a rank adds noise to.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from lightning_dpzero.accounting import PrivacyAccountant, calibrate_noise_multiplier
+from lightning_dpzero.clipping.engine import ClippingEngine
+from lightning_dpzero.config import PrivacyConfig
+from lightning_dpzero.noise import GaussianNoise
+from lightning_dpzero.sampling.poisson import PoissonBatchSampler, check_replaceable, make_dp_dataloader
+
+__all__ = ["DPStep", "PrivacyBudgetExhausted"]
+
+_SEED_PURPOSES = {"noise": 1, "sample": 2, "size": 3}
+
+
+class PrivacyBudgetExhausted(RuntimeError):
+    """Raised when asked to take a logical step that would spend more than the privacy budget."""
+
+
+def derive_seed(base: int, purpose: str, rank: int = 0) -> int:
+    """An independent 63-bit seed for ``purpose`` on ``rank`` from the run's secret base seed."""
+    words = np.random.SeedSequence([base, _SEED_PURPOSES[purpose], rank]).generate_state(2, dtype=np.uint32)
+    return int(words[0]) << 31 | int(words[1]) >> 1
+
+
+class DPStep:
+    """The DP-SGD step for one LightningModule, with its sampler, noise stream and accountant.
+
+    Args:
+        config: the validated privacy settings.
+
+    Privacy:
+        After ``bind_data``: every logical step adds N(0, sigma^2 C^2) to each coordinate of the summed clipped
+        gradient exactly once, divides by B = qN, and is accounted as one Poisson-sampled Gaussian event (q, sigma).
+        ``may_step`` is False once the next step would take epsilon past the budget; strategies refuse it.
+    """
+
+    def __init__(self, config: PrivacyConfig) -> None:
+        self.config = config
+        self.engine: ClippingEngine | None = None
+        self.noise_multiplier: float | None = config.noise_multiplier
+        self.dataset_size: int | None = None
+        self.sample_rate: float | None = None
+        self.expected_batch_size: float | None = None  # qN, a real number: the normaliser
+        self.physical_batch_size: int | None = None
+        self.planned_steps: int | None = None
+        self.epsilon_limit: float | None = config.target_epsilon
+        self.accountant: PrivacyAccountant | None = None
+        self.rank, self.world_size = 0, 1
+        self.base_seed = config.seed if config.seed is not None else secrets.randbits(62)
+        self.noise = GaussianNoise(derive_seed(self.base_seed, "noise", self.rank))
+        self.sampler: PoissonBatchSampler | None = None
+        self._pending_sampler_state: dict[str, Any] | None = None
+        self._restored: dict[str, Any] | None = None
+        self._checked_coverage = False
+
+    # --------------------------------------------------------------------------------------------- set-up
+    def set_rank(self, rank: int, world_size: int, base_seed: int | None = None) -> None:
+        """Use rank-specific streams; ``base_seed`` must be the same on every rank (broadcast from rank 0)."""
+        self.rank, self.world_size = rank, world_size
+        if base_seed is not None:
+            self.base_seed = base_seed
+        self.noise = GaussianNoise(derive_seed(self.base_seed, "noise", rank))
+
+    def attach(self, model: nn.Module) -> None:
+        """Validate ``model`` (every trainable layer has a clipping rule) and hook it."""
+        if self.engine is None:
+            self.engine = ClippingEngine(model, self.config)
+        self.engine.attach()
+
+    def detach(self) -> None:
+        if self.engine is not None:
+            self.engine.detach()
+
+    def bind_data(
+        self, dataloader: DataLoader, *, planned_steps: Callable[[int], int | None], owner: str = "DPStep"
+    ) -> DataLoader:
+        """Replace ``dataloader``'s sampling by Poisson logical batches; fix q, B, p, delta and sigma.
+
+        Args:
+            dataloader: the user's training loader (its dataset, collate function and workers are kept).
+            planned_steps: given the number of logical steps per epoch, the number of logical steps the run plans
+                (``None`` if unbounded); sigma is calibrated for it when ``target_epsilon`` is set.
+            owner: the class name used in error messages.
+        Raises:
+            ValueError: custom samplers, delta >= 1/N, a budget that cannot be met, a changed dataset size.
+        """
+        check_replaceable(dataloader, owner)
+        n = len(dataloader.dataset)  # type: ignore[arg-type]
+        if n == 0:
+            raise ValueError(f"{owner}: the training dataset is empty.")
+        if self.dataset_size is not None and n != self.dataset_size:
+            raise ValueError(
+                f"{owner}: the training dataset changed size ({self.dataset_size} -> {n}); epsilon is accounted "
+                "for one dataset. Start a new run for a new dataset."
+            )
+        cfg = self.config
+        if cfg.sample_rate is not None:
+            q = cfg.sample_rate
+        else:
+            expected = cfg.expected_batch_size or dataloader.batch_size or 1
+            if expected > n:
+                raise ValueError(f"{owner}: expected_batch_size={expected} is larger than the dataset ({n} examples).")
+            q = expected / n
+        p = cfg.physical_batch_size or dataloader.batch_size or 1
+        delta = cfg.delta if cfg.delta is not None else n ** -1.1
+        if delta >= 1.0 / n:
+            raise ValueError(
+                f"{owner}: delta={delta:.3g} is not below 1/N = {1.0 / n:.3g}; with delta >= 1/N a mechanism that "
+                "publishes a random training example is (0, delta)-DP. Use delta < 1/N (the default is 1/N^1.1)."
+            )
+        steps_per_epoch = max(1, round(1.0 / q))
+        planned = planned_steps(steps_per_epoch)
+        if self._restored is not None:
+            self._check_restored(q=q, n=n)
+        if self.noise_multiplier is None:
+            if planned is None:
+                raise ValueError(
+                    f"{owner}: cannot calibrate sigma for target_epsilon={cfg.target_epsilon} when training is "
+                    "unbounded; set Trainer(max_steps=...) or max_epochs, or give PrivacyConfig(noise_multiplier=...)."
+                )
+            self.noise_multiplier = calibrate_noise_multiplier(
+                target_epsilon=cfg.target_epsilon, delta=delta, sample_rate=q, steps=planned, accountant=cfg.accountant
+            )
+        self.dataset_size, self.sample_rate, self.physical_batch_size = n, q, p
+        self.expected_batch_size, self.planned_steps = q * n, planned
+        if self.accountant is None:
+            self.accountant = PrivacyAccountant(cfg.accountant, delta=delta)
+        if self.sampler is None:
+            self.sampler = PoissonBatchSampler(
+                num_examples=n,
+                sample_rate=q,
+                physical_batch_size=p,
+                steps_per_epoch=steps_per_epoch,
+                sample_seed=derive_seed(self.base_seed, "sample", self.rank),
+                size_seed=derive_seed(self.base_seed, "size"),
+                rank=self.rank,
+                world_size=self.world_size,
+            )
+            if self._pending_sampler_state is not None:
+                self.sampler.load_state_dict(self._pending_sampler_state)
+                self._pending_sampler_state = None
+        rank_zero_info(
+            f"DP-SGD: N={n}, q={q:.4g}, B=qN={q * n:.1f}, physical batch p={p}, sigma={self.noise_multiplier:.4g}"
+            + (f" (calibrated for epsilon={cfg.target_epsilon} over {planned} steps)" if cfg.target_epsilon else "")
+            + f", delta={delta:.3g}, C={cfg.clip_norm}, {cfg.clipping_style.value} {cfg.clipping_function.value} "
+            f"clipping, {cfg.accountant.value} accountant"
+        )
+        return make_dp_dataloader(dataloader, self.sampler)
+
+    # ------------------------------------------------------------------------------------------ the step
+    def may_step(self) -> bool:
+        """Whether one more logical step keeps epsilon within the budget (always True without a budget)."""
+        if self.epsilon_limit is None or self.accountant is None:
+            return True
+        assert self.noise_multiplier is not None and self.sample_rate is not None
+        if self.planned_steps is not None and self.accountant.steps < self.planned_steps and (
+            self.config.target_epsilon is not None and self.epsilon_limit >= self.config.target_epsilon
+        ):
+            return True  # sigma was calibrated so that epsilon(planned_steps) <= target; epsilon grows with steps
+        return (
+            self.accountant.epsilon_after_next(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+            <= self.epsilon_limit
+        )
+
+    def backward(self, output: Any, mask: Tensor) -> Tensor:
+        """Clip and add one physical batch, from the output of ``training_step`` (recorded by the engine).
+
+        The loss may be per-example losses of shape [p] (preferred) or a scalar mean over the p rows of the
+        physical batch, every row weighted equally (it is multiplied by p to recover the sum of per-example
+        losses). Token-level language-model losses must therefore average over the same number of tokens in
+        every row, or be returned per example.
+
+        Returns:
+            The detached mean loss over the real examples (for logging only).
+        """
+        assert self.engine is not None, "DPStep.attach() was not called"
+        loss = output.get("loss") if isinstance(output, Mapping) else output
+        if not isinstance(loss, Tensor):
+            raise TypeError(
+                f"training_step must return the loss as a Tensor (or a dict with 'loss'), got {type(loss).__name__}."
+            )
+        p = mask.numel()
+        if loss.dim() == 0:
+            total, shown = loss * p, loss.detach()
+        elif loss.shape == (p,):
+            total = loss.sum()
+            real = mask.to(loss.device, loss.dtype)
+            shown = (loss.detach() * real).sum() / real.sum().clamp(min=1)
+        else:
+            raise ValueError(
+                f"training_step returned a loss of shape {tuple(loss.shape)}; under DP it must be a scalar mean over "
+                f"the physical batch or per-example losses of shape [{p}]."
+            )
+        self.engine.backward(total, mask)
+        return shown
+
+    def privatize(self, named_params: Iterable[tuple[str, nn.Parameter]]) -> None:
+        """Write (sum of clipped gradients + noise) / B into ``p.grad`` and account the step.
+
+        Args:
+            named_params: the parameters this rank's optimizer updates, with their canonical names.
+        Privacy:
+            Noise N(0, sigma^2 C^2) is drawn once per coordinate, here, whatever the number of physical batches.
+        """
+        assert self.engine is not None and self.accountant is not None, "bind_data() must run before a step"
+        assert self.noise_multiplier is not None and self.sample_rate is not None
+        assert self.expected_batch_size is not None
+        if not self.may_step():
+            raise PrivacyBudgetExhausted(
+                f"one more step would take epsilon past the budget of {self.epsilon_limit} "
+                f"(epsilon now {self.epsilon():.4g} after {self.accountant.steps} steps)."
+            )
+        named_params = list(named_params)
+        self._check_coverage([name for name, _ in named_params])
+        summed = self.engine.pop_summed()
+        std = self.noise_multiplier * self.config.clip_norm
+        for name, param in named_params:
+            grad = summed.get(name)
+            if grad is None:
+                grad = torch.zeros(param.shape, device=param.device, dtype=torch.float32)
+            grad += self.noise.sample(param.shape, std=std, device=param.device)
+            # Divide by the expected B = qN, never the realised batch size: that one is private.
+            grad /= self.expected_batch_size
+            param.grad = grad.to(param.dtype)
+        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+
+    def _check_coverage(self, names: list[str]) -> None:
+        if self._checked_coverage:
+            return
+        assert self.engine is not None
+        missing = [name for name in names if name not in self.engine.seen]
+        if missing:
+            raise RuntimeError(
+                f"trainable parameter(s) {missing[:5]} received no per-example gradient in the first logical step: "
+                "either they are unused (freeze them with requires_grad_(False)) or they are used outside their "
+                "module (e.g. F.linear(x, self.fc.weight)); call the module instead, so its gradient is clipped."
+            )
+        self._checked_coverage = True
+
+    def epsilon(self) -> float:
+        """Epsilon after the logical steps taken (0 before the first)."""
+        return 0.0 if self.accountant is None else self.accountant.epsilon()
+
+    @property
+    def delta(self) -> float | None:
+        return None if self.accountant is None else self.accountant.delta
+
+    # -------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "clip_norm": self.config.clip_norm,
+            "dataset_size": self.dataset_size,
+            "planned_steps": self.planned_steps,
+            "accountant": None if self.accountant is None else self.accountant.state_dict(),
+            "noise": self.noise.state_dict(),
+            "sampler": self.sampler.state_dict() if self.sampler is not None else self._pending_sampler_state,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a checkpointed run: its accountant history, sigma and generator streams continue."""
+        cfg = self.config
+        if not math.isclose(state["clip_norm"], cfg.clip_norm):
+            raise ValueError(
+                f"the checkpoint was trained with clip_norm={state['clip_norm']}, the config says {cfg.clip_norm}; "
+                "changing C on resume invalidates the accounting. Resume with the same PrivacyConfig."
+            )
+        if cfg.noise_multiplier is not None and state["noise_multiplier"] is not None and not math.isclose(
+            state["noise_multiplier"], cfg.noise_multiplier
+        ):
+            raise ValueError(
+                f"the checkpoint was trained with noise_multiplier={state['noise_multiplier']}, the config says "
+                f"{cfg.noise_multiplier}; resume with the same PrivacyConfig."
+            )
+        self.noise_multiplier = state["noise_multiplier"]
+        self.planned_steps = state["planned_steps"]
+        if state["accountant"] is not None:
+            self.accountant = PrivacyAccountant(cfg.accountant, delta=state["accountant"]["delta"])
+            self.accountant.load_state_dict(state["accountant"])
+        self.noise.load_state_dict(state["noise"])
+        if self.sampler is not None and state["sampler"] is not None:
+            self.sampler.load_state_dict(state["sampler"])
+        else:
+            self._pending_sampler_state = state["sampler"]
+        self._restored = state
+
+    def _check_restored(self, *, q: float, n: int) -> None:
+        state = self._restored
+        assert state is not None
+        if state["dataset_size"] is not None and state["dataset_size"] != n:
+            raise ValueError(
+                f"the checkpoint was trained on {state['dataset_size']} examples, this run has {n}; epsilon is "
+                "accounted for one dataset."
+            )
+        if state["sample_rate"] is not None and not math.isclose(state["sample_rate"], q):
+            raise ValueError(
+                f"the checkpoint was trained with sample rate q={state['sample_rate']:.6g}, this run has q={q:.6g}; "
+                "resume with the same expected batch size."
+            )
+        self._restored = None

@@ -1,0 +1,191 @@
+"""The Lightning glue every DP strategy shares: data, the per-physical-batch loop, noise, checkpoints.
+
+Each DP strategy is ``class DPxStrategy(DPStrategyMixin, LightningXStrategy)``: the mixin overrides only the hooks
+where DP differs and delegates the maths to one ``DPStep``; the Lightning parent keeps doing device placement,
+wrapping and communication.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_dpzero.config import PrivacyConfig
+from lightning_dpzero.sampling.poisson import LogicalBatch
+from lightning_dpzero.step import DPStep
+
+__all__ = ["DPStrategyMixin"]
+
+_CHECKPOINT_KEY = "lightning_dpzero"
+
+
+class DPStrategyMixin:
+    """DP-SGD hooks for a Lightning strategy. Put it first in the bases: ``(DPStrategyMixin, DDPStrategy)``."""
+
+    dp: DPStep
+
+    def _init_dp(self, privacy: PrivacyConfig | None) -> None:
+        if privacy is not None and not isinstance(privacy, PrivacyConfig):
+            raise TypeError(f"{type(self).__name__}: `privacy` must be a PrivacyConfig, got {type(privacy).__name__}.")
+        self.dp = DPStep(privacy or PrivacyConfig.default())
+        self._dp_step_pending = False
+
+    @property
+    def privacy(self) -> PrivacyConfig:
+        return self.dp.config
+
+    # ------------------------------------------------------------------------------------------ set-up
+    def _check_trainer(self, trainer: pl.Trainer) -> None:
+        name = type(self).__name__
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError(
+                f"{name}: Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}) conflicts with DP "
+                "logical batches: one training batch is already one logical step (Poisson sample), split into "
+                "physical batches of PrivacyConfig.physical_batch_size. Remove accumulate_grad_batches and set "
+                "PrivacyConfig(expected_batch_size=..., physical_batch_size=...)."
+            )
+        module = trainer.lightning_module
+        if not module.automatic_optimization:
+            raise ValueError(
+                f"{name}: manual optimization is not supported under DP yet: the strategy must own the step "
+                "(clip, noise, normalise, account). Use automatic optimization with one optimizer."
+            )
+        scaler = getattr(self.precision_plugin, "scaler", None)
+        if scaler is not None:
+            raise ValueError(
+                f"{name}: the precision plugin {type(self.precision_plugin).__name__} uses a loss scaler; per-example "
+                "clipping already scales gradients and loss scaling would clip scaled gradients. Use "
+                "precision='bf16-mixed' or '32-true'."
+            )
+
+    def _check_optimizers(self) -> None:
+        if len(self.optimizers) != 1:  # type: ignore[attr-defined]
+            raise ValueError(
+                f"{type(self).__name__}: configure_optimizers returned {len(self.optimizers)} optimizers; DP-SGD "  # type: ignore[attr-defined]
+                "supports exactly one (one noise draw and one accounting event per logical step)."
+            )
+
+    def _planned_steps(self, trainer: pl.Trainer) -> Callable[[int], int | None]:
+        def planned(steps_per_epoch: int) -> int | None:
+            if trainer.max_steps is not None and trainer.max_steps > 0:
+                return trainer.max_steps
+            limit = trainer.limit_train_batches
+            per_epoch = steps_per_epoch
+            if isinstance(limit, int):
+                per_epoch = min(per_epoch, limit)
+            elif isinstance(limit, float) and limit < 1.0:
+                per_epoch = max(1, int(per_epoch * limit))
+            if trainer.max_epochs is None or trainer.max_epochs < 0:
+                return None
+            return trainer.max_epochs * per_epoch
+
+        return planned
+
+    # ------------------------------------------------------------------------------------------- hooks
+    @override
+    def process_dataloader(self, dataloader: object) -> object:
+        dataloader = super().process_dataloader(dataloader)  # type: ignore[misc]
+        trainer = self.lightning_module.trainer  # type: ignore[attr-defined]
+        if not trainer.training:
+            return dataloader  # validation, test and prediction data are read as given
+        return self.dp.bind_data(dataloader, planned_steps=self._planned_steps(trainer), owner=type(self).__name__)
+
+    @override
+    def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
+        if isinstance(batch, LogicalBatch):
+            return batch  # moved one physical batch at a time in training_step
+        return super().batch_to_device(batch, device, dataloader_idx)  # type: ignore[misc]
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        batch = args[0] if args else None
+        if not isinstance(batch, LogicalBatch):
+            return super().training_step(*args, **kwargs)  # type: ignore[misc]
+        module = self.lightning_module  # type: ignore[attr-defined]
+        trainer = module.trainer
+        if not self.dp.may_step():
+            rank_zero_warn(
+                f"{type(self).__name__}: stopping: one more logical step would take epsilon past the budget of "
+                f"{self.dp.epsilon_limit} (now {self.dp.epsilon():.4g} after {self.dp.accountant.steps} steps)."
+            )
+            trainer.should_stop = True
+            return None  # Lightning skips the backward and the optimizer step
+        assert self.dp.engine is not None
+        losses: list[Tensor] = []
+        output: Any = None
+        for physical, mask in batch:
+            physical = module.on_before_batch_transfer(physical, 0)
+            physical = super().batch_to_device(physical)  # type: ignore[misc]
+            with self.dp.engine.recording(self.root_device):  # type: ignore[attr-defined]
+                output = super().training_step(physical, *args[1:], **kwargs)  # type: ignore[misc]
+            losses.append(self.dp.backward(output, mask))
+        self._dp_step_pending = True
+        loss = torch.stack(losses).mean()
+        if isinstance(output, Mapping):
+            return {**{k: v for k, v in output.items() if k != "loss"}, "loss": loss}
+        return loss
+
+    @override
+    def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
+        if self._dp_step_pending:
+            return closure_loss  # the per-example backward already ran, physical batch by physical batch
+        return super().backward(closure_loss, optimizer, *args, **kwargs)  # type: ignore[misc]
+
+    @override
+    def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
+        def dp_closure() -> Any:
+            out = closure()
+            if self._dp_step_pending:
+                self._dp_step_pending = False
+                self._privatize(optimizer)
+            return out
+
+        return super().optimizer_step(optimizer, dp_closure, model, **kwargs)  # type: ignore[misc]
+
+    def _privatize(self, optimizer: Optimizer) -> None:
+        """Noise, normalise and write the gradients of the parameters ``optimizer`` updates."""
+        assert self.dp.engine is not None
+        names = {id(p): name for name, p in self.dp.engine.params.items()}
+        named = []
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) not in names:
+                    raise ValueError(
+                        f"{type(self).__name__}: the optimizer holds a parameter of shape {tuple(p.shape)} that is "
+                        "not a trainable parameter of the LightningModule; DP cannot bound its sensitivity."
+                    )
+                named.append((names[id(p)], p))
+        self.dp.privatize(named)
+
+    # ------------------------------------------------------------------------------------- checkpoints
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        checkpoint[_CHECKPOINT_KEY] = self.dp.state_dict()
+        super().save_checkpoint(checkpoint, filepath, storage_options)  # type: ignore[misc]
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, *args, **kwargs)  # type: ignore[misc]
+        trainer = self.lightning_module.trainer  # type: ignore[attr-defined]
+        if trainer.state.fn is TrainerFn.FITTING:
+            if _CHECKPOINT_KEY not in checkpoint:
+                raise ValueError(
+                    f"{type(self).__name__}: the checkpoint {checkpoint_path!s} has no DP state (accountant history, "
+                    "sampler and noise streams); resuming from it would restart epsilon at 0. Resume only from "
+                    "checkpoints written by a DP strategy."
+                )
+            self.dp.load_state_dict(checkpoint[_CHECKPOINT_KEY])
+        return checkpoint
+
+    @override
+    def teardown(self) -> None:
+        self.dp.detach()
+        super().teardown()  # type: ignore[misc]

@@ -1,0 +1,62 @@
+"""``"dp"``: DP-SGD on one device (CPU or one GPU)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.strategies.registry import _StrategyRegistry
+from lightning.pytorch.strategies import SingleDeviceStrategy
+from typing_extensions import override
+
+from lightning_dpzero.config import PrivacyConfig
+from lightning_dpzero.strategies._mixin import DPStrategyMixin
+
+__all__ = ["DPStrategy"]
+
+
+class DPStrategy(DPStrategyMixin, SingleDeviceStrategy):
+    """DP-SGD on a single device: Poisson logical batches, per-example clipping, noise once per logical step.
+
+    Args:
+        privacy: the privacy settings; ``None`` uses ``PrivacyConfig.default()``.
+        device: the device to train on; ``None`` picks the Trainer's accelerator's first device.
+        **kwargs: passed to Lightning's ``SingleDeviceStrategy`` unchanged.
+
+    Example::
+
+        trainer = L.Trainer(strategy=DPStrategy(PrivacyConfig(target_epsilon=3.0)), max_steps=1000)
+    """
+
+    strategy_name = "dp"
+
+    def __init__(self, privacy: PrivacyConfig | None = None, device: Any = None, **kwargs: Any) -> None:
+        super().__init__(device=device if device is not None else "cpu", **kwargs)
+        self._device_given = device is not None
+        self._init_dp(privacy)
+
+    @override
+    def setup_environment(self) -> None:
+        if not self._device_given and self.accelerator is not None:
+            kind = type(self.accelerator).__name__
+            if kind == "CUDAAccelerator":
+                self._root_device = torch.device("cuda", torch.cuda.current_device())
+            elif kind == "MPSAccelerator":
+                self._root_device = torch.device("mps")
+        super().setup_environment()
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        self._check_trainer(trainer)
+        super().setup(trainer)
+        self.dp.attach(self.lightning_module)
+        if trainer.state.fn == "fit":
+            self._check_optimizers()
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        strategy_registry.register(
+            cls.strategy_name, cls, description="DP-SGD on one device (Poisson sampling, clipping, noise)"
+        )
