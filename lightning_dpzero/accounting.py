@@ -34,25 +34,17 @@ _PLD_DISCRETIZATION = 1e-4
 _MAX_NOISE_MULTIPLIER = 1e4
 
 
-def dpsgd_event(
-    *, noise_multiplier: float, sample_rate: float, steps: int
-) -> dp_accounting.DpEvent:
+def dpsgd_event(*, noise_multiplier: float, sample_rate: float, steps: int) -> dp_accounting.DpEvent:
     """``steps`` logical DP-SGD steps: Poisson sampling with rate q, then the Gaussian mechanism with sigma."""
-    step = dp_accounting.PoissonSampledDpEvent(
-        sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)
-    )
+    step = dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier))
     return dp_accounting.SelfComposedDpEvent(step, steps)
 
 
-def _fresh(
-    kind: Accountant, *, coarse: bool = False
-) -> dp_accounting.PrivacyAccountant:
+def _fresh(kind: Accountant, *, coarse: bool = False) -> dp_accounting.PrivacyAccountant:
     if kind is Accountant.PLD:
         # The coarse grid (10x faster, epsilon within ~0.01) is only used to search; results use the fine one.
         return pld.PLDAccountant(
-            value_discretization_interval=10 * _PLD_DISCRETIZATION
-            if coarse
-            else _PLD_DISCRETIZATION
+            value_discretization_interval=10 * _PLD_DISCRETIZATION if coarse else _PLD_DISCRETIZATION
         )
     return rdp.RdpAccountant()
 
@@ -70,23 +62,15 @@ def _quiet_absl() -> Iterator[None]:
 
 
 @functools.lru_cache(maxsize=64)
-def _rdp_one_step(
-    noise_multiplier: float, sample_rate: float
-) -> tuple[tuple[float, ...], np.ndarray]:
+def _rdp_one_step(noise_multiplier: float, sample_rate: float) -> tuple[tuple[float, ...], np.ndarray]:
     """RDP orders and the RDP of one step; RDP composes additively, so T steps cost T times this vector."""
     accountant = rdp.RdpAccountant()
     with _quiet_absl():
-        accountant.compose(
-            dpsgd_event(
-                noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=1
-            )
-        )
+        accountant.compose(dpsgd_event(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=1))
     return tuple(accountant.orders), np.asarray(accountant.rdp, dtype=np.float64)
 
 
-def epsilon_for(
-    history: Sequence[tuple[float, float, int]], *, delta: float, accountant: Accountant
-) -> float:
+def epsilon_for(history: Sequence[tuple[float, float, int]], *, delta: float, accountant: Accountant) -> float:
     """Epsilon after the logical steps in ``history`` (``(noise_multiplier, sample_rate, steps)`` runs).
 
     RDP takes a fast path that is exactly what ``RdpAccountant`` computes (additive composition of the same
@@ -130,9 +114,7 @@ def calibrate_noise_multiplier(
     """
 
     def eps(sigma: float) -> float:
-        return epsilon_for(
-            [(sigma, sample_rate, steps)], delta=delta, accountant=accountant
-        )
+        return epsilon_for([(sigma, sample_rate, steps)], delta=delta, accountant=accountant)
 
     if eps(_MAX_NOISE_MULTIPLIER) > target_epsilon:
         raise ValueError(
@@ -180,9 +162,7 @@ def _brent(
     with _quiet_absl():
         return dp_accounting.calibrate_dp_mechanism(
             lambda: _fresh(kind, coarse=True),
-            lambda s: dpsgd_event(
-                noise_multiplier=s, sample_rate=sample_rate, steps=steps
-            ),
+            lambda s: dpsgd_event(noise_multiplier=s, sample_rate=sample_rate, steps=steps),
             target_epsilon,
             delta,
             bracket_interval=dp_accounting.ExplicitBracketInterval(*bracket),
@@ -227,9 +207,7 @@ class PrivacyAccountant:
             )
         return self._cached[1]
 
-    def epsilon_after_next(
-        self, *, noise_multiplier: float, sample_rate: float
-    ) -> float:
+    def epsilon_after_next(self, *, noise_multiplier: float, sample_rate: float) -> float:
         """Epsilon if one more step with these parameters were taken."""
         history = [*self.history, (noise_multiplier, sample_rate, 1)]
         return epsilon_for(history, delta=self.delta, accountant=self.kind)

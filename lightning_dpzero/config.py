@@ -137,8 +137,10 @@ class PrivacyConfig:
             _require_positive_finite(self, "target_epsilon")
         if self.noise_multiplier is not None:
             allow_zero = os.environ.get(_ZERO_NOISE_ENV) == "1"
-            if not math.isfinite(self.noise_multiplier) or self.noise_multiplier < 0 or (
-                self.noise_multiplier == 0 and not allow_zero
+            if (
+                not math.isfinite(self.noise_multiplier)
+                or self.noise_multiplier < 0
+                or (self.noise_multiplier == 0 and not allow_zero)
             ):
                 raise ValueError(
                     f"PrivacyConfig: `noise_multiplier` must be a positive number, got {self.noise_multiplier!r}. "

@@ -119,7 +119,7 @@ class DPStep:
                 raise ValueError(f"{owner}: expected_batch_size={expected} is larger than the dataset ({n} examples).")
             q = expected / n
         p = cfg.physical_batch_size or dataloader.batch_size or 1
-        delta = cfg.delta if cfg.delta is not None else n ** -1.1
+        delta = cfg.delta if cfg.delta is not None else n**-1.1
         if delta >= 1.0 / n:
             raise ValueError(
                 f"{owner}: delta={delta:.3g} is not below 1/N = {1.0 / n:.3g}; with delta >= 1/N a mechanism that "
@@ -170,8 +170,10 @@ class DPStep:
         if self.epsilon_limit is None or self.accountant is None:
             return True
         assert self.noise_multiplier is not None and self.sample_rate is not None
-        if self.planned_steps is not None and self.accountant.steps < self.planned_steps and (
-            self.config.target_epsilon is not None and self.epsilon_limit >= self.config.target_epsilon
+        if (
+            self.planned_steps is not None
+            and self.accountant.steps < self.planned_steps
+            and (self.config.target_epsilon is not None and self.epsilon_limit >= self.config.target_epsilon)
         ):
             return True  # sigma was calibrated so that epsilon(planned_steps) <= target; epsilon grows with steps
         return (
@@ -182,16 +184,20 @@ class DPStep:
     def backward(self, output: Any, mask: Tensor) -> Tensor:
         """Clip and add one physical batch, from the output of ``training_step`` (recorded by the engine).
 
-        The loss may be per-example losses of shape [p] (preferred) or a scalar mean over the p rows of the
-        physical batch, every row weighted equally (it is multiplied by p to recover the sum of per-example
-        losses). Token-level language-model losses must therefore average over the same number of tokens in
-        every row, or be returned per example.
+        The loss may be per-example losses of shape [p] (preferred: returned as the loss, or as
+        ``{"loss": losses.mean(), "per_example_loss": losses}`` so the same module also trains without DP), or a
+        scalar mean over the p rows of the physical batch, every row weighted equally (it is multiplied by p to
+        recover the sum of per-example losses). Token-level language-model losses must therefore average over
+        the same number of tokens in every row, or be returned per example.
 
         Returns:
             The detached mean loss over the real examples (for logging only).
         """
         assert self.engine is not None, "DPStep.attach() was not called"
-        loss = output.get("loss") if isinstance(output, Mapping) else output
+        if isinstance(output, Mapping):
+            loss = output["per_example_loss"] if "per_example_loss" in output else output.get("loss")
+        else:
+            loss = output
         if not isinstance(loss, Tensor):
             raise TypeError(
                 f"training_step must return the loss as a Tensor (or a dict with 'loss'), got {type(loss).__name__}."
@@ -283,8 +289,10 @@ class DPStep:
                 f"the checkpoint was trained with clip_norm={state['clip_norm']}, the config says {cfg.clip_norm}; "
                 "changing C on resume invalidates the accounting. Resume with the same PrivacyConfig."
             )
-        if cfg.noise_multiplier is not None and state["noise_multiplier"] is not None and not math.isclose(
-            state["noise_multiplier"], cfg.noise_multiplier
+        if (
+            cfg.noise_multiplier is not None
+            and state["noise_multiplier"] is not None
+            and not math.isclose(state["noise_multiplier"], cfg.noise_multiplier)
         ):
             raise ValueError(
                 f"the checkpoint was trained with noise_multiplier={state['noise_multiplier']}, the config says "

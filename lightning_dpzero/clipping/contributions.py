@@ -121,6 +121,11 @@ def _index_self_inner(c: Contribution) -> Tensor:
     valid = ids >= 0
     # One key per (example, token): the distinct keys are exactly the non-zero rows of the per-example gradients.
     keys = torch.arange(n, device=ids.device).unsqueeze(1) * c.num_rows + ids
+    if c.num_rows <= 4 * t:
+        # Small vocabulary (or positions): scatter straight into [n * V, D], cheaper than sorting keys.
+        summed = torch.zeros(n * c.num_rows, right.shape[-1], device=right.device, dtype=right.dtype)
+        summed.index_add_(0, keys[valid], right[valid])
+        return summed.view(n, -1).square().sum(1)
     keys, rows = keys[valid], right[valid]
     unique, inverse = torch.unique(keys, return_inverse=True)
     summed = torch.zeros(unique.numel(), right.shape[-1], device=right.device, dtype=right.dtype)

@@ -222,4 +222,3 @@ class ClippingEngine:
         """The clipped sums of the logical step so far (fp32, parameter-shaped), and reset."""
         summed, self.summed = self.summed, {}
         return summed
-

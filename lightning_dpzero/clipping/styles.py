@@ -59,6 +59,9 @@ def make_groups(config: PrivacyConfig, params: Sequence[tuple[str, str]]) -> Cli
                 f"parameters are named like {[name for name, _ in params[:3]]}."
             )
     names = tuple(dict.fromkeys(keys))
+    if style is ClippingStyle.GROUP_WISE and not isinstance(config.clipping_groups, int):
+        # thresholds follow the order the prefixes were given in, then the unmatched rest
+        names = tuple(config.clipping_groups or ()) + (("<rest>",) if "<rest>" in keys else ())
     index = {key: k for k, key in enumerate(names)}
     if config.group_clip_norms is not None:
         if len(config.group_clip_norms) != len(names):

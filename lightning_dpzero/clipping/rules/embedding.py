@@ -13,11 +13,16 @@ from lightning_dpzero.clipping.registry import UnsupportedLayerError, register_r
 def _check(module: nn.Module, path: str) -> None:
     assert isinstance(module, nn.Embedding)
     if module.max_norm is not None:
-        raise UnsupportedLayerError(path, module, "max_norm renormalises the weight in place during the forward "
-                                    "pass; set max_norm=None")
+        raise UnsupportedLayerError(
+            path, module, "max_norm renormalises the weight in place during the forward pass; set max_norm=None"
+        )
     if module.scale_grad_by_freq:
-        raise UnsupportedLayerError(path, module, "scale_grad_by_freq scales each example's gradient by token "
-                                    "counts over the whole batch, which mixes examples; set scale_grad_by_freq=False")
+        raise UnsupportedLayerError(
+            path,
+            module,
+            "scale_grad_by_freq scales each example's gradient by token "
+            "counts over the whole batch, which mixes examples; set scale_grad_by_freq=False",
+        )
     if module.sparse:
         raise UnsupportedLayerError(path, module, "sparse gradients are not supported; set sparse=False")
 

@@ -1,0 +1,458 @@
+"""ClippingEngine against the float64 per-example oracle (tests/reference.py), for every registered layer type,
+clipping style, clipping function and norm mode; padding, sharing, accumulation and refusals."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import lightning_dpzero.clipping.engine as engine_module
+from lightning_dpzero.clipping import ClippingEngine, UnsupportedLayerError
+from lightning_dpzero.config import ClippingFunction, ClippingStyle, NormMode, PrivacyConfig
+from tests.conftest import (
+    N_EXAMPLES,
+    SHARING_CASES,
+    Built,
+    LayerCase,
+    conv2d_strided_reflect_grouped,
+    default_mask,
+    embedding_padding_idx,
+    group_norm_conv,
+    layer_case_params,
+    linear_3d,
+    squared_error,
+    tied_gpt,
+    token_cross_entropy,
+    twice_linear,
+)
+from tests.reference import (
+    reference_clipped_sum,
+    reference_factors,
+    reference_group_norms,
+    reference_groups,
+    reference_per_sample_grads,
+    trainable_names,
+)
+
+CPU = torch.device("cpu")
+GROUP_COUNT = 2  # clipping_groups for group-wise in the parametrised tests
+RTOL = 1e-5
+
+
+def _groups_for(style: ClippingStyle) -> int | None:
+    return GROUP_COUNT if style is ClippingStyle.GROUP_WISE else None
+
+
+def run_engine(model: nn.Module, loss_fn, batches: list[tuple[tuple[Tensor, ...], Tensor]], **config) -> tuple:
+    """The engine exactly as a strategy drives it: one recording + backward per physical batch, then pop."""
+    eng = ClippingEngine(model, PrivacyConfig(noise_multiplier=1.0, **config))
+    eng.attach()
+    for inputs, mask in batches:
+        with eng.recording(CPU):
+            loss = loss_fn(model, inputs).sum()
+        eng.backward(loss, mask)
+    return eng.pop_summed(), eng
+
+
+def split_clip_norm(model, loss_fn, inputs, mask, style, groups=None) -> float:
+    """C such that C_k = C / sqrt(K) lies strictly inside the spread of the real examples' group norms.
+
+    Then abadi clips some (example, group) pairs and leaves others unclipped.
+    """
+    grads = reference_per_sample_grads(model, loss_fn, inputs, mask)
+    labels, group_of = reference_groups(model, style, groups)
+    values = (reference_group_norms(grads, group_of, len(labels)) * math.sqrt(len(labels))).flatten().sort().values
+    m = len(values) // 2
+    return float(torch.sqrt(values[m - 1] * values[m]))
+
+
+def assert_matches(got: dict[str, Tensor], expected: dict[str, Tensor], clip_norm: float) -> None:
+    """rtol 1e-5; atol from fp32 rounding of terms of size ~C (a clipped gradient has norm <= C)."""
+    assert set(got) == set(expected), f"parameters: got {sorted(got)}, expected {sorted(expected)}"
+    for name, exp in expected.items():
+        assert got[name].dtype == torch.float32, name
+        torch.testing.assert_close(
+            got[name].double(), exp, rtol=RTOL, atol=1e-6 * clip_norm, msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
+def _replace_masked_rows(inputs: tuple[Tensor, ...], mask: Tensor, seed: int) -> tuple[Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for x in inputs:
+        x = x.clone()
+        pad = ~mask
+        if x.is_floating_point():
+            x[pad] = 5.0 * torch.randn(x[pad].shape, generator=gen)
+        else:
+            x[pad] = torch.randint(int(x.min()), int(x.max()) + 1, x[pad].shape, generator=gen)
+        out.append(x)
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------------- every layer
+@pytest.mark.parametrize("norm_mode", list(NormMode), ids=str)
+@pytest.mark.parametrize("function", list(ClippingFunction), ids=str)
+@pytest.mark.parametrize("style", list(ClippingStyle), ids=str)
+@pytest.mark.parametrize("case", layer_case_params())
+def test_clipped_sum_matches_reference(case: LayerCase, style, function, norm_mode):
+    """Reference: tests/reference.py reference_clipped_sum (float64 per-example autograd; DESIGN.md section 4)."""
+    model, loss_fn, inputs = case()
+    mask = default_mask()
+    groups = _groups_for(style)
+    clip_norm = split_clip_norm(model, loss_fn, inputs, mask, style, groups)
+    kwargs = dict(clip_norm=clip_norm, style=style, function=function, groups=groups)
+    if function is ClippingFunction.ABADI:
+        factors = reference_factors(model, loss_fn, inputs, mask, **kwargs)
+        assert (factors < 1).any() and (factors == 1).any(), "the setting must clip some examples and not others"
+    expected = reference_clipped_sum(model, loss_fn, inputs, mask, **kwargs)
+
+    got, _ = run_engine(
+        model,
+        loss_fn,
+        [(inputs, mask)],
+        clip_norm=clip_norm,
+        clipping_style=style,
+        clipping_function=function,
+        norm_mode=norm_mode,
+        clipping_groups=groups,
+    )
+    assert_matches(got, expected, clip_norm)
+
+
+@pytest.mark.parametrize("norm_mode", list(NormMode), ids=str)
+@pytest.mark.parametrize("case", layer_case_params())
+def test_padded_rows_contribute_exactly_zero(case: LayerCase, norm_mode):
+    """Reference: DESIGN.md section 2.3 (padded rows contribute exactly zero): bit-for-bit equal sums."""
+    model, loss_fn, inputs = case()
+    mask = default_mask()
+    config = dict(clip_norm=0.5, clipping_style=ClippingStyle.LAYER_WISE, clipping_function=ClippingFunction.ABADI)
+    first, _ = run_engine(model, loss_fn, [(inputs, mask)], norm_mode=norm_mode, **config)
+    second, _ = run_engine(
+        model, loss_fn, [(_replace_masked_rows(inputs, mask, 1), mask)], norm_mode=norm_mode, **config
+    )
+    assert set(first) == set(second)
+    for name in first:
+        assert torch.equal(first[name], second[name]), f"{name}: a padded row changed the clipped sum"
+
+
+@pytest.mark.parametrize("case", layer_case_params())
+def test_all_masked_batch_gives_zeros(case: LayerCase):
+    """Reference: DESIGN.md section 2.2 (an empty Poisson sample is a valid step: one fully masked batch sums to 0)."""
+    model, loss_fn, inputs = case()
+    mask = torch.zeros(N_EXAMPLES, dtype=torch.bool)
+    got, _ = run_engine(model, loss_fn, [(inputs, mask)], clip_norm=1.0)
+    assert set(got) == set(trainable_names(model))
+    for name, value in got.items():
+        assert torch.count_nonzero(value) == 0, name
+
+
+def test_float_mask_is_accepted():
+    """Reference: ClippingEngine.backward docstring (mask: 1 for real examples, 0 for padding) and reference.py."""
+    model, loss_fn, inputs = SHARING_CASES["twice_linear_seq"]()
+    mask = default_mask()
+    expected = reference_clipped_sum(model, loss_fn, inputs, mask, clip_norm=0.3, style="all-layer", function="abadi")
+    got, _ = run_engine(model, loss_fn, [(inputs, mask.float())], clip_norm=0.3, clipping_function="abadi")
+    assert_matches(got, expected, 0.3)
+
+
+# ---------------------------------------------------------------------------------------------- sharing
+@pytest.mark.parametrize("norm_mode", list(NormMode), ids=str)
+@pytest.mark.parametrize("function", list(ClippingFunction), ids=str)
+@pytest.mark.parametrize("style", list(ClippingStyle), ids=str)
+def test_shared_parameters_match_reference(sharing_case: Built, style, function, norm_mode):
+    """Reference: reference_clipped_sum; tied weights and repeated calls need the cross terms of the norm."""
+    model, loss_fn, inputs = sharing_case
+    mask = default_mask()
+    groups = _groups_for(style)
+    clip_norm = split_clip_norm(model, loss_fn, inputs, mask, style, groups)
+    expected = reference_clipped_sum(
+        model, loss_fn, inputs, mask, clip_norm=clip_norm, style=style, function=function, groups=groups
+    )
+    got, _ = run_engine(
+        model,
+        loss_fn,
+        [(inputs, mask)],
+        clip_norm=clip_norm,
+        clipping_style=style,
+        clipping_function=function,
+        norm_mode=norm_mode,
+        clipping_groups=groups,
+    )
+    assert_matches(got, expected, clip_norm)
+
+
+def test_tied_weight_appears_once_under_its_canonical_name():
+    """Reference: model.named_parameters() (a tied parameter is listed once, under its first name)."""
+    model, loss_fn, inputs = SHARING_CASES["tied_gpt"]()
+    got, eng = run_engine(model, loss_fn, [(inputs, default_mask())], clip_norm=1.0)
+    assert set(got) == set(trainable_names(model))
+    assert "wte.weight" in got and "lm_head.weight" not in got
+
+
+@pytest.mark.parametrize(
+    ("style", "groups", "norm_fractions"),
+    [
+        ("layer-wise", None, (0.2, 0.3, 0.5, math.sqrt(1 - 0.04 - 0.09 - 0.25))),
+        ("param-wise", None, (0.1, 0.2, 0.3, 0.4, math.sqrt(1 - 0.01 - 0.04 - 0.09 - 0.16))),
+        ("group-wise", 2, (0.6, 0.8)),
+        ("group-wise", ("wte", "ln"), (0.3, 0.5, math.sqrt(1 - 0.09 - 0.25))),  # prefixes in model order
+        ("group-wise", ("ln", "wte"), (0.1, 0.6, math.sqrt(1 - 0.01 - 0.36))),  # thresholds follow prefix order
+        ("group-wise", ("ln", "mlp"), (0.1, 0.3, math.sqrt(1 - 0.01 - 0.09))),  # unmatched wte: the last group
+    ],
+)
+def test_explicit_group_clip_norms_match_reference(style, groups, norm_fractions):
+    """Reference: reference_clipped_sum with group_clip_norms (C_k in group order; prefixes as given, rest last)."""
+    model, loss_fn, inputs = SHARING_CASES["tied_gpt"]()  # wte, ln, mlp: 3 modules, 5 parameters
+    mask = default_mask()
+    clip_norm = 0.7
+    norms = tuple(clip_norm * f for f in norm_fractions[: len(reference_groups(model, style, groups)[0])])
+    norms = norms[:-1] + (math.sqrt(clip_norm**2 - sum(c * c for c in norms[:-1])),)
+    kwargs = dict(clip_norm=clip_norm, style=style, function="abadi", groups=groups, group_clip_norms=norms)
+    expected = reference_clipped_sum(model, loss_fn, inputs, mask, **kwargs)
+    got, eng = run_engine(
+        model,
+        loss_fn,
+        [(inputs, mask)],
+        clip_norm=clip_norm,
+        clipping_style=style,
+        clipping_function="abadi",
+        clipping_groups=groups,
+        group_clip_norms=norms,
+    )
+    assert_matches(got, expected, clip_norm)
+
+
+# ---------------------------------------------------------------------------------------------- accumulation
+@pytest.mark.parametrize("norm_mode", list(NormMode), ids=str)
+@pytest.mark.parametrize(
+    "build",
+    [tied_gpt, twice_linear, conv2d_strided_reflect_grouped, embedding_padding_idx, group_norm_conv, linear_3d],
+    ids=lambda b: b.__name__,
+)
+def test_two_physical_batches_sum_to_the_union(build, norm_mode):
+    """Reference: reference_clipped_sum over the union of both physical batches (DESIGN.md section 2.4)."""
+    model, loss_fn, inputs = build()
+    mask = default_mask()
+    first = tuple(x[:3] for x in inputs), mask[:3]
+    second = tuple(x[3:] for x in inputs), mask[3:]
+    expected = reference_clipped_sum(model, loss_fn, inputs, mask, clip_norm=0.5, style="param-wise", function="abadi")
+    got, _ = run_engine(
+        model,
+        loss_fn,
+        [first, second],
+        clip_norm=0.5,
+        clipping_style="param-wise",
+        clipping_function="abadi",
+        norm_mode=norm_mode,
+    )
+    assert_matches(got, expected, 0.5)
+
+
+def test_pop_summed_resets_between_logical_steps():
+    """Reference: ClippingEngine.pop_summed docstring (returns the step's sums and resets)."""
+    model, loss_fn, inputs = SHARING_CASES["twice_linear_flat"]()
+    mask = default_mask()
+    eng = ClippingEngine(model, PrivacyConfig(noise_multiplier=1.0, clip_norm=0.4))
+    eng.attach()
+    results = []
+    for _ in range(2):
+        with eng.recording(CPU):
+            loss = loss_fn(model, inputs).sum()
+        eng.backward(loss, mask)
+        results.append(eng.pop_summed())
+    for name in results[0]:
+        assert torch.equal(results[0][name], results[1][name]), name
+    assert eng.pop_summed() == {}
+
+
+# ---------------------------------------------------------------------------------------------- norm modes
+def _single_linear(seq_len: int, width: int) -> Built:
+    torch.manual_seed(90)
+    model = nn.Sequential(nn.Linear(width, width))
+    x = torch.randn(N_EXAMPLES, seq_len, width)
+    y = torch.randn(N_EXAMPLES, seq_len, width)
+    return model, squared_error, (x, y)
+
+
+def test_auto_uses_ghost_norm_for_short_sequences(monkeypatch):
+    """Reference: DESIGN.md section 2.3 / contributions.choose_norm_mode (2T^2 <= PD -> ghost) and reference.py."""
+    model, loss_fn, inputs = _single_linear(seq_len=4, width=64)
+    mask = default_mask()
+    seen = []
+    original = engine_module.self_inner
+
+    def spy(c):
+        seen.append((c.kind, c.instantiated is None))
+        return original(c)
+
+    monkeypatch.setattr(engine_module, "self_inner", spy)
+    expected = reference_clipped_sum(
+        model, loss_fn, inputs, mask, clip_norm=1.0, style="all-layer", function="automatic"
+    )
+    got, eng = run_engine(model, loss_fn, [(inputs, mask)], clip_norm=1.0, norm_mode="auto")
+    assert eng.last_norm_modes == {"0": "ghost"}
+    assert seen and all(not_instantiated for _, not_instantiated in seen), seen
+    assert_matches(got, expected, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("seq_len", "width", "mode", "expected_mode"),
+    [
+        (4, 64, "ghost", "ghost"),
+        (4, 64, "instantiate", "instantiate"),
+        (64, 2, "auto", "instantiate"),  # 2 T^2 > P D
+        (64, 2, "ghost", "ghost"),
+        (1, 8, "auto", "direct"),  # T = 1: ||a|| ||b||
+    ],
+)
+def test_norm_mode_choice_and_result(seq_len, width, mode, expected_mode):
+    """Reference: NormMode docstring for the choice; reference_clipped_sum for the values."""
+    model, loss_fn, inputs = _single_linear(seq_len, width)
+    mask = default_mask()
+    expected = reference_clipped_sum(model, loss_fn, inputs, mask, clip_norm=2.0, style="param-wise", function="abadi")
+    got, eng = run_engine(
+        model,
+        loss_fn,
+        [(inputs, mask)],
+        clip_norm=2.0,
+        clipping_style="param-wise",
+        clipping_function="abadi",
+        norm_mode=mode,
+    )
+    assert eng.last_norm_modes == {"0": expected_mode}
+    assert_matches(got, expected, 2.0)
+
+
+# ---------------------------------------------------------------------------------------------- sequences
+class GPTWithPositions(nn.Module):
+    """nanoGPT's idiom: positions embedded from torch.arange(T), an input without an example dimension."""
+
+    def __init__(self, vocab: int = 7, dim: int = 4, seq_len: int = N_EXAMPLES) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(vocab, dim)
+        self.wpe = nn.Embedding(seq_len, dim)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        return self.head(self.wte(ids) + self.wpe(pos))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the Embedding rule takes dim 0 of an input without an example dimension (wpe(torch.arange(T))) as "
+    "the examples; with T == n the per-example norms are silently wrong instead of an error",
+)
+def test_embedding_of_shared_positions_is_per_example_or_refused():
+    """Reference: reference_clipped_sum, or UnsupportedLayerError (DESIGN.md section 6: errors, not surprises)."""
+    torch.manual_seed(95)
+    model = GPTWithPositions()
+    ids = torch.randint(0, 7, (N_EXAMPLES, N_EXAMPLES))  # T == n
+    inputs = (ids, torch.randint(0, 7, (N_EXAMPLES, N_EXAMPLES)))
+    mask = default_mask()
+    expected = reference_clipped_sum(
+        model, token_cross_entropy, inputs, mask, clip_norm=1.0, style="all-layer", function="abadi"
+    )
+    try:
+        got, _ = run_engine(model, token_cross_entropy, [(inputs, mask)], clip_norm=1.0, clipping_function="abadi")
+    except UnsupportedLayerError as err:
+        assert "wpe" in str(err)
+        return
+    assert_matches(got, expected, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+def _engine(model: nn.Module) -> ClippingEngine:
+    return ClippingEngine(model, PrivacyConfig(noise_multiplier=1.0))
+
+
+def test_batchnorm_is_refused_with_groupnorm_advice():
+    """Reference: DESIGN.md section 6 (BatchNorm -> error naming the module and suggesting GroupNorm)."""
+    model = nn.Sequential()
+    model.add_module("features", nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    with pytest.raises(UnsupportedLayerError) as info:
+        _engine(model)
+    assert "features.1" in str(info.value) and "GroupNorm" in str(info.value)
+    assert info.value.path == "features.1"
+
+
+@pytest.mark.parametrize(
+    ("module", "path"),
+    [
+        (nn.PReLU(), "block.act"),
+        (nn.MultiheadAttention(4, 2), "block.act"),
+    ],
+    ids=["PReLU", "MultiheadAttention"],
+)
+def test_unsupported_trainable_module_is_named(module, path):
+    """Reference: DESIGN.md section 6 (unsupported trainable layer -> error naming the module path and the fix)."""
+    model = nn.Sequential()
+    block = nn.Module()
+    block.lin = nn.Linear(4, 4)
+    block.act = module
+    model.add_module("block", block)
+    with pytest.raises(UnsupportedLayerError) as info:
+        _engine(model)
+    message = str(info.value)
+    assert f"'{path}'" in message and type(module).__name__ in message
+    assert "requires_grad_(False)" in message or "register_rule" in message
+
+
+def test_linear_subclass_is_refused():
+    """Reference: clipping/registry.py docstring (lookup by exact type: a subclass may change forward)."""
+
+    class MyLinear(nn.Linear):
+        def forward(self, x: Tensor) -> Tensor:
+            return super().forward(2 * x)
+
+    model = nn.Sequential(nn.Linear(3, 3), MyLinear(3, 2))
+    with pytest.raises(UnsupportedLayerError, match=r"'1' \(MyLinear\)"):
+        _engine(model)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"max_norm": 1.0}, "max_norm"),
+        ({"scale_grad_by_freq": True}, "scale_grad_by_freq"),
+        ({"sparse": True}, "sparse"),
+    ],
+)
+def test_embedding_settings_that_mix_or_renormalise_are_refused(kwargs, needle):
+    """Reference: clipping/rules/embedding.py (max_norm renormalises in place; scale_grad_by_freq mixes examples)."""
+    model = nn.Sequential(nn.Embedding(10, 4, **kwargs), nn.Linear(4, 2))
+    with pytest.raises(UnsupportedLayerError, match=needle) as info:
+        _engine(model)
+    assert "'0'" in str(info.value)
+
+
+def test_frozen_unsupported_modules_are_fine():
+    """Reference: reference_clipped_sum (frozen PReLU and eval-mode frozen BatchNorm are constants of the model)."""
+    torch.manual_seed(99)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.PReLU(), nn.Flatten(), nn.Linear(27, 2))
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+    model[1].requires_grad_(False).eval()
+    model[2].requires_grad_(False)
+    inputs = (torch.randn(N_EXAMPLES, 2, 5, 5), torch.randn(N_EXAMPLES, 2))
+    mask = default_mask()
+    expected = reference_clipped_sum(
+        model, squared_error, inputs, mask, clip_norm=0.5, style="layer-wise", function="abadi"
+    )
+    got, _ = run_engine(
+        model, squared_error, [(inputs, mask)], clip_norm=0.5, clipping_style="layer-wise", clipping_function="abadi"
+    )
+    assert set(got) == {"0.weight", "0.bias", "4.weight", "4.bias"}
+    assert_matches(got, expected, 0.5)
+
+
+def test_model_without_trainable_parameters_is_refused():
+    """Reference: ClippingEngine docstring (nothing to train privately -> ValueError)."""
+    model = nn.Linear(3, 3).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        _engine(model)
