@@ -133,18 +133,13 @@ def calibrate_noise_multiplier(
         (0.05, _MAX_NOISE_MULTIPLIER),
     )
     if accountant is Accountant.PLD:
-        lower = max(0.5 * sigma, 0.1)
-        if eps(lower) < target_epsilon:
+        upper, lower = sigma, max(0.5 * sigma, 0.1)
+        while eps(lower) <= target_epsilon and lower > 0.1:  # bracket the PLD root from below
+            upper, lower = lower, max(0.5 * lower, 0.1)
+        if eps(lower) <= target_epsilon:
             sigma = lower
         else:
-            sigma = _brent(
-                Accountant.PLD,
-                target_epsilon,
-                delta,
-                sample_rate,
-                steps,
-                (lower, sigma),
-            )
+            sigma = _brent(Accountant.PLD, target_epsilon, delta, sample_rate, steps, (lower, upper))
     sigma = float(sigma)
     while eps(sigma) > target_epsilon:  # Brent's root may sit a hair above the target
         sigma *= 1.0 + 1e-4

@@ -77,19 +77,21 @@ class Contribution:
         return p, self.right.shape[-1]
 
     def choose_norm_mode(self, mode: NormMode) -> None:
-        """For DENSE, build the per-example gradient now if that is cheaper than the ghost norm.
+        """For DENSE, build the per-example gradient now if that is the better way to its norm.
 
-        Ghost norm holds two [n, T, T] Gram matrices; instantiation holds [n, P, D] and reuses it for the clipped
-        sum. FastDP's rule (2 T^2 <= P D -> ghost) compares the two memory footprints, which also tracks their
-        FLOPs (T^2 (P + D) vs T P D) within a small factor.
+        FLOPs always favour instantiation: both ways end with n T P D multiply-adds for the clipped sum or for G_i,
+        and the ghost norm adds n T^2 (P + D) for its Gram matrices. Memory decides: instantiation holds
+        [n, P, D]; the ghost norm holds [n, T, T] twice. ``AUTO`` instantiates when P D is no larger than
+        max(2 T^2, T (P + D)), i.e. than the Gram matrices or than the activations the layer keeps anyway
+        (FastDP's rule is the first half: 2 T^2 > P D).
         """
         if self.kind is not Kind.DENSE or mode is NormMode.GHOST:
             return
         assert self.left is not None and self.right is not None
         t, p, d = self.left.shape[1], self.left.shape[2], self.right.shape[2]
         if t == 1 and mode is NormMode.AUTO:
-            return  # ||a|| ||b||: cheaper than either
-        if mode is NormMode.INSTANTIATE or 2 * t * t > p * d:
+            return  # ||a|| ||b|| and a rank-one clipped sum: cheaper than either
+        if mode is NormMode.INSTANTIATE or p * d <= max(2 * t * t, t * (p + d)):
             self.instantiated = torch.einsum("ntp,ntd->npd", self.left.float(), self.right.float())
             self.left = self.right = None
 
@@ -99,17 +101,22 @@ def _f32(t: Tensor | None) -> Tensor:
     return t.float()
 
 
+def _sq_norms(x: Tensor) -> Tensor:
+    """Squared L2 norm of each example's slice: [n, ...] -> [n] (one fused pass)."""
+    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1).square()
+
+
 def self_inner(c: Contribution) -> Tensor:
     """||G_i||^2 for every example: shape [n], fp32."""
     if c.kind is Kind.SAMPLE:
-        return _f32(c.left).flatten(1).square().sum(1)
+        return _sq_norms(_f32(c.left))
     if c.instantiated is not None:
-        return c.instantiated.flatten(1).square().sum(1)
+        return _sq_norms(c.instantiated)
     if c.kind is Kind.INDEX:
         return _index_self_inner(c)
     left, right = _f32(c.left), _f32(c.right)
     if left.shape[1] == 1:
-        return left.square().sum((1, 2)) * right.square().sum((1, 2))
+        return _sq_norms(left) * _sq_norms(right)
     return (torch.bmm(left, left.transpose(1, 2)) * torch.bmm(right, right.transpose(1, 2))).sum((1, 2))
 
 

@@ -14,6 +14,7 @@ Nothing is stored on modules or parameters: hook handles and per-batch state liv
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from lightning_dpzero.clipping import rules as _rules  # noqa: F401  (registers the built-in rules)
@@ -89,6 +91,45 @@ class _Tap(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+_BROADCASTING_OPS = {
+    torch.add, torch.sub, torch.mul, torch.div, torch.where, torch.lerp, torch.addcmul,
+    Tensor.add, Tensor.add_, Tensor.__add__, Tensor.__radd__, Tensor.__iadd__,
+    Tensor.sub, Tensor.sub_, Tensor.__sub__, Tensor.__rsub__, Tensor.__isub__,
+    Tensor.mul, Tensor.mul_, Tensor.__mul__, Tensor.__rmul__, Tensor.__imul__,
+    Tensor.div, Tensor.div_, Tensor.__truediv__, Tensor.__rtruediv__, Tensor.__itruediv__,
+    Tensor.expand, Tensor.expand_as,
+}  # fmt: skip
+
+
+class _BroadcastGuard(TorchFunctionMode):
+    """Refuses a hooked module's output being broadcast along a new leading dimension.
+
+    That is the signature of a module applied to something shared by all examples (``wpe(torch.arange(T))``
+    added to ``[n, T, D]`` token embeddings): its dim 0 is not the example dimension, so per-example gradients
+    read from it would be wrong, silently so when T happens to equal n. Active for the first physical batch.
+    """
+
+    def __init__(self, tapped: weakref.WeakValueDictionary[int, Tensor], layers: dict[int, _Layer]) -> None:
+        super().__init__()
+        self.tapped, self.layers = tapped, layers
+        self.error: UnsupportedLayerError | None = None  # raised when the forward ends: Tensor dunders would turn
+        # a TypeError raised here into NotImplemented
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if func in _BROADCASTING_OPS and isinstance(out, Tensor):
+            for arg in (*args, *(kwargs or {}).values()):
+                if isinstance(arg, Tensor) and self.tapped.get(id(arg)) is arg and arg.dim() < out.dim():
+                    layer = self.layers[id(arg)]
+                    self.error = self.error or UnsupportedLayerError(
+                        layer.path,
+                        layer.module,
+                        f"its output {tuple(arg.shape)} is broadcast to {tuple(out.shape)}, so its dim 0 is not "
+                        "the example dimension; feed it per-example inputs (e.g. wpe(pos.expand(n, T)))",
+                    )
+        return out
+
+
 class ClippingEngine:
     """Per-example clipping for one model, by the style and function of ``config``.
 
@@ -100,6 +141,8 @@ class ClippingEngine:
     def __init__(self, model: nn.Module, config: PrivacyConfig) -> None:
         self.config = config
         self.layers, self.params, owner = validate_model(model)
+        # Frozen BatchNorm still mixes the examples of a batch through its statistics in training mode.
+        self._mixing = [(p, m) for p, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         if not self.params:
             raise ValueError("the model has no trainable parameters; there is nothing to train privately.")
         self.groups: ClippingGroups = make_groups(config, [(name, owner[name]) for name in self.params])
@@ -111,6 +154,9 @@ class ClippingEngine:
         self._recorded: Tensor | None = None  # the anchor of the last recorded physical batch, until its backward
         self._contributions: dict[tuple[str, int | None], list[Contribution]] = defaultdict(list)
         self._norm2: Tensor | None = None  # [K, n] squared per-group norms of the current physical batch
+        self._num_examples: int | None = None  # n of the physical batch being differentiated
+        self._guard: _BroadcastGuard | None = None
+        self._guarded_once = False
 
     # ----------------------------------------------------------------------------------------------- hooks
     def attach(self) -> None:
@@ -119,11 +165,20 @@ class ClippingEngine:
             return
         for layer in self.layers:
             self._handles.append(layer.module.register_forward_hook(self._forward_hook(layer)))
+        for path, module in self._mixing:
+            self._handles.append(module.register_forward_pre_hook(self._mixing_hook(path)))
 
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    def _mixing_hook(self, path: str):
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if self._anchor is not None and module.training:
+                raise UnsupportedLayerError(path, module)  # the BatchNorm advice: batch statistics mix examples
+
+        return hook
 
     def _forward_hook(self, layer: _Layer):
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
@@ -135,7 +190,11 @@ class ClippingEngine:
                 raise UnsupportedLayerError(
                     layer.path, module, "its input must be passed positionally as a tensor (e.g. layer(x))"
                 )
-            return _Tap.apply(output, self._anchor, self, layer, args[0].detach())
+            tapped = _Tap.apply(output, self._anchor, self, layer, args[0].detach())
+            if self._guard is not None:
+                self._guard.tapped[id(tapped)] = tapped
+                self._guard.layers[id(tapped)] = layer
+            return tapped
 
         return hook
 
@@ -144,10 +203,18 @@ class ClippingEngine:
         """Within this block, forward passes of hooked modules are recorded for one physical batch."""
         self._anchor = torch.zeros((), device=device, requires_grad=True)
         self._recorded = None
+        guard = contextlib.nullcontext()
+        if not self._guarded_once:
+            self._guard = _BroadcastGuard(weakref.WeakValueDictionary(), {})
+            guard = self._guard
         try:
-            yield
+            with guard:
+                yield
+            if self._guard is not None and self._guard.error is not None:
+                raise self._guard.error
+            self._guarded_once = True
         finally:
-            self._recorded, self._anchor = self._anchor, None
+            self._recorded, self._anchor, self._guard = self._anchor, None, None
 
     # -------------------------------------------------------------------------------------------- backward
     def backward(self, loss: Tensor, mask: Tensor) -> None:
@@ -158,8 +225,12 @@ class ClippingEngine:
             mask: [n], 1 for real examples and 0 for padding rows (which contribute exactly zero).
         """
         anchor, self._recorded = self._recorded, None
-        if anchor is not None and loss.requires_grad:
-            torch.autograd.grad(loss, [anchor], allow_unused=True)
+        self._num_examples = mask.numel()
+        try:
+            if anchor is not None and loss.requires_grad:
+                torch.autograd.grad(loss, [anchor], allow_unused=True)
+        finally:
+            self._num_examples = None
         try:
             self._accumulate(mask)
         finally:
@@ -168,6 +239,15 @@ class ClippingEngine:
 
     def _receive(self, layer: _Layer, activation: Tensor, grad_output: Tensor) -> None:
         """Called from a tap's backward: this call's contributions and their squared norms."""
+        if self._num_examples is not None and (grad_output.dim() == 0 or grad_output.shape[0] != self._num_examples):
+            raise UnsupportedLayerError(
+                layer.path,
+                layer.module,
+                f"its output has shape {tuple(grad_output.shape)}, but per-example clipping needs the "
+                f"{self._num_examples} examples of the physical batch in dim 0 of every hooked module's input and "
+                "output. A module applied to something shared by all examples (e.g. wpe(torch.arange(T))) must "
+                "see it expanded per example (wpe(pos.expand(n, T)))",
+            )
         with torch.no_grad():
             for c in layer.rule(layer.module, activation, grad_output, layer.params):
                 c.choose_norm_mode(self.config.norm_mode)

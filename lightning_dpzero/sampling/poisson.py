@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
 
 __all__ = ["LogicalBatch", "PoissonBatchSampler", "make_dp_dataloader"]
@@ -111,7 +111,7 @@ class PoissonBatchSampler:
         own = sizes[self.rank]
         chosen = torch.randperm(self.shard_sizes[self.rank], generator=self._sample_gen)[:own]
         indices = (chosen * self.world_size + self.rank).tolist()
-        filler = indices[0] if indices else self.rank
+        filler = indices[0] if indices else 0  # any valid index: padding rows are masked out
         padding = num_physical * self.physical_batch_size - own
         return [(i, True) for i in indices] + [(filler, False)] * padding
 
@@ -168,7 +168,7 @@ def check_replaceable(dataloader: DataLoader, owner: str) -> None:
             f"{owner}: the training dataloader must be a torch DataLoader over a map-style dataset, got "
             f"{type(dataloader).__name__}; DP-SGD needs random access to sample each example independently."
         )
-    if not hasattr(dataloader.dataset, "__getitem__") or not hasattr(dataloader.dataset, "__len__"):
+    if isinstance(dataloader.dataset, IterableDataset) or not hasattr(dataloader.dataset, "__len__"):
         raise TypeError(
             f"{owner}: the training dataset ({type(dataloader.dataset).__name__}) is iterable-style; Poisson "
             "sampling needs a map-style dataset with __len__ and __getitem__."

@@ -117,7 +117,7 @@ class GPTTask(L.LightningModule):
         n_layer: int = 2,
         n_head: int = 4,
         n_embd: int = 64,
-        lr: float = 3e-3,
+        lr: float = 1e-2,
         weight_decay: float = 0.0,
         checkpoint_path: str | None = None,
     ) -> None:
@@ -175,7 +175,7 @@ class SyntheticArithmeticDataModule(L.LightningDataModule):
     """The embedded default corpus: generated, offline, with learnable structure."""
 
     def __init__(
-        self, num_train: int = 4096, num_val: int = 256, block_size: int = 64, batch_size: int = 64, seed: int = 1234
+        self, num_train: int = 4096, num_val: int = 256, block_size: int = 64, batch_size: int = 128, seed: int = 1234
     ) -> None:
         super().__init__()
         self.save_hyperparameters()

@@ -342,11 +342,6 @@ class GPTWithPositions(nn.Module):
         return self.head(self.wte(ids) + self.wpe(pos))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the Embedding rule takes dim 0 of an input without an example dimension (wpe(torch.arange(T))) as "
-    "the examples; with T == n the per-example norms are silently wrong instead of an error",
-)
 def test_embedding_of_shared_positions_is_per_example_or_refused():
     """Reference: reference_clipped_sum, or UnsupportedLayerError (DESIGN.md section 6: errors, not surprises)."""
     torch.manual_seed(95)
@@ -456,3 +451,20 @@ def test_model_without_trainable_parameters_is_refused():
     model = nn.Linear(3, 3).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         _engine(model)
+
+
+def test_frozen_batchnorm_in_training_mode_is_refused():
+    """Reference: DESIGN.md section 6; a frozen BatchNorm still mixes examples through batch statistics."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    model[1].requires_grad_(False)
+    eng = ClippingEngine(model, PrivacyConfig(noise_multiplier=1.0))
+    eng.attach()
+    model.train()
+    with pytest.raises(UnsupportedLayerError, match="GroupNorm"):
+        with eng.recording(CPU):
+            model(torch.randn(3, 4))
+    model.eval()  # running statistics only: examples stay independent
+    with eng.recording(CPU):
+        loss = model(torch.randn(3, 4)).sum(1).sum()
+    eng.backward(loss, torch.ones(3, dtype=torch.bool))
+    assert set(eng.pop_summed()) == {"0.weight", "0.bias"}

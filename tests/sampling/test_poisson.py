@@ -127,10 +127,6 @@ def test_empty_sample_yields_one_fully_masked_physical_batch():
         assert batch[0].shape == (4, 1) and mask.dtype == torch.bool and not mask.any()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="PoissonBatchSampler pads an empty shard with index `rank`, which is out of range when N < world_size",
-)
 def test_rank_with_empty_shard_pads_with_a_valid_index():
     """Reference: LogicalBatch docstring (padding rows are copies of a real example: a valid dataset index)."""
     sampler = make_sampler(
