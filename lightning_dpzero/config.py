@@ -86,6 +86,8 @@ class PrivacyConfig:
         accountant: ``rdp`` (default: fast, a slightly loose upper bound) or ``pld`` (tight; calibration takes
             seconds to tens of seconds, and per-step epsilon costs ~0.2-0.8 s).
         norm_mode: per-example norm computation for layers with a sequence dimension (``auto`` picks the cheaper).
+        functorch_fallback: trainable modules without a clipping rule get per-example gradients from
+            ``torch.func`` (slower, instantiates them) instead of being refused. BatchNorm is refused regardless.
         seed: seeds Poisson sampling and noise. ``None`` (the default) draws it from the OS entropy pool: sampling
             and noise must be unpredictable to an adversary; fix it only for reproducible research runs.
 
@@ -112,6 +114,7 @@ class PrivacyConfig:
     physical_batch_size: int | None = None
     accountant: Accountant = Accountant.RDP
     norm_mode: NormMode = NormMode.AUTO
+    functorch_fallback: bool = False
     seed: int | None = None
 
     def __post_init__(self) -> None:

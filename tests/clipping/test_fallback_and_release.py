@@ -1,0 +1,90 @@
+"""The opt-in torch.func fallback and the early release of layer-/group-wise clipping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_dpzero.clipping import ClippingEngine, UnsupportedLayerError
+from lightning_dpzero.config import PrivacyConfig
+from tests.reference import reference_clipped_sum
+
+CPU = torch.device("cpu")
+
+
+class WithPReLU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 6)
+        self.act = nn.PReLU(6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.act(self.fc(x)))
+
+
+def ce(model: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
+    x, y = batch
+    return F.cross_entropy(model(x), y, reduction="none")
+
+
+@pytest.mark.parametrize("style", ["all-layer", "layer-wise"])
+def test_functorch_fallback_matches_reference(style: str) -> None:
+    """Reference: tests/reference.py; PReLU has no rule and goes through torch.func when opted in."""
+    torch.manual_seed(0)
+    model = WithPReLU()
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    mask = torch.tensor([1, 1, 0, 1, 1, 1], dtype=torch.bool)
+    with pytest.raises(UnsupportedLayerError, match="act"):
+        ClippingEngine(model, PrivacyConfig(noise_multiplier=1.0))
+    engine = ClippingEngine(
+        model, PrivacyConfig(noise_multiplier=1.0, clip_norm=0.2, clipping_style=style, functorch_fallback=True)
+    )
+    engine.attach()
+    with engine.recording(CPU):
+        loss = ce(model, (x, y)).sum()
+    engine.backward(loss, mask)
+    got = engine.pop_summed()
+    expected = reference_clipped_sum(model, ce, (x, y), mask, clip_norm=0.2, style=style, function="automatic")
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name].double(), value, rtol=1e-5, atol=1e-7)
+
+
+def test_fallback_never_accepts_batchnorm() -> None:
+    """Reference: DESIGN.md section 6; BatchNorm mixes examples, a per-example gradient does not exist."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    with pytest.raises(UnsupportedLayerError, match="GroupNorm"):
+        ClippingEngine(model, PrivacyConfig(noise_multiplier=1.0, functorch_fallback=True))
+
+
+def _peak_live_contributions(style: str) -> int:
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(8)])
+    kwargs = {"clipping_groups": 4} if style == "group-wise" else {}
+    engine = ClippingEngine(model, PrivacyConfig(noise_multiplier=1.0, clipping_style=style, **kwargs))
+    engine.attach()
+    peak = 0
+    finalize = engine._finalize
+
+    def spy(groups) -> None:  # live contributions just before a group is clipped and freed
+        nonlocal peak
+        groups = list(groups)
+        if groups:
+            peak = max(peak, sum(len(v) for v in engine._contributions.values()))
+        finalize(groups)
+
+    engine._finalize = spy  # type: ignore[method-assign]
+    with engine.recording(CPU):
+        loss = model(torch.randn(4, 16)).sum(1).sum()
+    engine.backward(loss, torch.ones(4, dtype=torch.bool))
+    return peak
+
+
+def test_layer_and_group_wise_release_stored_tensors_early() -> None:
+    """Reference: all-layer holds every layer's factors until the backward ends; layer-wise at most one layer's."""
+    all_layer = _peak_live_contributions("all-layer")
+    assert all_layer == 16  # 8 weights + 8 biases
+    assert _peak_live_contributions("layer-wise") == 2  # one layer's weight and bias at a time
+    assert _peak_live_contributions("group-wise") == 4  # one group of 2 layers
