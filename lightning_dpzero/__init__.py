@@ -11,13 +11,14 @@ from lightning_dpzero.clipping import ClippingRule, UnsupportedLayerError, regis
 from lightning_dpzero.config import Accountant, ClippingFunction, ClippingStyle, NormMode, PrivacyConfig
 from lightning_dpzero.sampling.poisson import LogicalBatch, PoissonBatchSampler
 from lightning_dpzero.step import DPStep, PrivacyBudgetExhausted
-from lightning_dpzero.strategies import DPStrategy
+from lightning_dpzero.strategies import DPDDPStrategy, DPStrategy
 
 __all__ = [
     "Accountant",
     "ClippingFunction",
     "ClippingRule",
     "ClippingStyle",
+    "DPDDPStrategy",
     "DPStep",
     "DPStrategy",
     "LogicalBatch",
@@ -35,6 +36,6 @@ __all__ = [
 
 __version__ = "0.1.0"
 
-for _strategy in (DPStrategy,):
+for _strategy in (DPStrategy, DPDDPStrategy):
     if _strategy.strategy_name not in StrategyRegistry:
         _strategy.register_strategies(StrategyRegistry)

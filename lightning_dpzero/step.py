@@ -29,6 +29,13 @@ __all__ = ["DPStep", "PrivacyBudgetExhausted"]
 _SEED_PURPOSES = {"noise": 1, "sample": 2, "size": 3}
 
 
+def _shard_bounds(size: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[lo, hi) of the rank-th of ``world_size`` contiguous, near-equal pieces of range(size)."""
+    per, extra = divmod(size, world_size)
+    lo = rank * per + min(rank, extra)
+    return lo, lo + per + (1 if rank < extra else 0)
+
+
 class PrivacyBudgetExhausted(RuntimeError):
     """Raised when asked to take a logical step that would spend more than the privacy budget."""
 
@@ -217,13 +224,23 @@ class DPStep:
         self.engine.backward(total, mask)
         return shown
 
-    def privatize(self, named_params: Iterable[tuple[str, nn.Parameter]]) -> None:
+    def privatize(
+        self,
+        named_params: Iterable[tuple[str, nn.Parameter]],
+        *,
+        all_reduce: Callable[[Tensor], None] | None = None,
+    ) -> None:
         """Write (sum of clipped gradients + noise) / B into ``p.grad`` and account the step.
 
         Args:
-            named_params: the parameters this rank's optimizer updates, with their canonical names.
+            named_params: the parameters the optimizer updates, with their canonical names (same order on every
+                rank).
+            all_reduce: data parallel only: sums a flat fp32 tensor over the ranks, in place. The clipped sums of
+                all parameters travel in one flat buffer, the same bytes as one data-parallel gradient reduction.
         Privacy:
-            Noise N(0, sigma^2 C^2) is drawn once per coordinate, here, whatever the number of physical batches.
+            Noise N(0, sigma^2 C^2) is drawn once per coordinate per logical step, whatever the number of physical
+            batches. With W ranks, rank r draws the noise of the r-th contiguous 1/W of the flat gradient before
+            the sum, so every coordinate gets exactly one draw, from the stream of the rank that owns it.
         """
         assert self.engine is not None and self.accountant is not None, "bind_data() must run before a step"
         assert self.noise_multiplier is not None and self.sample_rate is not None
@@ -236,15 +253,27 @@ class DPStep:
         named_params = list(named_params)
         self._check_coverage([name for name, _ in named_params])
         summed = self.engine.pop_summed()
-        std = self.noise_multiplier * self.config.clip_norm
-        for name, param in named_params:
-            grad = summed.get(name)
-            if grad is None:
-                grad = torch.zeros(param.shape, device=param.device, dtype=torch.float32)
-            grad += self.noise.sample(param.shape, std=std, device=param.device)
-            # Divide by the expected B = qN, never the realised batch size: that one is private.
-            grad /= self.expected_batch_size
-            param.grad = grad.to(param.dtype)
+        if not named_params:
+            return
+        device = named_params[0][1].device
+        flat = torch.cat(
+            [
+                summed[name].flatten() if name in summed else torch.zeros(p.numel(), device=device)
+                for name, p in named_params
+            ]
+        )
+        lo, hi = _shard_bounds(flat.numel(), self.rank, self.world_size)
+        flat[lo:hi] += self.noise.sample(
+            torch.Size([hi - lo]), std=self.noise_multiplier * self.config.clip_norm, device=device
+        )
+        if all_reduce is not None:
+            all_reduce(flat)
+        # Divide by the expected B = qN, never the realised batch size: that one is private.
+        flat /= self.expected_batch_size
+        offset = 0
+        for _, param in named_params:
+            param.grad = flat[offset : offset + param.numel()].view_as(param).to(param.dtype)
+            offset += param.numel()
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
 
     def _check_coverage(self, names: list[str]) -> None:

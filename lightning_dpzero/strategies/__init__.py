@@ -1,5 +1,6 @@
 """DP strategies: thin subclasses of Lightning's own, sharing one ``DPStep``."""
 
+from lightning_dpzero.strategies.ddp import DPDDPStrategy
 from lightning_dpzero.strategies.single_device import DPStrategy
 
-__all__ = ["DPStrategy"]
+__all__ = ["DPDDPStrategy", "DPStrategy"]

@@ -7,6 +7,7 @@ wrapping and communication.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -124,9 +125,10 @@ class DPStrategyMixin:
         for physical, mask in batch:
             physical = module.on_before_batch_transfer(physical, 0)
             physical = super().batch_to_device(physical)  # type: ignore[misc]
-            with self.dp.engine.recording(self.root_device):  # type: ignore[attr-defined]
-                output = super().training_step(physical, *args[1:], **kwargs)  # type: ignore[misc]
-            losses.append(self.dp.backward(output, mask))
+            with self._physical_batch_context():
+                with self.dp.engine.recording(self.root_device):  # type: ignore[attr-defined]
+                    output = super().training_step(physical, *args[1:], **kwargs)  # type: ignore[misc]
+                losses.append(self.dp.backward(output, mask))
         self._dp_step_pending = True
         loss = torch.stack(losses).mean()
         if isinstance(output, Mapping):
@@ -150,8 +152,15 @@ class DPStrategyMixin:
 
         return super().optimizer_step(optimizer, dp_closure, model, **kwargs)  # type: ignore[misc]
 
+    def _physical_batch_context(self) -> contextlib.AbstractContextManager[Any]:
+        """Entered around each physical batch's forward and per-example backward (e.g. DDP's ``no_sync``)."""
+        return contextlib.nullcontext()
+
     def _privatize(self, optimizer: Optimizer) -> None:
         """Noise, normalise and write the gradients of the parameters ``optimizer`` updates."""
+        self.dp.privatize(self._named_optimizer_params(optimizer))
+
+    def _named_optimizer_params(self, optimizer: Optimizer) -> list[tuple[str, torch.nn.Parameter]]:
         assert self.dp.engine is not None
         names = {id(p): name for name, p in self.dp.engine.params.items()}
         named = []
@@ -163,7 +172,7 @@ class DPStrategyMixin:
                         "not a trainable parameter of the LightningModule; DP cannot bound its sensitivity."
                     )
                 named.append((names[id(p)], p))
-        self.dp.privatize(named)
+        return named
 
     # ------------------------------------------------------------------------------------- checkpoints
     @override

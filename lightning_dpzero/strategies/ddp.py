@@ -1,0 +1,79 @@
+"""``"dp_ddp"``: DP-SGD on data-parallel replicas (torch DDP through Lightning's ``DDPStrategy``)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.fabric.strategies.registry import _StrategyRegistry
+from lightning.pytorch.strategies import DDPStrategy
+from torch import Tensor
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_dpzero.config import PrivacyConfig
+from lightning_dpzero.strategies._mixin import DPStrategyMixin
+
+__all__ = ["DPDDPStrategy"]
+
+
+class DPDDPStrategy(DPStrategyMixin, DDPStrategy):
+    """DP-SGD on W data-parallel ranks.
+
+    Each rank Poisson-samples its own disjoint shard of the dataset with the same rate q (together: one Poisson
+    sample of the whole dataset), clips its examples, and the clipped sums are summed over the ranks in one
+    all-reduce per logical step. DDP's own per-backward reduction stays idle (``no_sync``): the clipped sum is
+    not in the parameters' autograd gradients, and one flat all-reduce moves the same bytes. Each rank adds the
+    noise of its 1/W share of the coordinates before the sum, so noise is drawn once per coordinate.
+
+    Args:
+        privacy: the privacy settings; ``None`` uses ``PrivacyConfig.default()``.
+        **kwargs: passed to Lightning's ``DDPStrategy`` unchanged (``process_group_backend``, ``start_method``...).
+    """
+
+    strategy_name = "dp_ddp"
+
+    def __init__(self, privacy: PrivacyConfig | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._init_dp(privacy)
+
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        # One secret base seed for the run, from rank 0: size draws must agree; each rank derives its own streams.
+        seed = [self.dp.base_seed]
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast_object_list(seed, src=0)
+        self.dp.set_rank(self.global_rank, self.world_size, base_seed=int(seed[0]))
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        self._check_trainer(trainer)
+        super().setup(trainer)
+        self.dp.attach(self.lightning_module)
+        if trainer.state.fn == "fit":
+            self._check_optimizers()
+
+    @override
+    def _physical_batch_context(self) -> contextlib.AbstractContextManager[Any]:
+        no_sync = getattr(self.model, "no_sync", None)
+        return no_sync() if no_sync is not None else contextlib.nullcontext()
+
+    @override
+    def _privatize(self, optimizer: Optimizer) -> None:
+        self.dp.privatize(self._named_optimizer_params(optimizer), all_reduce=_all_reduce_sum)
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        strategy_registry.register(
+            cls.strategy_name, cls, description="DP-SGD with data-parallel replicas (Poisson shards, one all-reduce)"
+        )
+
+
+def _all_reduce_sum(flat: Tensor) -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)

@@ -1,0 +1,76 @@
+"""``dp_ddp`` on 2 CPU processes (gloo), against the single-process float64 reference (DESIGN.md section 4)."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_dpzero.config import _ZERO_NOISE_ENV
+from tests.reference import reference_clipped_sum
+from tests.strategies.test_dp_strategy import Net, per_example_loss
+
+pytestmark = pytest.mark.distributed
+WORKER = Path(__file__).with_name("ddp_worker.py")
+
+
+def _torchrun(mode: str, out: Path) -> list[dict]:
+    env = {**os.environ, _ZERO_NOISE_ENV: "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER), mode]
+    proc = subprocess.Popen(
+        [*cmd, str(out)], env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        log, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun's ranks would outlive it otherwise
+        raise
+    assert proc.returncode == 0, log[-4000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def test_ddp_gradient_matches_single_process_reference(tmp_path) -> None:
+    """Reference: tests/reference.py on the union of both ranks' Poisson samples, divided by B = qN."""
+    ranks = _torchrun("oracle", tmp_path)
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 8
+    empty_rank_steps = 0
+    for step in range(8):
+        grads = [r["grads"][step] for r in ranks]
+        model = Net()
+        model.load_state_dict(ranks[0]["models"][step])
+        for name, value in ranks[1]["models"][step].items():
+            torch.testing.assert_close(value, ranks[0]["models"][step][name], rtol=0, atol=0)  # replicas in sync
+        physical = [pb for r in ranks for pb in r["batches"][step][0]]
+        masks = [m for r in ranks for m in r["batches"][step][1]]
+        assert len(ranks[0]["batches"][step][0]) == len(ranks[1]["batches"][step][0])  # same physical count
+        empty_rank_steps += sum(not any(m.any() for m in r["batches"][step][1]) for r in ranks)
+        inputs = tuple(torch.cat([pb[i] for pb in physical]) for i in range(3))
+        expected = reference_clipped_sum(
+            model, per_example_loss, inputs, torch.cat(masks), clip_norm=0.3, style="all-layer", function="automatic"
+        )
+        for name, value in expected.items():
+            for g in grads:
+                torch.testing.assert_close(g[name].double(), value / 4.0, rtol=1e-5, atol=1e-8)
+    assert empty_rank_steps > 0, "the seed should give at least one step where a rank samples nothing"
+
+
+def test_ddp_noise_is_drawn_once_per_coordinate(tmp_path) -> None:
+    """Reference: noise std sigma*C/B over the whole gradient, identical on both ranks (not W times the draws)."""
+    ranks = _torchrun("noise", tmp_path)
+    noise = torch.stack(ranks[0]["grads"])
+    torch.testing.assert_close(noise, torch.stack(ranks[1]["grads"]), rtol=0, atol=0)
+    expected = 2.0 * 0.5 / 16
+    bound = 6.0 / math.sqrt(2 * noise.numel())
+    rel = noise.std().item() / expected - 1.0
+    print(f"std rel. error {rel:.4f}, bound {bound:.4f}")
+    assert abs(rel) < bound
+    half = noise.shape[1] // 2  # the two ranks' shares come from different streams: uncorrelated
+    corr = torch.corrcoef(torch.stack([noise[0, :half], noise[0, half : 2 * half]]))[0, 1].item()
+    assert abs(corr) < 6 / math.sqrt(half)
