@@ -11,7 +11,7 @@ from lightning_dpzero.clipping import ClippingRule, UnsupportedLayerError, regis
 from lightning_dpzero.config import Accountant, ClippingFunction, ClippingStyle, NormMode, PrivacyConfig
 from lightning_dpzero.sampling.poisson import LogicalBatch, PoissonBatchSampler
 from lightning_dpzero.step import DPStep, PrivacyBudgetExhausted
-from lightning_dpzero.strategies import DPDDPStrategy, DPStrategy
+from lightning_dpzero.strategies import DPDDPStrategy, DPStrategy, DPZeroStrategy
 
 __all__ = [
     "Accountant",
@@ -28,6 +28,7 @@ __all__ = [
     "PrivacyBudget",
     "PrivacyBudgetExhausted",
     "PrivacyConfig",
+    "DPZeroStrategy",
     "UnsupportedLayerError",
     "calibrate_noise_multiplier",
     "epsilon_for",
@@ -36,6 +37,6 @@ __all__ = [
 
 __version__ = "0.1.0"
 
-for _strategy in (DPStrategy, DPDDPStrategy):
-    if _strategy.strategy_name not in StrategyRegistry:
+if "dp" not in StrategyRegistry:
+    for _strategy in (DPStrategy, DPDDPStrategy, DPZeroStrategy):
         _strategy.register_strategies(StrategyRegistry)

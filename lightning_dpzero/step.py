@@ -242,38 +242,59 @@ class DPStep:
             batches. With W ranks, rank r draws the noise of the r-th contiguous 1/W of the flat gradient before
             the sum, so every coordinate gets exactly one draw, from the stream of the rank that owns it.
         """
+        named_params = list(named_params)
+        summed = self.begin_step([name for name, _ in named_params])
+        if named_params:
+            device = named_params[0][1].device
+            flat = torch.cat(
+                [
+                    summed[name].flatten() if name in summed else torch.zeros(p.numel(), device=device)
+                    for name, p in named_params
+                ]
+            )
+            lo, hi = _shard_bounds(flat.numel(), self.rank, self.world_size)
+            self._add_noise(flat[lo:hi])
+            if all_reduce is not None:
+                all_reduce(flat)
+            # Divide by the expected B = qN, never the realised batch size: that one is private.
+            flat /= self.expected_batch_size
+            offset = 0
+            for _, param in named_params:
+                param.grad = flat[offset : offset + param.numel()].view_as(param).to(param.dtype)
+                offset += param.numel()
+        self.account_step()
+
+    def begin_step(self, names: list[str]) -> dict[str, Tensor]:
+        """Refuse a step past the budget; return (and reset) the clipped sums of the logical step."""
         assert self.engine is not None and self.accountant is not None, "bind_data() must run before a step"
-        assert self.noise_multiplier is not None and self.sample_rate is not None
-        assert self.expected_batch_size is not None
         if not self.may_step():
             raise PrivacyBudgetExhausted(
                 f"one more step would take epsilon past the budget of {self.epsilon_limit} "
                 f"(epsilon now {self.epsilon():.4g} after {self.accountant.steps} steps)."
             )
-        named_params = list(named_params)
-        self._check_coverage([name for name, _ in named_params])
-        summed = self.engine.pop_summed()
-        if not named_params:
-            return
-        device = named_params[0][1].device
-        flat = torch.cat(
-            [
-                summed[name].flatten() if name in summed else torch.zeros(p.numel(), device=device)
-                for name, p in named_params
-            ]
-        )
-        lo, hi = _shard_bounds(flat.numel(), self.rank, self.world_size)
-        flat[lo:hi] += self.noise.sample(
-            torch.Size([hi - lo]), std=self.noise_multiplier * self.config.clip_norm, device=device
-        )
-        if all_reduce is not None:
-            all_reduce(flat)
-        # Divide by the expected B = qN, never the realised batch size: that one is private.
-        flat /= self.expected_batch_size
-        offset = 0
-        for _, param in named_params:
-            param.grad = flat[offset : offset + param.numel()].view_as(param).to(param.dtype)
-            offset += param.numel()
+        self._check_coverage(names)
+        return self.engine.pop_summed()
+
+    def _add_noise(self, values: Tensor) -> None:
+        assert self.noise_multiplier is not None
+        std = self.noise_multiplier * self.config.clip_norm
+        values += self.noise.sample(values.shape, std=std, device=values.device).to(values.dtype)
+
+    def add_noise_and_normalise(self, grad: Tensor, *, scale: float = 1.0) -> None:
+        """In place: grad <- (scale * grad + N(0, sigma^2 C^2)) / B, for coordinates this rank owns.
+
+        Sharded engines call it on the rank's own gradient partition; ``scale`` undoes the engine's averaging over
+        the ranks (W), so that the result is (sum of clipped gradients + noise) / B.
+        """
+        assert self.expected_batch_size is not None
+        if scale != 1.0:
+            grad *= scale
+        self._add_noise(grad)
+        grad /= self.expected_batch_size
+
+    def account_step(self) -> None:
+        """Record one logical step with the accountant."""
+        assert self.accountant is not None and self.noise_multiplier is not None and self.sample_rate is not None
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
 
     def _check_coverage(self, names: list[str]) -> None:

@@ -25,7 +25,12 @@ from torch import Tensor
 
 from lightning_dpzero.config import NormMode
 
-__all__ = ["Contribution", "Kind", "clipped_sum", "inner", "self_inner"]
+__all__ = ["Contribution", "Kind", "clipped_sum", "full_shape", "inner", "self_inner"]
+
+
+def full_shape(param: Tensor) -> torch.Size:
+    """The parameter's logical shape, also when ZeRO-3 has partitioned it (then ``param.shape`` is (0,))."""
+    return getattr(param, "ds_shape", param.shape)
 
 
 class Kind(enum.Enum):

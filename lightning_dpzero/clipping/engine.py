@@ -26,7 +26,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from lightning_dpzero.clipping import rules as _rules  # noqa: F401  (registers the built-in rules)
-from lightning_dpzero.clipping.contributions import Contribution, clipped_sum, inner, self_inner
+from lightning_dpzero.clipping.contributions import Contribution, clipped_sum, full_shape, inner, self_inner
 from lightning_dpzero.clipping.fallback import functorch_rule
 from lightning_dpzero.clipping.functions import clip_factors
 from lightning_dpzero.clipping.registry import ClippingRule, UnsupportedLayerError, rule_for
@@ -318,7 +318,9 @@ class ClippingEngine:
                 target = self.summed.get(name)
                 if target is None:
                     param = self.params[name]
-                    target = self.summed[name] = torch.zeros(param.shape, device=param.device, dtype=torch.float32)
+                    target = self.summed[name] = torch.zeros(
+                        full_shape(param), device=param.device, dtype=torch.float32
+                    )
                 factor = factors[self.groups.group_of[name]]
                 for c in self._contributions.pop(key):
                     block = clipped_sum(c, factor)

@@ -1,6 +1,7 @@
 """DP strategies: thin subclasses of Lightning's own, sharing one ``DPStep``."""
 
 from lightning_dpzero.strategies.ddp import DPDDPStrategy
+from lightning_dpzero.strategies.deepspeed import DPZeroStrategy
 from lightning_dpzero.strategies.single_device import DPStrategy
 
-__all__ = ["DPDDPStrategy", "DPStrategy"]
+__all__ = ["DPDDPStrategy", "DPStrategy", "DPZeroStrategy"]

@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
@@ -127,7 +128,7 @@ class DPStrategyMixin:
             physical = super().batch_to_device(physical)  # type: ignore[misc]
             with self._physical_batch_context():
                 with self.dp.engine.recording(self.root_device):  # type: ignore[attr-defined]
-                    output = super().training_step(physical, *args[1:], **kwargs)  # type: ignore[misc]
+                    output = self._physical_training_step(physical, *args[1:], **kwargs)
                 losses.append(self.dp.backward(output, mask))
         self._dp_step_pending = True
         loss = torch.stack(losses).mean()
@@ -151,6 +152,10 @@ class DPStrategyMixin:
             return out
 
         return super().optimizer_step(optimizer, dp_closure, model, **kwargs)  # type: ignore[misc]
+
+    def _physical_training_step(self, *args: Any, **kwargs: Any) -> Any:
+        """The user's ``training_step`` on one physical batch (through the wrapper, as Lightning calls it)."""
+        return super().training_step(*args, **kwargs)  # type: ignore[misc]
 
     def _physical_batch_context(self) -> contextlib.AbstractContextManager[Any]:
         """Entered around each physical batch's forward and per-example backward (e.g. DDP's ``no_sync``)."""
@@ -177,7 +182,14 @@ class DPStrategyMixin:
     # ------------------------------------------------------------------------------------- checkpoints
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
-        checkpoint[_CHECKPOINT_KEY] = self.dp.state_dict()
+        # Every rank's state: each rank has its own noise and sampling streams, and the checkpoint is written by
+        # one rank. Resuming a rank from another rank's streams would repeat noise across ranks.
+        state = self.dp.state_dict()
+        world_size = getattr(self, "world_size", 1)
+        states = [state] * world_size
+        if world_size > 1 and dist.is_available() and dist.is_initialized():
+            dist.all_gather_object(states, state)
+        checkpoint[_CHECKPOINT_KEY] = {"ranks": states}
         super().save_checkpoint(checkpoint, filepath, storage_options)  # type: ignore[misc]
 
     @override
@@ -191,7 +203,15 @@ class DPStrategyMixin:
                     "sampler and noise streams); resuming from it would restart epsilon at 0. Resume only from "
                     "checkpoints written by a DP strategy."
                 )
-            self.dp.load_state_dict(checkpoint[_CHECKPOINT_KEY])
+            states = checkpoint[_CHECKPOINT_KEY]["ranks"]
+            rank, world_size = getattr(self, "global_rank", 0), getattr(self, "world_size", 1)
+            if len(states) != world_size:
+                raise ValueError(
+                    f"{type(self).__name__}: the checkpoint was written by {len(states)} rank(s), this run has "
+                    f"{world_size}; each rank resumes its own noise and sampling streams. Resume with "
+                    f"{len(states)} rank(s)."
+                )
+            self.dp.load_state_dict(states[rank])
         return checkpoint
 
     @override

@@ -146,16 +146,17 @@ def test_padding_and_empty_samples_contribute_nothing(zero_noise) -> None:
 class ZeroGrad(L.LightningModule):
     """A model whose loss does not depend on the parameters: the update is pure noise."""
 
-    def __init__(self, n: int = 64) -> None:
+    def __init__(self, n: int = 64, lr: float = 0.0) -> None:
         super().__init__()
         self.lin = nn.Linear(100, 100)
         self.x = torch.randn(n, 100)
+        self.lr = lr
 
     def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
         return (self.lin(batch[0]) * 0.0).sum(1)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.0)
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(self.x), batch_size=16)
@@ -228,7 +229,7 @@ def test_resume_continues_accountant_and_streams(tmp_path) -> None:
     first.fit(Task())
     path = tmp_path / "dp.ckpt"
     first.save_checkpoint(path)
-    saved = torch.load(path, weights_only=False)["lightning_dpzero"]
+    saved = torch.load(path, weights_only=False)["lightning_dpzero"]["ranks"][0]
     assert saved["accountant"]["history"] == [[1.0, 0.2, 4]]
 
     second = _trainer(privacy, 7)

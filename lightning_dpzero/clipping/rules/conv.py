@@ -9,7 +9,7 @@ from collections.abc import Mapping
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_dpzero.clipping.contributions import Contribution, Kind
+from lightning_dpzero.clipping.contributions import Contribution, Kind, full_shape
 from lightning_dpzero.clipping.registry import UnsupportedLayerError, register_rule
 
 
@@ -47,7 +47,7 @@ def conv_rule(
         patches = _unfold(module, activation)  # [n, T, C_in * prod(k)]
         groups = module.groups
         p, d = c_out // groups, patches.shape[-1] // groups
-        block = (p, *module.weight.shape[1:])
+        block = (p, *full_shape(module.weight)[1:])
         for g in range(groups):
             rows = slice(g * p, (g + 1) * p) if groups > 1 else None
             out.append(
@@ -56,10 +56,10 @@ def conv_rule(
                     Kind.DENSE,
                     b[..., g * p : (g + 1) * p],
                     patches[..., g * d : (g + 1) * d],
-                    module.weight.shape if rows is None else block,
+                    full_shape(module.weight) if rows is None else block,
                     rows=rows,
                 )
             )
     if "bias" in params:
-        out.append(Contribution(params["bias"], Kind.SAMPLE, b.sum(1), None, module.bias.shape))
+        out.append(Contribution(params["bias"], Kind.SAMPLE, b.sum(1), None, full_shape(module.bias)))
     return out

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
-from lightning_dpzero.clipping.contributions import Contribution, Kind
+from lightning_dpzero.clipping.contributions import Contribution, Kind, full_shape
 from lightning_dpzero.clipping.registry import UnsupportedLayerError, register_rule
 
 
@@ -37,4 +37,6 @@ def embedding_rule(
     if module.padding_idx is not None:
         ids = ids.masked_fill(ids == module.padding_idx, -1)  # torch never updates the padding row
     b = grad_output.reshape(n, -1, grad_output.shape[-1])  # [n, T, D]
-    return [Contribution(params["weight"], Kind.INDEX, ids, b, module.weight.shape, num_rows=module.num_embeddings)]
+    return [
+        Contribution(params["weight"], Kind.INDEX, ids, b, full_shape(module.weight), num_rows=module.num_embeddings)
+    ]

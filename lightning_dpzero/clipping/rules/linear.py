@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
-from lightning_dpzero.clipping.contributions import Contribution, Kind
+from lightning_dpzero.clipping.contributions import Contribution, Kind, full_shape
 from lightning_dpzero.clipping.registry import register_rule
 
 
@@ -19,7 +19,7 @@ def linear_rule(
     out = []
     if "weight" in params:
         a = activation.reshape(n, -1, activation.shape[-1])  # [n, T, D]
-        out.append(Contribution(params["weight"], Kind.DENSE, b, a, module.weight.shape))
+        out.append(Contribution(params["weight"], Kind.DENSE, b, a, full_shape(module.weight)))
     if "bias" in params:
-        out.append(Contribution(params["bias"], Kind.SAMPLE, b.sum(1), None, module.bias.shape))
+        out.append(Contribution(params["bias"], Kind.SAMPLE, b.sum(1), None, full_shape(module.bias)))
     return out

@@ -1,0 +1,100 @@
+"""Run by torchrun from the 2-process tests: a few DP steps on 2 CPU ranks; saves what each rank saw.
+
+    torchrun --standalone --nproc_per_node 2 tests/strategies/parallel_worker.py STRATEGY MODE OUT_DIR
+
+STRATEGY is ddp, zero1, zero2 or zero3; MODE is oracle (sigma = 0, gradients vs the reference) or noise (a
+zero-gradient model). The gradient a rank applied is read off the parameter change of SGD: g = (before - after)/lr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import lightning_dpzero as dpz  # noqa: E402
+from tests.strategies.test_dp_strategy import Task, ZeroGrad  # noqa: E402
+
+LR = 1000.0  # large, so that (before - after) / LR recovers the gradient to ~1e-7 relative in fp32
+
+
+def _full_params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    params = list(module.parameters())
+    gather = contextlib.nullcontext()
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(params)
+    with gather:
+        return {n: p.detach().clone().float() for n, p in module.named_parameters()}
+
+
+class Record(Callback):
+    def __init__(self, net_attr: str) -> None:
+        self.net_attr = net_attr
+        self.batches, self.models, self.grads = [], [], []
+        self._before: dict[str, torch.Tensor] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        net = getattr(pl_module, self.net_attr)
+        self._before = _full_params(net)
+        self.batches.append((batch.physical_batches, batch.masks))
+        self.models.append({k: v.clone() for k, v in self._before.items()})
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        after = _full_params(getattr(pl_module, self.net_attr))
+        self.grads.append({n: (self._before[n] - after[n]) / LR for n in after})
+
+
+def main(strategy: str, mode: str, out: Path) -> None:
+    torch.set_num_threads(1)
+    if strategy.startswith("zero"):  # tests only: skip DeepSpeed's ~35 s shared-memory comm-op build; gloo suffices
+        import deepspeed.comm.torch  # noqa: F401
+
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    if mode == "oracle":
+        privacy = dpz.PrivacyConfig(
+            noise_multiplier=0.0, clip_norm=0.3, expected_batch_size=4, physical_batch_size=3, seed=11
+        )
+        task, record, steps = Task(lr=LR), Record("net"), 8
+    else:
+        privacy = dpz.PrivacyConfig(noise_multiplier=2.0, clip_norm=0.5, expected_batch_size=16, seed=3)
+        task, record, steps = ZeroGrad(lr=LR), Record("lin"), 3
+    if strategy == "ddp":
+        strat = dpz.DPDDPStrategy(privacy, process_group_backend="gloo")
+    else:
+        strat = dpz.DPZeroStrategy(stage=int(strategy[-1]), privacy=privacy, process_group_backend="gloo")
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strat,
+        max_steps=steps,
+        callbacks=[record],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(task)
+    dp = trainer.strategy.dp
+    torch.save(
+        {
+            "grads": record.grads,
+            "batches": record.batches,
+            "models": record.models,
+            "epsilon": dp.epsilon(),
+            "steps": dp.accountant.steps,
+            "world": dp.world_size,
+        },
+        out / f"rank{trainer.global_rank}.pt",
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], Path(sys.argv[3]))
