@@ -3,7 +3,9 @@
     torchrun --standalone --nproc_per_node 2 tests/strategies/parallel_worker.py STRATEGY MODE OUT_DIR
 
 STRATEGY is ddp, zero1, zero2 or zero3; MODE is oracle (sigma = 0, gradients vs the reference) or noise (a
-zero-gradient model). The gradient a rank applied is read off the parameter change of SGD: g = (before - after)/lr.
+zero-gradient model). Recorded per step: the reduced gradient before the optimizer step (DDP: ``p.grad``, which is
+already (sum + noise) / B; ZeRO: DeepSpeed's reduced gradient times W / B via ``safe_get_full_grad``, i.e. what the
+noise wrapper turns into the update at sigma = 0), and the update itself, (before - after) / lr with SGD.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import lightning_dpzero as dpz  # noqa: E402
 from tests.strategies.test_dp_strategy import Task, ZeroGrad  # noqa: E402
 
-LR = 1000.0  # large, so that (before - after) / LR recovers the gradient to ~1e-7 relative in fp32
+LR = 1.0  # (before - after) / LR recovers the update to ~1e-6 in fp32; the model stays well-conditioned
 
 
 def _full_params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -38,8 +40,19 @@ def _full_params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 class Record(Callback):
     def __init__(self, net_attr: str) -> None:
         self.net_attr = net_attr
-        self.batches, self.models, self.grads = [], [], []
+        self.batches, self.models, self.grads, self.updates = [], [], [], []
         self._before: dict[str, torch.Tensor] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        net = getattr(pl_module, self.net_attr)
+        dp = trainer.strategy.dp
+        if isinstance(trainer.strategy, dpz.DPZeroStrategy):
+            from deepspeed.utils import safe_get_full_grad
+
+            scale = dp.world_size / dp.expected_batch_size
+            self.grads.append({n: safe_get_full_grad(p).detach().float() * scale for n, p in net.named_parameters()})
+        else:
+            self.grads.append({n: p.grad.detach().clone() for n, p in net.named_parameters()})
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         net = getattr(pl_module, self.net_attr)
@@ -49,11 +62,12 @@ class Record(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         after = _full_params(getattr(pl_module, self.net_attr))
-        self.grads.append({n: (self._before[n] - after[n]) / LR for n in after})
+        self.updates.append({n: (self._before[n] - after[n]) / LR for n in after})
 
 
 def main(strategy: str, mode: str, out: Path) -> None:
     torch.set_num_threads(1)
+    L.seed_everything(0)  # the same initial model on every run (DDP and ZeRO broadcast rank 0's anyway)
     if strategy.startswith("zero"):  # tests only: skip DeepSpeed's ~35 s shared-memory comm-op build; gloo suffices
         import deepspeed.comm.torch  # noqa: F401
 
@@ -86,6 +100,7 @@ def main(strategy: str, mode: str, out: Path) -> None:
     torch.save(
         {
             "grads": record.grads,
+            "updates": record.updates,
             "batches": record.batches,
             "models": record.models,
             "epsilon": dp.epsilon(),
