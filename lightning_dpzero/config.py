@@ -72,7 +72,8 @@ class PrivacyConfig:
         delta: the delta of the (epsilon, delta) guarantee. ``None`` means 1 / N^1.1 for N training examples.
         clip_norm: C, the L2 bound on one example's (clipped) gradient.
         clipping_style: how C splits into per-group thresholds.
-        clipping_function: how a per-example norm becomes a scale factor.
+        clipping_function: how a per-example norm becomes a scale factor: ``abadi``, ``automatic``, or a name
+            registered with ``lightning_dpzero.clipping.register_clipping_function``.
         stability_constant: gamma of automatic clipping, in the units of the gradient norm.
         clipping_groups: for ``group-wise``: a number M of contiguous groups of modules (in registration order),
             or a tuple of parameter-name prefixes, one per group (a parameter joins the first group whose prefix
@@ -105,7 +106,7 @@ class PrivacyConfig:
     delta: float | None = None
     clip_norm: float = 1.0
     clipping_style: ClippingStyle = ClippingStyle.ALL_LAYER
-    clipping_function: ClippingFunction = ClippingFunction.AUTOMATIC
+    clipping_function: ClippingFunction | str = ClippingFunction.AUTOMATIC
     stability_constant: float = 0.01
     clipping_groups: int | tuple[str, ...] | None = None
     group_clip_norms: tuple[float, ...] | None = None
@@ -118,9 +119,10 @@ class PrivacyConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        if not _is_registered_function(self.clipping_function):
+            _coerce_enum(self, "clipping_function", ClippingFunction)
         for name, enum in (
             ("clipping_style", ClippingStyle),
-            ("clipping_function", ClippingFunction),
             ("accountant", Accountant),
             ("norm_mode", NormMode),
         ):
@@ -209,6 +211,14 @@ class PrivacyConfig:
             raise TypeError(f"PrivacyConfig has no field(s) {sorted(unknown)}; fields: {sorted(values)}.")
         values.update(changes)
         return PrivacyConfig(**values)
+
+
+def _is_registered_function(value: object) -> bool:
+    if isinstance(value, ClippingFunction) or not isinstance(value, str):
+        return False
+    from lightning_dpzero.clipping.functions import registered_clipping_functions
+
+    return value.lower() in registered_clipping_functions() and value.lower() not in ClippingFunction.choices()
 
 
 def _coerce_enum(config: PrivacyConfig, name: str, enum: type[_StrEnum]) -> None:

@@ -166,7 +166,7 @@ class DPStep:
         rank_zero_info(
             f"DP-SGD: N={n}, q={q:.4g}, B=qN={q * n:.1f}, physical batch p={p}, sigma={self.noise_multiplier:.4g}"
             + (f" (calibrated for epsilon={cfg.target_epsilon} over {planned} steps)" if cfg.target_epsilon else "")
-            + f", delta={delta:.3g}, C={cfg.clip_norm}, {cfg.clipping_style.value} {cfg.clipping_function.value} "
+            + f", delta={delta:.3g}, C={cfg.clip_norm}, {cfg.clipping_style.value} {cfg.clipping_function} "
             f"clipping, {cfg.accountant.value} accountant"
         )
         return make_dp_dataloader(dataloader, self.sampler)

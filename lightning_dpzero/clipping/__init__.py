@@ -2,7 +2,7 @@
 
 from lightning_dpzero.clipping.contributions import Contribution, Kind
 from lightning_dpzero.clipping.engine import ClippingEngine, validate_model
-from lightning_dpzero.clipping.functions import clip_factors
+from lightning_dpzero.clipping.functions import clip_factors, register_clipping_function
 from lightning_dpzero.clipping.registry import (
     ClippingRule,
     UnsupportedLayerError,
@@ -18,6 +18,7 @@ __all__ = [
     "Kind",
     "UnsupportedLayerError",
     "clip_factors",
+    "register_clipping_function",
     "register_rule",
     "registered_layer_types",
     "rule_for",

@@ -88,3 +88,31 @@ def test_layer_and_group_wise_release_stored_tensors_early() -> None:
     assert all_layer == 16  # 8 weights + 8 biases
     assert _peak_live_contributions("layer-wise") == 2  # one layer's weight and bias at a time
     assert _peak_live_contributions("group-wise") == 4  # one group of 2 layers
+
+
+def test_registered_clipping_function_is_used_and_checked() -> None:
+    """Reference: a registered 'global' function, 1[n <= C] (Bu et al. 2106.07836), against the float64 loop."""
+    from lightning_dpzero.clipping import register_clipping_function
+
+    with pytest.raises(ValueError, match="exceed C"):
+        register_clipping_function("unsafe", lambda norms, c, gamma: torch.ones_like(norms))
+    register_clipping_function("global-test", lambda norms, c, gamma: (norms <= c).float())
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 3))
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    engine = ClippingEngine(model, PrivacyConfig(noise_multiplier=1.0, clip_norm=1.0, clipping_function="global-test"))
+    engine.attach()
+    with engine.recording(CPU):
+        loss = ce(model, (x, y)).sum()
+    engine.backward(loss, torch.ones(8, dtype=torch.bool))
+    got = engine.pop_summed()
+    expected = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in model.named_parameters()}
+    for i in range(8):
+        model.zero_grad()
+        ce(model, (x[i : i + 1], y[i : i + 1])).sum().backward()
+        g = {n: p.grad.double() for n, p in model.named_parameters()}
+        if torch.sqrt(sum(v.square().sum() for v in g.values())) <= 1.0:
+            for n in expected:
+                expected[n] += g[n]
+    for n, value in expected.items():
+        torch.testing.assert_close(got[n].double(), value, rtol=1e-5, atol=1e-7)
