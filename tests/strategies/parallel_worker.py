@@ -65,6 +65,40 @@ class Record(Callback):
         self.updates.append({n: (self._before[n] - after[n]) / LR for n in after})
 
 
+def _trainer(strategy: str, privacy: dpz.PrivacyConfig, steps: int, callbacks: list) -> L.Trainer:
+    if strategy == "ddp":
+        strat = dpz.DPDDPStrategy(privacy, process_group_backend="gloo")
+    else:
+        strat = dpz.DPZeroStrategy(stage=int(strategy[-1]), privacy=privacy, process_group_backend="gloo")
+    return L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strat,
+        max_steps=steps,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+
+def resume(strategy: str, out: Path) -> None:
+    """Train 3 steps, checkpoint, resume to 6 in a new Trainer; record the streams' states around the resume."""
+    privacy = dpz.PrivacyConfig(noise_multiplier=1.0, expected_batch_size=8, physical_batch_size=4, seed=5)
+    first = _trainer(strategy, privacy, 3, [])
+    first.fit(Task(lr=LR))
+    saved = first.strategy.dp.state_dict()
+    first.save_checkpoint(out / "ckpt")
+    second = _trainer(strategy, privacy, 6, [])
+    second.fit(Task(lr=LR), ckpt_path=out / "ckpt")
+    dp = second.strategy.dp
+    torch.save(
+        {"saved": saved, "history": dp.accountant.history, "rank": dp.rank, "noise_seed": dp.noise.seed},
+        out / f"resume{second.global_rank}.pt",
+    )
+
+
 def main(strategy: str, mode: str, out: Path) -> None:
     torch.set_num_threads(1)
     L.seed_everything(0)  # the same initial model on every run (DDP and ZeRO broadcast rank 0's anyway)
@@ -72,6 +106,8 @@ def main(strategy: str, mode: str, out: Path) -> None:
         import deepspeed.comm.torch  # noqa: F401
 
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    if mode == "resume":
+        return resume(strategy, out)
     if mode == "oracle":
         privacy = dpz.PrivacyConfig(
             noise_multiplier=0.0, clip_norm=0.3, expected_batch_size=4, physical_batch_size=3, seed=11
@@ -80,21 +116,7 @@ def main(strategy: str, mode: str, out: Path) -> None:
     else:
         privacy = dpz.PrivacyConfig(noise_multiplier=2.0, clip_norm=0.5, expected_batch_size=16, seed=3)
         task, record, steps = ZeroGrad(lr=LR), Record("lin"), 3
-    if strategy == "ddp":
-        strat = dpz.DPDDPStrategy(privacy, process_group_backend="gloo")
-    else:
-        strat = dpz.DPZeroStrategy(stage=int(strategy[-1]), privacy=privacy, process_group_backend="gloo")
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy=strat,
-        max_steps=steps,
-        callbacks=[record],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = _trainer(strategy, privacy, steps, [record])
     trainer.fit(task)
     dp = trainer.strategy.dp
     torch.save(

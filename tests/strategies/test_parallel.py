@@ -49,7 +49,7 @@ def _torchrun(strategy: str, mode: str, out: Path) -> list[dict]:
         os.killpg(proc.pid, signal.SIGKILL)  # torchrun's ranks would outlive it otherwise
         raise
     assert proc.returncode == 0, log[-4000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)] if mode != "resume" else []
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -97,3 +97,15 @@ def test_noise_is_drawn_once_per_coordinate(strategy: str, tmp_path) -> None:
     half = noise.shape[1] // 2  # the two ranks' shares come from different streams: uncorrelated
     corr = torch.corrcoef(torch.stack([noise[0, :half], noise[0, half : 2 * half]]))[0, 1].item()
     assert abs(corr) < 6 / math.sqrt(half)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero3"])
+def test_resume_continues_each_ranks_accountant_and_streams(strategy: str, tmp_path) -> None:
+    """Reference: the accountant continues (3 + 3 steps) and each rank resumes its own noise stream, not rank 0's."""
+    _torchrun(strategy, "resume", tmp_path)
+    ranks = [torch.load(tmp_path / f"resume{r}.pt", weights_only=False) for r in range(2)]
+    for rank, record in enumerate(ranks):
+        assert record["history"] == [(1.0, 0.2, 6)]
+        assert record["rank"] == rank
+        assert record["noise_seed"] == record["saved"]["noise"]["seed"]  # its own stream came back
+    assert ranks[0]["noise_seed"] != ranks[1]["noise_seed"]
