@@ -11,7 +11,7 @@ from lightning_dpzero.clipping import ClippingRule, UnsupportedLayerError, regis
 from lightning_dpzero.config import Accountant, ClippingFunction, ClippingStyle, NormMode, PrivacyConfig
 from lightning_dpzero.sampling.poisson import LogicalBatch, PoissonBatchSampler
 from lightning_dpzero.step import DPStep, PrivacyBudgetExhausted
-from lightning_dpzero.strategies import DPDDPStrategy, DPStrategy, DPZeroStrategy
+from lightning_dpzero.strategies import DPDDPStrategy, DPFSDPStrategy, DPStrategy, DPZeroStrategy
 
 __all__ = [
     "Accountant",
@@ -19,6 +19,7 @@ __all__ = [
     "ClippingRule",
     "ClippingStyle",
     "DPDDPStrategy",
+    "DPFSDPStrategy",
     "DPStep",
     "DPStrategy",
     "LogicalBatch",
@@ -38,5 +39,5 @@ __all__ = [
 __version__ = "0.1.0"
 
 if "dp" not in StrategyRegistry:
-    for _strategy in (DPStrategy, DPDDPStrategy, DPZeroStrategy):
+    for _strategy in (DPStrategy, DPDDPStrategy, DPZeroStrategy, DPFSDPStrategy):
         _strategy.register_strategies(StrategyRegistry)

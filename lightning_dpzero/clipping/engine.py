@@ -330,6 +330,11 @@ class ClippingEngine:
                         target[c.rows] += block
                 self.seen.add(name)
 
+    def refresh_params(self, model: nn.Module) -> None:
+        """Re-read the trainable parameters by name (after a wrapper such as FSDP2 replaced the objects)."""
+        current = dict(model.named_parameters())
+        self.params = {name: current[name] for name in self.params}
+
     def pop_summed(self) -> dict[str, Tensor]:
         """The clipped sums of the logical step so far (fp32, parameter-shaped), and reset."""
         summed, self.summed = self.summed, {}

@@ -28,6 +28,8 @@ LR = 1.0  # (before - after) / LR recovers the update to ~1e-6 in fp32; the mode
 
 def _full_params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     params = list(module.parameters())
+    if params and hasattr(params[0], "full_tensor"):  # FSDP2 DTensor
+        return {n: p.full_tensor().detach().clone().float() for n, p in module.named_parameters()}
     gather = contextlib.nullcontext()
     if any(hasattr(p, "ds_id") for p in params):
         import deepspeed
@@ -46,7 +48,9 @@ class Record(Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         net = getattr(pl_module, self.net_attr)
         dp = trainer.strategy.dp
-        if isinstance(trainer.strategy, dpz.DPZeroStrategy):
+        if isinstance(trainer.strategy, dpz.DPFSDPStrategy):
+            self.grads.append({n: p.grad.full_tensor().detach().clone() for n, p in net.named_parameters()})
+        elif isinstance(trainer.strategy, dpz.DPZeroStrategy):
             from deepspeed.utils import safe_get_full_grad
 
             scale = dp.world_size / dp.expected_batch_size
@@ -68,6 +72,8 @@ class Record(Callback):
 def _trainer(strategy: str, privacy: dpz.PrivacyConfig, steps: int, callbacks: list) -> L.Trainer:
     if strategy == "ddp":
         strat = dpz.DPDDPStrategy(privacy, process_group_backend="gloo")
+    elif strategy == "fsdp":
+        strat = dpz.DPFSDPStrategy(privacy, process_group_backend="gloo")
     else:
         strat = dpz.DPZeroStrategy(stage=int(strategy[-1]), privacy=privacy, process_group_backend="gloo")
     return L.Trainer(

@@ -18,7 +18,7 @@ from tests.strategies.test_dp_strategy import Net, per_example_loss
 
 pytestmark = pytest.mark.distributed
 WORKER = Path(__file__).with_name("parallel_worker.py")
-STRATEGIES = ["ddp", "zero1", "zero2", "zero3"]
+STRATEGIES = ["ddp", "zero1", "zero2", "zero3", "fsdp"]
 
 
 def _assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, name: str, rtol: float = 1e-5) -> None:
@@ -99,7 +99,7 @@ def test_noise_is_drawn_once_per_coordinate(strategy: str, tmp_path) -> None:
     assert abs(corr) < 6 / math.sqrt(half)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "zero3"])
+@pytest.mark.parametrize("strategy", ["ddp", "zero3", "fsdp"])
 def test_resume_continues_each_ranks_accountant_and_streams(strategy: str, tmp_path) -> None:
     """Reference: the accountant continues (3 + 3 steps) and each rank resumes its own noise stream, not rank 0's."""
     _torchrun(strategy, "resume", tmp_path)
