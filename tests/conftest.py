@@ -168,6 +168,46 @@ def group_norm_1d_and_flat() -> Built:
     return _regression(model, torch.randn(N_EXAMPLES, 2, 6), (6,))
 
 
+def rms_norm_sequence() -> Built:
+    torch.manual_seed(62)
+    model = nn.Sequential(nn.Linear(5, 6), nn.RMSNorm(6), nn.Tanh(), nn.Linear(6, 2), nn.RMSNorm([2], eps=1e-3))
+    with torch.no_grad():
+        model[1].weight.add_(0.3 * torch.randn(6))  # a trained-looking scale, not all ones
+    return _regression(model, torch.randn(N_EXAMPLES, 3, 5), (3, 2))
+
+
+def instance_norm_1d() -> Built:
+    # conv bias=False: instance norm removes per-channel constants, so a conv bias would have exactly zero
+    # gradient, which fp32 rounding turns into noise that automatic param-wise clipping then amplifies
+    torch.manual_seed(63)
+    model = nn.Sequential(
+        nn.Conv1d(2, 4, 3, bias=False), nn.InstanceNorm1d(4, affine=True), nn.Tanh(), nn.Flatten(), nn.Linear(16, 2)
+    )
+    with torch.no_grad():
+        model[1].weight.add_(0.3 * torch.randn(4))
+        model[1].bias.add_(0.3 * torch.randn(4))
+    return _regression(model, torch.randn(N_EXAMPLES, 2, 6), (2,))
+
+
+def instance_norm_2d_running_stats() -> Built:
+    torch.manual_seed(64)
+    norm = nn.InstanceNorm2d(4, affine=True, track_running_stats=True)  # training mode: per-example statistics
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, bias=False), norm, nn.Tanh(), nn.Flatten(), nn.Linear(36, 2))
+    with torch.no_grad():
+        norm.weight.add_(0.3 * torch.randn(4))
+    return _regression(model, torch.randn(N_EXAMPLES, 2, 5, 5), (2,))
+
+
+def instance_norm_3d() -> Built:
+    torch.manual_seed(65)
+    model = nn.Sequential(
+        nn.Conv3d(2, 3, 2, bias=False), nn.InstanceNorm3d(3, affine=True), nn.Flatten(), nn.Linear(24, 2)
+    )
+    with torch.no_grad():
+        model[1].bias.add_(0.3 * torch.randn(3))
+    return _regression(model, torch.randn(N_EXAMPLES, 2, 3, 3, 3), (2,))
+
+
 LAYER_CASES: dict[type[nn.Module], list[Callable[[], Built]]] = {
     nn.Linear: [linear_2d, linear_3d],
     nn.Conv1d: [conv1d_basic, conv1d_reflect_dilated_grouped, conv1d_same_circular],
@@ -176,6 +216,10 @@ LAYER_CASES: dict[type[nn.Module], list[Callable[[], Built]]] = {
     nn.Embedding: [embedding_padding_idx, embedding_3d_ids],
     nn.LayerNorm: [layer_norm_sequence, layer_norm_2d_shape_first],
     nn.GroupNorm: [group_norm_conv, group_norm_1d_and_flat],
+    nn.RMSNorm: [rms_norm_sequence],
+    nn.InstanceNorm1d: [instance_norm_1d],
+    nn.InstanceNorm2d: [instance_norm_2d_running_stats],
+    nn.InstanceNorm3d: [instance_norm_3d],
 }
 
 

@@ -1,5 +1,6 @@
-"""``nn.LayerNorm`` and ``nn.GroupNorm``: per-example gradients are cheap (one value per feature), so they are
-built directly: weight sum over positions of x_hat * b, bias sum of b, with x_hat the normalised input."""
+"""Normalisation layers with affine parameters: ``nn.LayerNorm``, ``nn.GroupNorm``, ``nn.RMSNorm`` and
+``nn.InstanceNorm1d/2d/3d``. Per-example gradients are cheap (one value per feature), so they are built directly:
+weight: sum over positions of x_hat * b; bias: sum of b; x_hat is the input normalised without the affine part."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Mapping
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_dpzero.clipping.contributions import Contribution, Kind
+from lightning_dpzero.clipping.contributions import Contribution, Kind, full_shape
 from lightning_dpzero.clipping.registry import register_rule
 
 
@@ -18,10 +19,10 @@ def _affine_contributions(
     out = []
     if "weight" in params:
         gw = (x_hat * grad).sum(reduce_dims) if reduce_dims else x_hat * grad
-        out.append(Contribution(params["weight"], Kind.SAMPLE, gw, None, module.weight.shape))
+        out.append(Contribution(params["weight"], Kind.SAMPLE, gw, None, full_shape(module.weight)))
     if "bias" in params:
         gb = grad.sum(reduce_dims) if reduce_dims else grad
-        out.append(Contribution(params["bias"], Kind.SAMPLE, gb, None, module.bias.shape))
+        out.append(Contribution(params["bias"], Kind.SAMPLE, gb, None, full_shape(module.bias)))
     return out
 
 
@@ -48,4 +49,26 @@ def group_norm_rule(
     return _affine_contributions(module, x_hat, grad_output.float(), reduce_dims, params)
 
 
-__all__ = ["group_norm_rule", "layer_norm_rule"]
+@register_rule(nn.RMSNorm)
+def rms_norm_rule(
+    module: nn.Module, activation: Tensor, grad_output: Tensor, params: Mapping[str, str]
+) -> list[Contribution]:
+    assert isinstance(module, nn.RMSNorm)
+    x = activation.float()
+    x_hat = F.rms_norm(x, module.normalized_shape, eps=module.eps)  # eps None: torch's default for the dtype
+    reduce_dims = tuple(range(1, x.dim() - len(module.normalized_shape)))
+    return _affine_contributions(module, x_hat, grad_output.float(), reduce_dims, params)
+
+
+@register_rule(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+def instance_norm_rule(
+    module: nn.Module, activation: Tensor, grad_output: Tensor, params: Mapping[str, str]
+) -> list[Contribution]:
+    # In training mode InstanceNorm normalises each example by its own statistics (running stats only track them).
+    x = activation.float()
+    x_hat = F.instance_norm(x, eps=module.eps)  # [n, C, *spatial]
+    reduce_dims = tuple(range(2, x.dim()))
+    return _affine_contributions(module, x_hat, grad_output.float(), reduce_dims, params)
+
+
+__all__ = ["group_norm_rule", "instance_norm_rule", "layer_norm_rule", "rms_norm_rule"]
