@@ -45,6 +45,21 @@ class DPStrategyMixin:
         return self.dp.config
 
     # ------------------------------------------------------------------------------------------ set-up
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        self._check_trainer(trainer)
+        super().setup(trainer)  # type: ignore[misc]
+        self.dp.attach(self.lightning_module)  # type: ignore[attr-defined]
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._check_optimizers()
+
+    def _share_seed_and_set_rank(self) -> None:
+        """One secret base seed for the run, from rank 0 (size draws must agree); each rank derives its streams."""
+        seed = [self.dp.base_seed]
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast_object_list(seed, src=0)
+        self.dp.set_rank(self.global_rank, self.world_size, base_seed=int(seed[0]))  # type: ignore[attr-defined]
+
     def _check_trainer(self, trainer: pl.Trainer) -> None:
         name = type(self).__name__
         if trainer.accumulate_grad_batches != 1:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-import lightning.pytorch as pl
 import torch.distributed as dist
 from lightning.fabric.strategies.registry import _StrategyRegistry
 from lightning.pytorch.strategies import DDPStrategy
@@ -42,19 +41,7 @@ class DPDDPStrategy(DPStrategyMixin, DDPStrategy):
     @override
     def setup_environment(self) -> None:
         super().setup_environment()
-        # One secret base seed for the run, from rank 0: size draws must agree; each rank derives its own streams.
-        seed = [self.dp.base_seed]
-        if dist.is_available() and dist.is_initialized():
-            dist.broadcast_object_list(seed, src=0)
-        self.dp.set_rank(self.global_rank, self.world_size, base_seed=int(seed[0]))
-
-    @override
-    def setup(self, trainer: pl.Trainer) -> None:
-        self._check_trainer(trainer)
-        super().setup(trainer)
-        self.dp.attach(self.lightning_module)
-        if trainer.state.fn == "fit":
-            self._check_optimizers()
+        self._share_seed_and_set_rank()
 
     @override
     def _physical_batch_context(self) -> contextlib.AbstractContextManager[Any]:

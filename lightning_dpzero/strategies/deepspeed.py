@@ -26,6 +26,7 @@ from lightning.fabric.strategies.registry import _StrategyRegistry
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.optim import Optimizer
 from typing_extensions import override
 
@@ -128,10 +129,7 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedStrategy):
         else:  # Lightning's DeepSpeedStrategy refuses CPU here; DeepSpeed itself runs on CPU with gloo
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
             DDPStrategy.setup_environment(self)
-        seed = [self.dp.base_seed]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.broadcast_object_list(seed, src=0)
-        self.dp.set_rank(self.global_rank, self.world_size, base_seed=int(seed[0]))
+        self._share_seed_and_set_rank()
 
     @override
     def setup_distributed(self) -> None:
@@ -200,8 +198,8 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedStrategy):
     def setup(self, trainer: pl.Trainer) -> None:
         self._check_trainer(trainer)
         self.dp.attach(self.lightning_module)  # before deepspeed.initialize: ZeRO-3 then wraps hooked modules
-        super().setup(trainer)
-        if trainer.state.fn == "fit":
+        DeepSpeedStrategy.setup(self, trainer)
+        if trainer.state.fn == TrainerFn.FITTING:
             self._check_optimizers()
 
     @override

@@ -50,10 +50,7 @@ class DPFSDPStrategy(DPStrategyMixin, ModelParallelStrategy):
         if self._data_parallel_size == "auto":
             self._data_parallel_size = self.world_size
         super().setup_environment()
-        seed = [self.dp.base_seed]
-        if dist.is_available() and dist.is_initialized():
-            dist.broadcast_object_list(seed, src=0)
-        self.dp.set_rank(self.global_rank, self.world_size, base_seed=int(seed[0]))
+        self._share_seed_and_set_rank()
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
@@ -61,7 +58,7 @@ class DPFSDPStrategy(DPStrategyMixin, ModelParallelStrategy):
         module = self.lightning_module
         self.dp.attach(module)  # before sharding: rules are looked up by the modules' own types
         if is_overridden("configure_model", module):
-            super().setup(trainer)
+            ModelParallelStrategy.setup(self, trainer)
         else:  # ModelParallelStrategy.setup, with the sharding it otherwise asks the user to write
             assert self.accelerator is not None
             self.accelerator.setup(trainer)

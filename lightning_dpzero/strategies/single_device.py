@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from lightning.fabric.strategies.registry import _StrategyRegistry
 from lightning.pytorch.strategies import SingleDeviceStrategy
@@ -45,14 +44,6 @@ class DPStrategy(DPStrategyMixin, SingleDeviceStrategy):
             elif kind == "MPSAccelerator":
                 self._root_device = torch.device("mps")
         super().setup_environment()
-
-    @override
-    def setup(self, trainer: pl.Trainer) -> None:
-        self._check_trainer(trainer)
-        super().setup(trainer)
-        self.dp.attach(self.lightning_module)
-        if trainer.state.fn == "fit":
-            self._check_optimizers()
 
     @classmethod
     @override
