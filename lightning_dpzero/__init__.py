@@ -9,6 +9,7 @@ from lightning_dpzero.accounting import PrivacyAccountant, calibrate_noise_multi
 from lightning_dpzero.callbacks import PrivacyBudget
 from lightning_dpzero.clipping import ClippingRule, UnsupportedLayerError, register_rule
 from lightning_dpzero.config import Accountant, ClippingFunction, ClippingStyle, NormMode, PrivacyConfig
+from lightning_dpzero.layers import DPMultiheadAttention, replace_multihead_attention
 from lightning_dpzero.sampling.poisson import LogicalBatch, PoissonBatchSampler
 from lightning_dpzero.step import DPStep, PrivacyBudgetExhausted
 from lightning_dpzero.strategies import DPDDPStrategy, DPFSDPStrategy, DPStrategy, DPZeroStrategy
@@ -20,6 +21,7 @@ __all__ = [
     "ClippingStyle",
     "DPDDPStrategy",
     "DPFSDPStrategy",
+    "DPMultiheadAttention",
     "DPStep",
     "DPStrategy",
     "LogicalBatch",
@@ -34,6 +36,7 @@ __all__ = [
     "calibrate_noise_multiplier",
     "epsilon_for",
     "register_rule",
+    "replace_multihead_attention",
 ]
 
 __version__ = "0.1.0"

@@ -43,6 +43,8 @@ _ADVICE: dict[str, str] = {
     "BatchNorm": "it mixes the examples of a batch, so per-example gradients do not exist; replace it with "
     "GroupNorm (e.g. nn.GroupNorm(min(32, C), C)) or LayerNorm",
     "SyncBatchNorm": "it mixes the examples of a batch; replace it with GroupNorm",
+    "MultiheadAttention": "its fused input projection has no per-example rule; swap in the drop-in "
+    "lightning_dpzero.layers.DPMultiheadAttention with lightning_dpzero.layers.replace_multihead_attention(model)",
 }
 
 
