@@ -79,6 +79,13 @@ class DPFSDPStrategy(DPStrategyMixin, ModelParallelStrategy):
     def _shard(self, module: nn.Module) -> None:
         from torch.distributed.fsdp import fully_shard
 
+        own = [name for name, _ in module.named_parameters(recurse=False)]
+        if own:
+            raise ValueError(
+                f"DPFSDPStrategy: the LightningModule holds parameters {own[:3]} directly; Lightning calls its "
+                "training_step, not its forward, so FSDP2 would never gather them. Move them into a submodule, or "
+                "shard the model yourself in configure_model."
+            )
         mesh = self.device_mesh["data_parallel"]
         owners = [m for m in module.modules() if m is not module and any(True for _ in m.parameters(recurse=False))]
         for m in owners:

@@ -1,0 +1,422 @@
+"""Step time and peak RSS of the DP strategies vs their non-private Lightning counterparts, 2 CPU processes (gloo).
+
+Command::
+
+    python examples/benchmarks/zero_step_time.py                         # all 5 pairs, ~6-8 min on 2 cores
+    python examples/benchmarks/zero_step_time.py --pairs zero3,ddp --steps 20 --burn-in 5
+    python examples/benchmarks/zero_step_time.py --physical 24           # DP physical batch size per rank
+
+The launcher runs every configuration as ``torchrun --standalone --nproc_per_node 2`` of this file with
+``--worker`` (one fresh pair of processes per configuration, ``OMP_NUM_THREADS=1``, one torch thread per rank) and
+prints a markdown table. Pairs (same GPT, same AdamW, fp32, same expected examples per logical step):
+
+- ``ddp``: ``DPDDPStrategy`` vs Lightning's ``DDPStrategy``.
+- ``fsdp``: ``DPFSDPStrategy`` vs Lightning's ``ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)``;
+  both on a LightningModule whose ``configure_model`` calls ``fully_shard`` per transformer block and on the root GPT module
+  (``--fsdp-dp-sharding own`` lets the DP strategy shard the plain module itself instead: every parameter-owning
+  module, then the root).
+- ``zero1/2/3``: ``DPZeroStrategy(stage=s)`` vs Lightning's ``DeepSpeedStrategy(stage=s)``, the latter through a
+  tiny subclass with the CPU bypasses (``setup_environment``, ``setup_distributed``, ``_device_rank``) that
+  ``lightning_dpzero.strategies.deepspeed`` uses; ``gradient_clipping=0`` in both (DeepSpeed >= 0.19 otherwise
+  defaults to 1.0 in the baseline only). DeepSpeed's shared-memory comm-op build is skipped, as in the tests
+  (``deepspeed.comm.torch.build_shm_op = lambda: None``): gloo does the collectives.
+
+Per logical step: the DP run draws a Poisson sample of expected size B (``--batch``, split over the 2 ranks, cut
+into physical batches of ``--physical`` rows per rank, padded to the same number of physical batches on every
+rank); the non-private run reads ``B / 2`` examples per rank. The table shows the realised examples per step (the
+sum over ranks of real rows; DP's mean is about B) and, for DP, the rows actually run through the model (padding
+included).
+
+Measures: ``ms`` is the median, over the ``--steps`` timed steps after ``--burn-in`` untimed ones, of the wall time
+between ``on_train_batch_start`` and ``on_train_batch_end`` (forward, backward, reductions, noise and optimizer
+step; the per-step time is the max over the two ranks). ``peak RSS`` is the max over ranks of the process RSS,
+sampled by psutil every 5 ms from process start (it includes the imported libraries, so with this small model it is
+mostly framework overhead). Targets from DESIGN.md: dp_zero3 / deepspeed_stage_3 step time <= 1.25; DP / non-DP
+peak memory <= 1.2; the general DP / non-DP step-time target (<= 1.2) is for a GPT with T >= 128, so for the other
+rows at this T it is shown in parentheses, for information.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+PAIRS = ("zero1", "zero2", "zero3", "fsdp", "ddp")
+LABELS = {
+    "zero1": ("deepspeed_stage_1", "dp_zero1"),
+    "zero2": ("deepspeed_stage_2", "dp_zero2"),
+    "zero3": ("deepspeed_stage_3", "dp_zero3"),
+    "fsdp": ("ModelParallel (FSDP2)", "dp_fsdp"),
+    "ddp": ("ddp", "dp_ddp"),
+}
+TIME_TARGETS = {"zero3": "<= 1.25"}
+DEFAULT_TIME_TARGET = "(<= 1.2)"
+MEMORY_TARGET = 1.2
+
+
+# ================================================================================================ worker side
+class _PeakRSS:
+    """Samples this process's RSS on a daemon thread; ``peak`` in bytes."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        import psutil
+
+        self._proc, self._interval, self.peak = psutil.Process(), interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            time.sleep(self._interval)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+        return self.peak
+
+
+def _worker(args: argparse.Namespace) -> None:
+    rss = _PeakRSS()
+    import torch
+
+    torch.set_num_threads(1)
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+    from torch.utils.data import DataLoader, Dataset
+
+    import lightning_dpzero as dpz
+    from lightning_dpzero.sampling.poisson import LogicalBatch
+    from lightning_dpzero.tasks.gpt import GPTTask
+
+    pair, private = args.pair, bool(args.private)
+    if pair.startswith("zero"):
+        import deepspeed.comm.torch  # noqa: F401
+
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # as the tests: no ~35 s shm op build
+
+    L.seed_everything(0)
+    world = 2
+
+    class Tokens(Dataset):
+        def __init__(self, n: int, t: int, vocab: int) -> None:
+            gen = torch.Generator().manual_seed(1)
+            self.ids = torch.randint(0, vocab, (n, t + 1), generator=gen)
+
+        def __len__(self) -> int:
+            return len(self.ids)
+
+        def __getitem__(self, i: int):
+            row = self.ids[i]
+            return row[:-1], row[1:]
+
+    hp = dict(vocab_size=args.vocab, block_size=args.T, n_layer=args.layers, n_head=4, n_embd=args.D, lr=1e-3)
+
+    class Task(GPTTask):
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(Tokens(args.N, args.T, args.vocab), batch_size=args.batch // world, shuffle=True)
+
+    class ShardedTask(Task):
+        def configure_model(self) -> None:
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = self.device_mesh["data_parallel"]
+            for block in self.model.blocks:
+                fully_shard(block, mesh=mesh)
+            # the root is the GPT, not the LightningModule: Lightning calls training_step, not forward, so hooks
+            # on the LightningModule's forward would never unshard the embeddings and the final LayerNorm
+            fully_shard(self.model, mesh=mesh)
+
+    class Timer(Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.real: list[int] = []
+            self.rows: list[int] = []
+            self._t0 = 0.0
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if isinstance(batch, LogicalBatch):
+                self.real.append(int(sum(int(m.sum()) for m in batch.masks)))
+                self.rows.append(int(sum(len(m) for m in batch.masks)))
+            else:
+                n = len(batch[0])
+                self.real.append(n)
+                self.rows.append(n)
+            self._t0 = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.times.append(time.perf_counter() - self._t0)
+
+    privacy = dpz.PrivacyConfig(
+        noise_multiplier=1.0,
+        clip_norm=1.0,
+        expected_batch_size=args.batch,
+        physical_batch_size=args.physical,
+        seed=7,
+    )
+    module_cls = Task
+    if pair == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = (
+            dpz.DPDDPStrategy(privacy, process_group_backend="gloo")
+            if private
+            else DDPStrategy(process_group_backend="gloo")
+        )
+    elif pair == "fsdp":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if private:
+            strategy = dpz.DPFSDPStrategy(privacy, data_parallel_size=2, process_group_backend="gloo")
+            module_cls = ShardedTask if args.fsdp_dp_sharding == "block" else Task
+        else:
+            strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, process_group_backend="gloo")
+            module_cls = ShardedTask
+    else:
+        stage = int(pair[-1])  # Lightning's default DeepSpeed config for the stage, in both runs
+        if private:
+            strategy = dpz.DPZeroStrategy(stage=stage, privacy=privacy, process_group_backend="gloo")
+        else:
+            strategy = _cpu_deepspeed_strategy()(stage=stage, process_group_backend="gloo")
+
+    timer = Timer()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=world,
+        strategy=strategy,
+        precision="32-true",
+        max_steps=args.burn_in + args.steps,
+        callbacks=[timer],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    model = module_cls(**hp)
+    n_params = sum(p.numel() for p in model.parameters())
+    trainer.fit(model)
+    peak = rss.stop()
+    out = {
+        "rank": trainer.global_rank,
+        "times": timer.times[args.burn_in :],
+        "real": timer.real[args.burn_in :],
+        "rows": timer.rows[args.burn_in :],
+        "peak_rss": peak,
+        "params": n_params,
+    }
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"rank{trainer.global_rank}.json").write_text(json.dumps(out))
+
+
+def _cpu_deepspeed_strategy():
+    """Lightning's DeepSpeedStrategy with only the CPU bypasses of ``DPZeroStrategy`` (no DP)."""
+    import argparse as _argparse
+    import contextlib
+
+    import torch
+    from lightning.fabric.utilities.seed import reset_seed
+    from lightning.pytorch.accelerators import CUDAAccelerator
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+
+    class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+        def setup_environment(self) -> None:
+            if isinstance(self.accelerator, CUDAAccelerator):
+                super().setup_environment()
+            else:
+                os.environ.setdefault("DS_ACCELERATOR", "cpu")
+                DDPStrategy.setup_environment(self)
+
+        def setup_distributed(self) -> None:
+            if isinstance(self.accelerator, CUDAAccelerator):
+                return super().setup_distributed()
+            reset_seed()
+            self.set_world_ranks()
+            self._init_deepspeed_distributed()
+
+        @contextlib.contextmanager
+        def _device_rank(self):
+            import deepspeed
+
+            original, local_rank = deepspeed.initialize, self.local_rank
+
+            def initialize(*a, **kw):
+                ns = kw.get("args")
+                if ns is not None and getattr(ns, "device_rank", 0) is None:
+                    kw["args"] = _argparse.Namespace(**{**vars(ns), "device_rank": local_rank})
+                return original(*a, **kw)
+
+            deepspeed.initialize = initialize
+            try:
+                yield
+            finally:
+                deepspeed.initialize = original
+
+        def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
+            self.config["gradient_clipping"] = 0.0  # as DPZeroStrategy (DeepSpeed >= 0.19 defaults it to 1.0)
+            with self._device_rank():
+                return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+
+        def _initialize_deepspeed_inference(self, model) -> None:
+            with self._device_rank():
+                super()._initialize_deepspeed_inference(model)
+
+    del torch
+    return CPUDeepSpeedStrategy
+
+
+# ============================================================================================== launcher side
+def _run_one(args: argparse.Namespace, pair: str, private: bool, root: Path) -> dict:
+    out = root / f"{pair}_{'dp' if private else 'np'}"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(Path(__file__).resolve()), "--worker", "--pair", pair, "--private", str(int(private)), "--out", str(out),
+        "--batch", str(args.batch), "--physical", str(args.physical), "--steps", str(args.steps),
+        "--burn-in", str(args.burn_in), "--T", str(args.T), "--D", str(args.D), "--layers", str(args.layers),
+        "--vocab", str(args.vocab), "--N", str(args.N), "--fsdp-dp-sharding", args.fsdp_dp_sharding,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore"}
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {args.timeout} s"}
+    wall = time.perf_counter() - t0
+    log = root / f"{out.name}.log"
+    log.write_text(proc.stdout + "\n----- stderr -----\n" + proc.stderr)
+    files = sorted(out.glob("rank*.json")) if out.exists() else []
+    if proc.returncode != 0 or len(files) != 2:
+        return {"error": _reason(proc.stderr + proc.stdout, proc.returncode), "log": str(log)}
+    ranks = [json.loads(f.read_text()) for f in files]
+    per_step = [max(ts) for ts in zip(*(r["times"] for r in ranks))]
+    real = [sum(xs) for xs in zip(*(r["real"] for r in ranks))]
+    rows = [sum(xs) for xs in zip(*(r["rows"] for r in ranks))]
+    return {
+        "ms": 1000 * statistics.median(per_step),
+        "min_ms": 1000 * min(per_step),
+        "max_ms": 1000 * max(per_step),
+        "real": statistics.mean(real),
+        "rows": statistics.mean(rows),
+        "rss_mb": max(r["peak_rss"] for r in ranks) / 2**20,
+        "params": ranks[0]["params"],
+        "wall_s": wall,
+        "log": str(log),
+    }
+
+
+def _reason(text: str, rc: int) -> str:
+    """The most telling line of a failed run: the last exception line of the first failing rank."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in lines:
+        stripped = ln.split("]:", 1)[-1].strip() if ln.startswith("[rank") else ln
+        head = stripped.split(":", 1)[0]
+        if head.endswith(("Error", "Exception")) and " " not in head:
+            return stripped[:300]
+    return f"exit code {rc}: " + (lines[-1][:300] if lines else "no output")
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def _launch(args: argparse.Namespace) -> None:
+    pairs = [p.strip() for p in args.pairs.split(",") if p.strip()]
+    bad = [p for p in pairs if p not in PAIRS]
+    if bad:
+        raise SystemExit(f"unknown pairs {bad}; choose from {','.join(PAIRS)}")
+    root = Path(args.logs or tempfile.mkdtemp(prefix="zero_step_time_"))
+    root.mkdir(parents=True, exist_ok=True)
+    results: dict[tuple[str, bool], dict] = {}
+    t_start = time.perf_counter()
+    for pair in pairs:
+        for private in (False, True):
+            res = _run_one(args, pair, private, root)
+            results[pair, private] = res
+            what = f"{LABELS[pair][int(private)]:<24}"
+            if "error" in res:
+                print(f"# {what} FAILED: {res['error']}  (log: {res.get('log', '-')})", file=sys.stderr, flush=True)
+            else:
+                print(
+                    f"# {what} median {res['ms']:.1f} ms (min {res['min_ms']:.1f}, max {res['max_ms']:.1f}), "
+                    f"examples/step {res['real']:.1f}, rows/step {res['rows']:.1f}, peak RSS {res['rss_mb']:.0f} MB, "
+                    f"run {res['wall_s']:.0f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+    params = next((r["params"] for r in results.values() if "params" in r), None)
+    print(
+        f"\nGPT T={args.T}, D={args.D}, {args.layers} layers, 4 heads, V={args.vocab}, tied head "
+        f"({params} parameters), N={args.N}; AdamW, fp32; 2 CPU processes (gloo, 1 thread each); B={args.batch} "
+        f"examples per logical step (non-private: {args.batch // 2} per rank; DP: Poisson with E = {args.batch}, "
+        f"physical batch {args.physical} per rank, sigma=1, C=1); median of {args.steps} steps after "
+        f"{args.burn_in} burn-in. FSDP DP sharding: {args.fsdp_dp_sharding}.\n"
+    )
+    print(
+        "| strategy | non-private ms | DP ms | DP / non-private | target | examples/step non-private / DP "
+        "(DP rows incl. padding) | peak RSS MB non-private / DP | memory ratio (target <= 1.2) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    notes = []
+    for pair in pairs:
+        base, dp = results[pair, False], results[pair, True]
+        name = f"{LABELS[pair][1]} vs {LABELS[pair][0]}"
+        for label, r in ((LABELS[pair][0], base), (LABELS[pair][1], dp)):
+            if "error" in r:
+                notes.append(f"- {label}: n/a: {r['error']}")
+        b_ms, d_ms = base.get("ms"), dp.get("ms")
+        ratio = d_ms / b_ms if b_ms and d_ms else None
+        b_mem, d_mem = base.get("rss_mb"), dp.get("rss_mb")
+        mem_ratio = d_mem / b_mem if b_mem and d_mem else None
+        examples = f"{_fmt(base.get('real'), '.1f')} / {_fmt(dp.get('real'), '.1f')} ({_fmt(dp.get('rows'), '.1f')})"
+        print(
+            f"| {name} | {_fmt(b_ms, '.1f')} | {_fmt(d_ms, '.1f')} | {_fmt(ratio, '.2f')} | "
+            f"{TIME_TARGETS.get(pair, DEFAULT_TIME_TARGET)} | {examples} | {_fmt(b_mem, '.0f')} / {_fmt(d_mem, '.0f')} | "
+            f"{_fmt(mem_ratio, '.2f')} |"
+        )
+    if notes:
+        print("\nn/a reasons:\n" + "\n".join(notes))
+    print(f"\nlogs: {root}; total {time.perf_counter() - t_start:.0f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--pair", help=argparse.SUPPRESS)
+    parser.add_argument("--private", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--pairs", default=",".join(PAIRS), help=f"comma-separated subset of {','.join(PAIRS)}")
+    parser.add_argument("--batch", type=int, default=32, help="B: (expected) examples per logical step, all ranks")
+    parser.add_argument("--physical", type=int, default=None, help="DP physical batch size per rank (default B/2)")
+    parser.add_argument("--steps", type=int, default=12, help="timed steps")
+    parser.add_argument("--burn-in", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--T", type=int, default=64)
+    parser.add_argument("--D", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=64)
+    parser.add_argument("--N", type=int, default=4096, help="training examples")
+    parser.add_argument("--fsdp-dp-sharding", choices=("block", "own"), default="block")
+    parser.add_argument("--timeout", type=int, default=300, help="seconds per configuration")
+    parser.add_argument("--logs", default=None, help="folder for per-run logs and JSON (default: a temp folder)")
+    args = parser.parse_args()
+    if args.physical is None:
+        args.physical = args.batch // 2
+    if args.worker:
+        _worker(args)
+    else:
+        _launch(args)
+
+
+if __name__ == "__main__":
+    main()
