@@ -12,7 +12,8 @@ prints a markdown table. Pairs (same GPT, same AdamW, fp32, same expected exampl
 
 - ``ddp``: ``DPDDPStrategy`` vs Lightning's ``DDPStrategy``.
 - ``fsdp``: ``DPFSDPStrategy`` vs Lightning's ``ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)``;
-  both on a LightningModule whose ``configure_model`` calls ``fully_shard`` per transformer block and on the root GPT module
+  both on a LightningModule whose ``configure_model`` calls ``fully_shard`` per transformer block and on the root
+  GPT module
   (``--fsdp-dp-sharding own`` lets the DP strategy shard the plain module itself instead: every parameter-owning
   module, then the root).
 - ``zero1/2/3``: ``DPZeroStrategy(stage=s)`` vs Lightning's ``DeepSpeedStrategy(stage=s)``, the latter through a
@@ -382,7 +383,8 @@ def _launch(args: argparse.Namespace) -> None:
         examples = f"{_fmt(base.get('real'), '.1f')} / {_fmt(dp.get('real'), '.1f')} ({_fmt(dp.get('rows'), '.1f')})"
         print(
             f"| {name} | {_fmt(b_ms, '.1f')} | {_fmt(d_ms, '.1f')} | {_fmt(ratio, '.2f')} | "
-            f"{TIME_TARGETS.get(pair, DEFAULT_TIME_TARGET)} | {examples} | {_fmt(b_mem, '.0f')} / {_fmt(d_mem, '.0f')} | "
+            f"{TIME_TARGETS.get(pair, DEFAULT_TIME_TARGET)} | {examples} | "
+            f"{_fmt(b_mem, '.0f')} / {_fmt(d_mem, '.0f')} | "
             f"{_fmt(mem_ratio, '.2f')} |"
         )
     if notes:
