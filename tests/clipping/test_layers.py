@@ -2,68 +2,190 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import Tensor, nn
 
 from lightning_dpzero.clipping import ClippingEngine, UnsupportedLayerError
-from lightning_dpzero.config import PrivacyConfig
+from lightning_dpzero.config import ClippingFunction, ClippingStyle, NormMode, PrivacyConfig
 from lightning_dpzero.layers import DPMultiheadAttention, replace_multihead_attention
-from tests.reference import reference_clipped_sum
+from tests.clipping.test_engine import assert_matches, run_engine, split_clip_norm
+from tests.conftest import N_EXAMPLES, Built, default_mask, squared_error
+from tests.reference import reference_clipped_sum, reference_factors
+
+E, H, L = 8, 2, 5  # embed_dim, heads, sequence length
 
 
-class Block(nn.Module):
-    def __init__(self, batch_first: bool) -> None:
-        super().__init__()
-        self.batch_first = batch_first
-        self.attn = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+def _masks(kind: str, n: int, source: int) -> tuple[Tensor, Tensor]:
+    """(attn_mask, key_padding_mask): bool causal [L, S] and padding [n, S], or additive float [n * H, L, S], [n, S]."""
+    torch.manual_seed(3)
+    padding = torch.zeros(n, source, dtype=torch.bool)
+    padding[0, -2:] = True
+    if kind == "bool":
+        return torch.ones(L, source, dtype=torch.bool).triu(1), padding
+    attn = torch.randn(n * H, L, source)
+    return attn, torch.zeros(n, source).masked_fill(padding, float("-inf"))
 
-    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, need_weights: bool = False) -> Tensor:
-        h = x if self.batch_first else x.transpose(0, 1)
-        out, _ = self.attn(h, h, h, key_padding_mask=key_padding_mask, need_weights=need_weights)
-        return out if self.batch_first else out.transpose(0, 1)
+
+def _seq_first(x: Tensor, batch_first: bool) -> Tensor:
+    return x if batch_first else x.transpose(0, 1)
 
 
-@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("masks", ["bool", "float"])
 @pytest.mark.parametrize("need_weights", [True, False])
-def test_replacement_computes_the_same_function(batch_first: bool, need_weights: bool) -> None:
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_replacement_computes_the_same_function(batch_first: bool, need_weights: bool, masks: str) -> None:
     """Reference: torch's nn.MultiheadAttention on the same weights, inputs and masks."""
     torch.manual_seed(0)
-    x = torch.randn(3, 5, 8)  # [n, L, E]
-    padding = torch.zeros(3, 5, dtype=torch.bool)
-    padding[0, -2:] = True
-    causal = torch.ones(5, 5, dtype=torch.bool).triu(1)
-    block = Block(batch_first).eval()
-    h = x if batch_first else x.transpose(0, 1)
-    expected, expected_w = block.attn(h, h, h, key_padding_mask=padding, attn_mask=causal, need_weights=need_weights)
-    replace_multihead_attention(block)
-    assert isinstance(block.attn, DPMultiheadAttention)
-    got, got_w = block.attn(h, h, h, key_padding_mask=padding, attn_mask=causal, need_weights=need_weights)
+    mha = nn.MultiheadAttention(E, H, batch_first=batch_first).eval()
+    x = _seq_first(torch.randn(3, L, E), batch_first)
+    attn_mask, padding = _masks(masks, 3, L)
+    kwargs = dict(key_padding_mask=padding, attn_mask=attn_mask, need_weights=need_weights)
+    expected, expected_w = mha(x, x, x, **kwargs)
+    dp = replace_multihead_attention(mha)
+    assert isinstance(dp, DPMultiheadAttention) and not dp.training
+    got, got_w = dp(x, x, x, **kwargs)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert (got_w is None) == (expected_w is None)
     if need_weights:
         torch.testing.assert_close(got_w, expected_w, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("batch_first", [True, False])
-def test_clipped_sum_through_the_drop_in_matches_reference(batch_first: bool) -> None:
-    """Reference: tests/reference.py; nn.MultiheadAttention itself is refused with the replacement as the fix."""
+@pytest.mark.parametrize("unbatched", [False, True])
+def test_cross_attention_with_kdim_vdim_and_no_bias(unbatched: bool) -> None:
+    """Reference: nn.MultiheadAttention with separate q/k/v weights (kdim, vdim), S != L, per-head weights."""
     torch.manual_seed(1)
-    model = Block(batch_first)
-    with pytest.raises(UnsupportedLayerError, match="replace_multihead_attention"):
-        ClippingEngine(model, PrivacyConfig(noise_multiplier=1.0))
-    replace_multihead_attention(model)
-    x, y = torch.randn(4, 5, 8), torch.randn(4, 5, 8)
-    mask = torch.tensor([1, 0, 1, 1], dtype=torch.bool)
+    mha = nn.MultiheadAttention(E, H, bias=False, kdim=6, vdim=4)
+    q, k, v = torch.randn(L, 3, E), torch.randn(7, 3, 6), torch.randn(7, 3, 4)  # [L or S, n, features]
+    if unbatched:
+        q, k, v = q[:, 0], k[:, 0], v[:, 0]
+    expected = mha(q, k, v, average_attn_weights=False)
+    dp = replace_multihead_attention(copy.deepcopy(mha))
+    assert dp.q_proj.bias is None and dp.k_proj.in_features == 6 and dp.v_proj.in_features == 4
+    got = dp(q, k, v, average_attn_weights=False)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
 
-    def loss(m: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
-        return (m(batch[0]) - batch[1]).square().flatten(1).mean(1)
 
-    engine = ClippingEngine(model, PrivacyConfig(noise_multiplier=1.0, clip_norm=0.1, clipping_function="abadi"))
-    engine.attach()
-    with engine.recording(torch.device("cpu")):
-        total = loss(model, (x, y)).sum()
-    engine.backward(total, mask)
-    got = engine.pop_summed()
-    expected = reference_clipped_sum(model, loss, (x, y), mask, clip_norm=0.1, style="all-layer", function="abadi")
-    for name, value in expected.items():
-        torch.testing.assert_close(got[name].double(), value, rtol=1e-5, atol=1e-7)
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")  # torch's own fused path, the reference
+@pytest.mark.parametrize("train", [True, False])
+def test_transformer_encoder_after_replacement(train: bool) -> None:
+    """Reference: the original nn.TransformerEncoder, also in eval mode where torch would take its fused path."""
+    torch.manual_seed(2)
+    layer = nn.TransformerEncoderLayer(E, H, dim_feedforward=16, dropout=0.0, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).train(train)
+    x = torch.randn(3, L, E)
+    padding = torch.zeros(3, L, dtype=torch.bool)
+    padding[0, -2:] = True
+    dp = replace_multihead_attention(copy.deepcopy(encoder))
+    assert all(isinstance(m.self_attn, DPMultiheadAttention) for m in dp.layers)
+    with torch.no_grad():
+        expected, got = encoder(x, src_key_padding_mask=padding), dp(x, src_key_padding_mask=padding)
+    torch.testing.assert_close(got[~padding], expected[~padding], rtol=1e-5, atol=1e-6)
+
+
+def test_replacement_keeps_flags_and_skips_subclasses() -> None:
+    """Reference: replace_multihead_attention docstring (training mode and requires_grad kept; exact type only)."""
+
+    class MyAttention(nn.MultiheadAttention):
+        pass
+
+    model = nn.ModuleDict({"a": nn.MultiheadAttention(E, H).eval(), "b": MyAttention(E, H)})
+    model["a"].out_proj.requires_grad_(False)
+    assert replace_multihead_attention(model) is model
+    a = model["a"]
+    assert isinstance(a, DPMultiheadAttention) and not a.training
+    assert not a.out_proj.weight.requires_grad and a.q_proj.weight.requires_grad
+    assert type(model["b"]) is MyAttention
+
+
+def test_add_bias_kv_and_add_zero_attn_are_refused() -> None:
+    """Reference: DPMultiheadAttention docstring (add_bias_kv / add_zero_attn refused with the fix)."""
+    with pytest.raises(ValueError, match="add_bias_kv"):
+        DPMultiheadAttention(E, H, add_bias_kv=True)
+    with pytest.raises(ValueError, match="add_zero_attn"):
+        DPMultiheadAttention(E, H, add_zero_attn=True)
+    with pytest.raises(ValueError, match="add_bias_kv"):
+        replace_multihead_attention(nn.Sequential(nn.MultiheadAttention(E, H, add_zero_attn=True)))
+
+
+# ---------------------------------------------------------------------------------------------- clipping
+class AttentionBlock(nn.Module):
+    """Self-attention with padding and causal masks, then a head; examples first at the model's boundary."""
+
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.attn = nn.MultiheadAttention(E, H, batch_first=batch_first)
+        self.head = nn.Linear(E, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        padding = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
+        padding[:, -1] = x[:, 0, 0] > 0  # per example: which rows are padded depends on the data
+        causal = torch.ones(L, L, dtype=torch.bool, device=x.device).triu(1)
+        h = _seq_first(x, self.batch_first)
+        out, _ = self.attn(h, h, h, key_padding_mask=padding, attn_mask=causal, need_weights=self.batch_first)
+        return self.head(torch.tanh(_seq_first(out, self.batch_first)))
+
+
+def attention_block(batch_first: bool) -> Built:
+    torch.manual_seed(4)
+    model = replace_multihead_attention(AttentionBlock(batch_first))
+    return model, squared_error, (torch.randn(N_EXAMPLES, L, E), torch.randn(N_EXAMPLES, L, 2))
+
+
+def test_multihead_attention_is_refused_with_the_replacement_as_fix() -> None:
+    """Reference: DESIGN.md section 6 (unsupported layer -> error naming the module and the fix)."""
+    with pytest.raises(UnsupportedLayerError, match=r"'attn' \(MultiheadAttention\).*replace_multihead_attention"):
+        ClippingEngine(AttentionBlock(True), PrivacyConfig(noise_multiplier=1.0))
+
+
+@pytest.mark.parametrize(
+    ("batch_first", "style", "function", "norm_mode"),
+    [
+        *[(False, s, f, NormMode.AUTO) for s in ClippingStyle for f in ClippingFunction],
+        *[(True, ClippingStyle.ALL_LAYER, ClippingFunction.ABADI, m) for m in NormMode],
+        (False, ClippingStyle.LAYER_WISE, ClippingFunction.AUTOMATIC, NormMode.GHOST),
+    ],
+    ids=str,
+)
+def test_clipped_sum_through_the_drop_in_matches_reference(batch_first, style, function, norm_mode) -> None:
+    """Reference: tests/reference.py reference_clipped_sum (float64 per-example autograd)."""
+    model, loss_fn, inputs = attention_block(batch_first)
+    mask = default_mask()
+    groups = 2 if style is ClippingStyle.GROUP_WISE else None
+    clip_norm = split_clip_norm(model, loss_fn, inputs, mask, style, groups)
+    kwargs = dict(clip_norm=clip_norm, style=style, function=function, groups=groups)
+    if function is ClippingFunction.ABADI:
+        factors = reference_factors(model, loss_fn, inputs, mask, **kwargs)
+        assert (factors < 1).any() and (factors == 1).any(), "the setting must clip some examples and not others"
+    expected = reference_clipped_sum(model, loss_fn, inputs, mask, **kwargs)
+    got, _ = run_engine(
+        model,
+        loss_fn,
+        [(inputs, mask)],
+        clip_norm=clip_norm,
+        clipping_style=style,
+        clipping_function=function,
+        norm_mode=norm_mode,
+        clipping_groups=groups,
+    )
+    assert_matches(got, expected, clip_norm)
+
+
+def test_clipped_sum_through_a_transformer_encoder_layer() -> None:
+    """Reference: reference_clipped_sum on nn.TransformerEncoderLayer(batch_first=True) after the replacement."""
+    torch.manual_seed(5)
+    layer = nn.TransformerEncoderLayer(E, H, dim_feedforward=12, dropout=0.0, batch_first=True)
+    model = replace_multihead_attention(nn.Sequential(layer, nn.Linear(E, 2)))
+    inputs = (torch.randn(N_EXAMPLES, L, E), torch.randn(N_EXAMPLES, L, 2))
+    mask = default_mask()
+    expected = reference_clipped_sum(
+        model, squared_error, inputs, mask, clip_norm=0.5, style="layer-wise", function="abadi"
+    )
+    got, _ = run_engine(
+        model, squared_error, [(inputs, mask)], clip_norm=0.5, clipping_style="layer-wise", clipping_function="abadi"
+    )
+    assert_matches(got, expected, 0.5)

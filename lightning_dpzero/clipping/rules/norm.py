@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -55,7 +56,10 @@ def rms_norm_rule(
 ) -> list[Contribution]:
     assert isinstance(module, nn.RMSNorm)
     x = activation.float()
-    x_hat = F.rms_norm(x, module.normalized_shape, eps=module.eps)  # eps None: torch's default for the dtype
+    eps = module.eps
+    if eps is None:  # torch's default: the eps of the op-math dtype (fp32 for fp16/bf16 inputs, fp64 for fp64)
+        eps = torch.finfo(torch.promote_types(activation.dtype, torch.float32)).eps
+    x_hat = F.rms_norm(x, module.normalized_shape, eps=eps)
     reduce_dims = tuple(range(1, x.dim() - len(module.normalized_shape)))
     return _affine_contributions(module, x_hat, grad_output.float(), reduce_dims, params)
 
@@ -64,9 +68,14 @@ def rms_norm_rule(
 def instance_norm_rule(
     module: nn.Module, activation: Tensor, grad_output: Tensor, params: Mapping[str, str]
 ) -> list[Contribution]:
-    # In training mode InstanceNorm normalises each example by its own statistics (running stats only track them).
+    assert isinstance(module, nn.modules.instancenorm._InstanceNorm)
     x = activation.float()
-    x_hat = F.instance_norm(x, eps=module.eps)  # [n, C, *spatial]
+    if module.training or not module.track_running_stats:
+        # Each example normalised by its own statistics; running statistics, if any, only track them.
+        x_hat = F.instance_norm(x, eps=module.eps)  # [n, C, *spatial]
+    else:  # eval with tracked statistics: constants of the model, as torch uses them
+        mean, var = module.running_mean.float(), module.running_var.float()
+        x_hat = F.instance_norm(x, mean, var, use_input_stats=False, eps=module.eps)
     reduce_dims = tuple(range(2, x.dim()))
     return _affine_contributions(module, x_hat, grad_output.float(), reduce_dims, params)
 

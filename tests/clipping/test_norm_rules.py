@@ -1,0 +1,56 @@
+"""RMSNorm and InstanceNorm settings the LAYER_CASES models do not reach: torch's default eps per dtype, and
+InstanceNorm in eval mode with tracked statistics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_dpzero.clipping.rules.norm import instance_norm_rule, rms_norm_rule
+from tests.clipping.test_engine import assert_matches, run_engine
+from tests.conftest import N_EXAMPLES, default_mask, squared_error
+from tests.reference import reference_clipped_sum
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_rms_norm_default_eps_follows_torch(dtype: torch.dtype) -> None:
+    """Reference: per-example autograd through nn.RMSNorm(eps=None) in ``dtype``; inputs small enough (mean x^2 ~
+    1e-7) that the eps torch picks (fp32's for bf16 inputs, fp64's for fp64) changes the gradient."""
+    torch.manual_seed(0)
+    norm = nn.RMSNorm(4, dtype=dtype)
+    with torch.no_grad():
+        norm.weight.add_(0.3 * torch.randn(4, dtype=dtype))
+    x = (3e-4 * torch.randn(3, 2, 4)).to(dtype)
+    grad = torch.randn(3, 2, 4).to(dtype)
+    expected = torch.stack(
+        [torch.autograd.grad(norm(x[i : i + 1]), norm.weight, grad[i : i + 1])[0] for i in range(3)]
+    ).float()
+    (got,) = rms_norm_rule(norm, x, grad, {"weight": "weight"})
+    tol = 2e-2 if dtype is torch.bfloat16 else 1e-5
+    torch.testing.assert_close(got.left, expected, rtol=tol, atol=tol * expected.abs().max().item())
+
+
+def test_instance_norm_in_eval_mode_uses_running_statistics() -> None:
+    """Reference: reference_clipped_sum with an eval-mode InstanceNorm2d(track_running_stats=True) in the model."""
+    torch.manual_seed(1)
+    norm = nn.InstanceNorm2d(3, affine=True, track_running_stats=True).eval()
+    with torch.no_grad():
+        norm.running_mean.uniform_(-0.5, 0.5)
+        norm.running_var.uniform_(0.5, 2.0)
+        norm.weight.add_(0.3 * torch.randn(3))
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), norm, nn.Tanh(), nn.Flatten(), nn.Linear(27, 2))
+    inputs = (torch.randn(N_EXAMPLES, 2, 5, 5), torch.randn(N_EXAMPLES, 2))
+    mask = default_mask()
+    expected = reference_clipped_sum(
+        model, squared_error, inputs, mask, clip_norm=0.5, style="param-wise", function="abadi"
+    )
+    got, _ = run_engine(
+        model, squared_error, [(inputs, mask)], clip_norm=0.5, clipping_style="param-wise", clipping_function="abadi"
+    )
+    assert_matches(got, expected, 0.5)
+    # and the rule itself: eval-mode statistics are the running ones, not the example's own
+    x, grad = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    weight = {c.param: c.left for c in instance_norm_rule(norm, x, grad, {"weight": "w", "bias": "b"})}["w"]
+    x_hat = (x - norm.running_mean.view(1, 3, 1, 1)) / (norm.running_var.view(1, 3, 1, 1) + norm.eps).sqrt()
+    torch.testing.assert_close(weight, (x_hat * grad).sum((2, 3)))
