@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -66,7 +66,7 @@ class DPStep:
         self.sample_rate: float | None = None
         self.expected_batch_size: float | None = None  # qN, a real number: the normaliser
         self.physical_batch_size: int | None = None
-        self.planned_steps: int | None = None
+        self.calibrated_steps: int | None = None  # the steps sigma was calibrated for (target_epsilon only)
         self.epsilon_limit: float | None = config.target_epsilon
         self.accountant: PrivacyAccountant | None = None
         self.rank, self.world_size = 0, 1
@@ -145,8 +145,15 @@ class DPStep:
             self.noise_multiplier = calibrate_noise_multiplier(
                 target_epsilon=cfg.target_epsilon, delta=delta, sample_rate=q, steps=planned, accountant=cfg.accountant
             )
+            self.calibrated_steps = planned
+        elif self.calibrated_steps is not None and (planned is None or planned > self.calibrated_steps):
+            rank_zero_warn(
+                f"{owner}: sigma was calibrated for {self.calibrated_steps} logical steps (target_epsilon="
+                f"{cfg.target_epsilon}); this run plans {planned or 'unbounded'} steps, so it will stop when one more "
+                "step would exceed the budget."
+            )
         self.dataset_size, self.sample_rate, self.physical_batch_size = n, q, p
-        self.expected_batch_size, self.planned_steps = q * n, planned
+        self.expected_batch_size = q * n
         if self.accountant is None:
             self.accountant = PrivacyAccountant(cfg.accountant, delta=delta)
         if self.sampler is None:
@@ -165,7 +172,11 @@ class DPStep:
                 self._pending_sampler_state = None
         rank_zero_info(
             f"DP-SGD: N={n}, q={q:.4g}, B=qN={q * n:.1f}, physical batch p={p}, sigma={self.noise_multiplier:.4g}"
-            + (f" (calibrated for epsilon={cfg.target_epsilon} over {planned} steps)" if cfg.target_epsilon else "")
+            + (
+                f" (calibrated for epsilon={cfg.target_epsilon} over {self.calibrated_steps} steps)"
+                if self.calibrated_steps is not None
+                else ""
+            )
             + f", delta={delta:.3g}, C={cfg.clip_norm}, {cfg.clipping_style.value} {cfg.clipping_function} "
             f"clipping, {cfg.accountant.value} accountant"
         )
@@ -178,11 +189,13 @@ class DPStep:
             return True
         assert self.noise_multiplier is not None and self.sample_rate is not None
         if (
-            self.planned_steps is not None
-            and self.accountant.steps < self.planned_steps
+            self.calibrated_steps is not None
+            and self.accountant.steps < self.calibrated_steps
             and (self.config.target_epsilon is not None and self.epsilon_limit >= self.config.target_epsilon)
         ):
-            return True  # sigma was calibrated so that epsilon(planned_steps) <= target; epsilon grows with steps
+            # sigma was calibrated so that epsilon(calibrated_steps) <= target, and epsilon grows with the steps.
+            # Not the run's current plan: a resumed run may plan more steps than sigma was calibrated for.
+            return True
         return (
             self.accountant.epsilon_after_next(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
             <= self.epsilon_limit
@@ -325,7 +338,7 @@ class DPStep:
             "sample_rate": self.sample_rate,
             "clip_norm": self.config.clip_norm,
             "dataset_size": self.dataset_size,
-            "planned_steps": self.planned_steps,
+            "calibrated_steps": self.calibrated_steps,
             "accountant": None if self.accountant is None else self.accountant.state_dict(),
             "noise": self.noise.state_dict(),
             "sampler": self.sampler.state_dict() if self.sampler is not None else self._pending_sampler_state,
@@ -349,7 +362,7 @@ class DPStep:
                 f"{cfg.noise_multiplier}; resume with the same PrivacyConfig."
             )
         self.noise_multiplier = state["noise_multiplier"]
-        self.planned_steps = state["planned_steps"]
+        self.calibrated_steps = state["calibrated_steps"]
         if state["accountant"] is not None:
             self.accountant = PrivacyAccountant(cfg.accountant, delta=state["accountant"]["delta"])
             self.accountant.load_state_dict(state["accountant"])

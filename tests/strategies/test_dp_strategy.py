@@ -244,6 +244,26 @@ def test_resume_continues_accountant_and_streams(tmp_path) -> None:
     assert not torch.equal(restarted, continued)
 
 
+def test_resume_with_more_steps_never_exceeds_the_calibrated_budget(tmp_path) -> None:
+    """Reference: dp-accounting; sigma calibrated for 6 steps, resumed with max_steps=30, stops at epsilon <= target."""
+    privacy = dpz.PrivacyConfig(target_epsilon=2.0, expected_batch_size=8, physical_batch_size=8, seed=2)
+    first = _trainer(privacy, 6)
+    first.fit(Task())
+    sigma = first.strategy.dp.noise_multiplier
+    second = _trainer(privacy, 3)  # a shorter run, checkpointed before the planned 6 steps
+    second.fit(Task())
+    assert second.strategy.dp.noise_multiplier != sigma  # calibrated for 3 steps: less noise per step
+    second.save_checkpoint(tmp_path / "short.ckpt")
+    resumed = _trainer(privacy, 30)
+    with pytest.warns(UserWarning, match="calibrated for 3 logical steps"):
+        resumed.fit(Task(), ckpt_path=tmp_path / "short.ckpt")
+    dp = resumed.strategy.dp
+    assert dp.accountant.steps == 3  # one more step at this sigma would pass epsilon = 2
+    assert dp.epsilon() <= 2.0
+    steps_past = [(dp.noise_multiplier, 0.2, dp.accountant.steps + 1)]
+    assert epsilon_for(steps_past, delta=dp.delta, accountant=dpz.Accountant.RDP) > 2.0
+
+
 def test_resume_without_dp_state_is_refused(tmp_path) -> None:
     """Reference: a non-DP checkpoint would restart epsilon at zero."""
     plain = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False)
