@@ -83,11 +83,22 @@ def register_rule(*types: type[nn.Module], check: Callable[[nn.Module, str], Non
     return decorator
 
 
+def _declared_type(module: nn.Module) -> type[nn.Module]:
+    """The module's own class; FSDP2's ``fully_shard`` swaps in ``FSDP<Class>(FSDPModule, <Class>)``, which keeps
+    the forward of ``<Class>``, so the rule of ``<Class>`` applies to it."""
+    cls = type(module)
+    bases = cls.__bases__
+    if len(bases) == 2 and bases[0].__name__ == "FSDPModule" and cls.__name__ == f"FSDP{bases[1].__name__}":
+        return bases[1]
+    return cls
+
+
 def rule_for(module: nn.Module, path: str) -> ClippingRule:
     """The rule for ``module``'s exact type, after its settings check; raises ``UnsupportedLayerError``."""
-    if (rule := _RULES.get(type(module))) is None:
+    cls = _declared_type(module)
+    if (rule := _RULES.get(cls)) is None:
         raise UnsupportedLayerError(path, module)
-    if (check := _CHECKS.get(type(module))) is not None:
+    if (check := _CHECKS.get(cls)) is not None:
         check(module, path)
     return rule
 

@@ -23,6 +23,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import lightning_dpzero as dpz  # noqa: E402
 from tests.strategies.test_dp_strategy import Task, ZeroGrad  # noqa: E402
 
+
+class ShardedTask(Task):
+    """Shards itself in configure_model, as a user of ModelParallelStrategy would."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for module in self.net.children():
+            fully_shard(module, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+
 LR = 1.0  # (before - after) / LR recovers the update to ~1e-6 in fp32; the model stays well-conditioned
 
 
@@ -72,7 +85,7 @@ class Record(Callback):
 def _trainer(strategy: str, privacy: dpz.PrivacyConfig, steps: int, callbacks: list) -> L.Trainer:
     if strategy == "ddp":
         strat = dpz.DPDDPStrategy(privacy, process_group_backend="gloo")
-    elif strategy == "fsdp":
+    elif strategy in ("fsdp", "fsdp_own"):
         strat = dpz.DPFSDPStrategy(privacy, process_group_backend="gloo")
     else:
         strat = dpz.DPZeroStrategy(stage=int(strategy[-1]), privacy=privacy, process_group_backend="gloo")
@@ -118,7 +131,7 @@ def main(strategy: str, mode: str, out: Path) -> None:
         privacy = dpz.PrivacyConfig(
             noise_multiplier=0.0, clip_norm=0.3, expected_batch_size=4, physical_batch_size=3, seed=11
         )
-        task, record, steps = Task(lr=LR), Record("net"), 8
+        task, record, steps = (ShardedTask if strategy == "fsdp_own" else Task)(lr=LR), Record("net"), 8
     else:
         privacy = dpz.PrivacyConfig(noise_multiplier=2.0, clip_norm=0.5, expected_batch_size=16, seed=3)
         task, record, steps = ZeroGrad(lr=LR), Record("lin"), 3

@@ -18,7 +18,7 @@ from tests.strategies.test_dp_strategy import Net, per_example_loss
 
 pytestmark = pytest.mark.distributed
 WORKER = Path(__file__).with_name("parallel_worker.py")
-STRATEGIES = ["ddp", "zero1", "zero2", "zero3", "fsdp"]
+STRATEGIES = ["ddp", "zero1", "zero2", "zero3", "fsdp", "fsdp_own"]
 
 
 def _assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, name: str, rtol: float = 1e-5) -> None:
