@@ -17,8 +17,8 @@ prints a markdown table. Pairs (same GPT, same AdamW, fp32, same expected exampl
   (``--fsdp-dp-sharding own`` lets the DP strategy shard the plain module itself instead: every parameter-owning
   module, then the root).
 - ``zero1/2/3``: ``DPZeroStrategy(stage=s)`` vs Lightning's ``DeepSpeedStrategy(stage=s)``, the latter through a
-  tiny subclass with the CPU bypasses (``setup_environment``, ``setup_distributed``, ``_device_rank``) that
-  ``lightning_dpzero.strategies.deepspeed`` uses; ``gradient_clipping=0`` in both (DeepSpeed >= 0.19 otherwise
+  subclass of the library's ``DeepSpeedCPUStrategy`` (the CPU bypasses ``DPZeroStrategy`` builds on);
+  ``gradient_clipping=0`` in both (DeepSpeed >= 0.19 otherwise
   defaults to 1.0 in the baseline only). DeepSpeed's shared-memory comm-op build is skipped, as in the tests
   (``deepspeed.comm.torch.build_shm_op = lambda: None``): gloo does the collectives.
 
@@ -222,59 +222,15 @@ def _worker(args: argparse.Namespace) -> None:
 
 
 def _cpu_deepspeed_strategy():
-    """Lightning's DeepSpeedStrategy with only the CPU bypasses of ``DPZeroStrategy`` (no DP)."""
-    import argparse as _argparse
-    import contextlib
+    """Lightning's DeepSpeedStrategy on the same CPU path as ``DPZeroStrategy``, without DP."""
+    from lightning_dpzero.strategies.deepspeed import DeepSpeedCPUStrategy
 
-    import torch
-    from lightning.fabric.utilities.seed import reset_seed
-    from lightning.pytorch.accelerators import CUDAAccelerator
-    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
-
-    class CPUDeepSpeedStrategy(DeepSpeedStrategy):
-        def setup_environment(self) -> None:
-            if isinstance(self.accelerator, CUDAAccelerator):
-                super().setup_environment()
-            else:
-                os.environ.setdefault("DS_ACCELERATOR", "cpu")
-                DDPStrategy.setup_environment(self)
-
-        def setup_distributed(self) -> None:
-            if isinstance(self.accelerator, CUDAAccelerator):
-                return super().setup_distributed()
-            reset_seed()
-            self.set_world_ranks()
-            self._init_deepspeed_distributed()
-
-        @contextlib.contextmanager
-        def _device_rank(self):
-            import deepspeed
-
-            original, local_rank = deepspeed.initialize, self.local_rank
-
-            def initialize(*a, **kw):
-                ns = kw.get("args")
-                if ns is not None and getattr(ns, "device_rank", 0) is None:
-                    kw["args"] = _argparse.Namespace(**{**vars(ns), "device_rank": local_rank})
-                return original(*a, **kw)
-
-            deepspeed.initialize = initialize
-            try:
-                yield
-            finally:
-                deepspeed.initialize = original
-
+    class NonPrivateZero(DeepSpeedCPUStrategy):
         def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
             self.config["gradient_clipping"] = 0.0  # as DPZeroStrategy (DeepSpeed >= 0.19 defaults it to 1.0)
-            with self._device_rank():
-                return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+            return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
 
-        def _initialize_deepspeed_inference(self, model) -> None:
-            with self._device_rank():
-                super()._initialize_deepspeed_inference(model)
-
-    del torch
-    return CPUDeepSpeedStrategy
+    return NonPrivateZero
 
 
 # ============================================================================================== launcher side

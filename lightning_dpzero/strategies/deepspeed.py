@@ -35,7 +35,7 @@ from lightning_dpzero.config import PrivacyConfig
 from lightning_dpzero.step import DPStep
 from lightning_dpzero.strategies._mixin import DPStrategyMixin
 
-__all__ = ["DPZeroStrategy"]
+__all__ = ["DPZeroStrategy", "DeepSpeedCPUStrategy"]
 
 
 class _NoisyPartitionOptimizer(Optimizer):
@@ -96,46 +96,28 @@ class _NoisyPartitionOptimizer(Optimizer):
         return f"DPNoise({self.inner!r})"
 
 
-class DPZeroStrategy(DPStrategyMixin, DeepSpeedStrategy):
-    """DP-SGD with DeepSpeed ZeRO stage 1, 2 or 3.
+class DeepSpeedCPUStrategy(DeepSpeedStrategy):
+    """Lightning's ``DeepSpeedStrategy``, also on CPU (gloo); on GPUs it is the parent unchanged.
 
-    Args:
-        stage: the ZeRO stage.
-        privacy: the privacy settings; ``None`` uses ``PrivacyConfig.default()``.
-        **kwargs: passed to Lightning's ``DeepSpeedStrategy`` (``config=`` for your own DeepSpeed config,
-            offload settings, bucket sizes...). Settings that would break the guarantee are refused: gradient
-            clipping (DeepSpeed clips the aggregated gradient, not each example's), dynamic fp16 loss scaling.
-
-    Privacy:
-        Same step as ``DPStrategy``: Poisson shards per rank, per-example clipping, noise N(0, sigma^2 C^2) once per
-        coordinate per logical step (drawn by the rank that owns the coordinate's partition), division by B.
+    Lightning refuses CPU in three places: the CUDA check in ``setup_environment``, the device-index check in
+    ``setup_distributed`` (CPU devices have no index) and ``deepspeed.initialize(args=Namespace(device_rank=None))``.
+    DeepSpeed itself runs ZeRO 1/2/3 on CPU. ``DPZeroStrategy`` builds on this; it is public so that non-private
+    baselines run on the same path (``examples/benchmarks/zero_step_time.py``).
     """
 
-    strategy_name = "dp_zero"
-
-    def __init__(self, stage: int = 3, privacy: PrivacyConfig | None = None, **kwargs: Any) -> None:
-        if stage not in (1, 2, 3):
-            raise ValueError(f"DPZeroStrategy: stage must be 1, 2 or 3, got {stage!r}.")
-        kwargs.setdefault("loss_scale", 1.0)  # fp16: a static scale of 1; per-example clipping already scales
-        super().__init__(stage=stage, **kwargs)
-        self._init_dp(privacy)
-        self._ds_start_method = kwargs.get("start_method")
-
-    # ----------------------------------------------------------------------------------- CPU support
     @override
     def setup_environment(self) -> None:
         if isinstance(self.accelerator, CUDAAccelerator):
             super().setup_environment()
-        else:  # Lightning's DeepSpeedStrategy refuses CPU here; DeepSpeed itself runs on CPU with gloo
+        else:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
             DDPStrategy.setup_environment(self)
-        self._share_seed_and_set_rank()
 
     @override
     def setup_distributed(self) -> None:
         if isinstance(self.accelerator, CUDAAccelerator):
             return super().setup_distributed()
-        reset_seed()  # as the parent, minus its CUDA device-index check (CPU devices have no index)
+        reset_seed()  # as the parent, minus its CUDA device-index check
         self.set_world_ranks()
         self._init_deepspeed_distributed()
 
@@ -160,9 +142,6 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedStrategy):
 
     @override
     def _setup_model_and_optimizer(self, model: Any, optimizer: Any, lr_scheduler: Any = None) -> Any:
-        self._check_deepspeed_config()
-        if optimizer is not None:
-            optimizer = _NoisyPartitionOptimizer(optimizer, self.dp, self.world_size)
         with self._device_rank():
             return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
 
@@ -170,6 +149,48 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedStrategy):
     def _initialize_deepspeed_inference(self, model: Any) -> None:
         with self._device_rank():
             super()._initialize_deepspeed_inference(model)
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        pass  # not registered by name: Lightning's "deepspeed*" names stay Lightning's
+
+
+class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
+    """DP-SGD with DeepSpeed ZeRO stage 1, 2 or 3.
+
+    Args:
+        stage: the ZeRO stage.
+        privacy: the privacy settings; ``None`` uses ``PrivacyConfig.default()``.
+        **kwargs: passed to Lightning's ``DeepSpeedStrategy`` (``config=`` for your own DeepSpeed config,
+            offload settings, bucket sizes...). Settings that would break the guarantee are refused: gradient
+            clipping (DeepSpeed clips the aggregated gradient, not each example's), dynamic fp16 loss scaling.
+
+    Privacy:
+        Same step as ``DPStrategy``: Poisson shards per rank, per-example clipping, noise N(0, sigma^2 C^2) once per
+        coordinate per logical step (drawn by the rank that owns the coordinate's partition), division by B.
+    """
+
+    strategy_name = "dp_zero"
+
+    def __init__(self, stage: int = 3, privacy: PrivacyConfig | None = None, **kwargs: Any) -> None:
+        if stage not in (1, 2, 3):
+            raise ValueError(f"DPZeroStrategy: stage must be 1, 2 or 3, got {stage!r}.")
+        kwargs.setdefault("loss_scale", 1.0)  # fp16: a static scale of 1; per-example clipping already scales
+        super().__init__(stage=stage, **kwargs)
+        self._init_dp(privacy)
+
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        self._share_seed_and_set_rank()
+
+    @override
+    def _setup_model_and_optimizer(self, model: Any, optimizer: Any, lr_scheduler: Any = None) -> Any:
+        self._check_deepspeed_config()
+        if optimizer is not None:
+            optimizer = _NoisyPartitionOptimizer(optimizer, self.dp, self.world_size)
+        return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
 
     def _check_deepspeed_config(self) -> None:
         config = self.config
