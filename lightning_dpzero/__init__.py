@@ -8,8 +8,16 @@ from lightning.pytorch.strategies import StrategyRegistry
 from lightning_dpzero.accounting import PrivacyAccountant, calibrate_noise_multiplier, epsilon_for
 from lightning_dpzero.callbacks import PrivacyBudget
 from lightning_dpzero.clipping import ClippingRule, UnsupportedLayerError, register_rule
-from lightning_dpzero.config import Accountant, ClippingFunction, ClippingStyle, NormMode, PrivacyConfig
+from lightning_dpzero.config import (
+    Accountant,
+    ClippingFunction,
+    ClippingStyle,
+    NonFinitePolicy,
+    NormMode,
+    PrivacyConfig,
+)
 from lightning_dpzero.layers import DPMultiheadAttention, replace_multihead_attention
+from lightning_dpzero.precision import DPPrecision
 from lightning_dpzero.sampling.poisson import LogicalBatch, PoissonBatchSampler
 from lightning_dpzero.step import DPStep, PrivacyBudgetExhausted
 from lightning_dpzero.strategies import DPDDPStrategy, DPFSDPStrategy, DPStrategy, DPZeroStrategy
@@ -22,9 +30,11 @@ __all__ = [
     "DPDDPStrategy",
     "DPFSDPStrategy",
     "DPMultiheadAttention",
+    "DPPrecision",
     "DPStep",
     "DPStrategy",
     "LogicalBatch",
+    "NonFinitePolicy",
     "NormMode",
     "PoissonBatchSampler",
     "PrivacyAccountant",

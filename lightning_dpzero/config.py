@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 from enum import Enum
 from typing import Any
 
-__all__ = ["Accountant", "ClippingFunction", "ClippingStyle", "NormMode", "PrivacyConfig"]
+__all__ = ["Accountant", "ClippingFunction", "ClippingStyle", "NonFinitePolicy", "NormMode", "PrivacyConfig"]
 
 # Test-only switch: sigma = 0 (no noise) is how the correctness oracles compare gradients exactly. It is read from
 # the environment so that it reaches spawned ranks; it is never set by the library and is not part of the API.
@@ -61,6 +61,17 @@ class NormMode(_StrEnum):
     INSTANTIATE = "instantiate"  # per-example gradient: ~T p d per example, reused for the clipped sum
 
 
+class NonFinitePolicy(_StrEnum):
+    """What happens to an example whose gradient (in a clipping group) has a non-finite norm (inf or NaN).
+
+    Both keep the guarantee: each example still contributes at most C. There is deliberately no "skip the step"
+    policy: whether a step is skipped would depend on one example, beyond what the noise covers.
+    """
+
+    ZERO = "zero"  # its clipped contribution (to that group) is exactly 0; training continues
+    RAISE = "raise"  # stop with FloatingPointError (debugging; the crash itself reveals that one example overflowed)
+
+
 @dataclass(frozen=True, kw_only=True)
 class PrivacyConfig:
     """Every setting of DP-SGD, validated when built.
@@ -89,6 +100,8 @@ class PrivacyConfig:
         norm_mode: per-example norm computation for layers with a sequence dimension (``auto`` picks the cheaper).
         functorch_fallback: trainable modules without a clipping rule get per-example gradients from
             ``torch.func`` (slower, instantiates them) instead of being refused. BatchNorm is refused regardless.
+        non_finite: per-example gradients whose norm is inf or NaN (fp16 overflow, log(0), ...): ``zero`` (the
+            default) drops that example's contribution to the clipping group and counts it; ``raise`` stops.
         seed: seeds Poisson sampling and noise. ``None`` (the default) draws it from the OS entropy pool: sampling
             and noise must be unpredictable to an adversary; fix it only for reproducible research runs.
 
@@ -116,6 +129,7 @@ class PrivacyConfig:
     accountant: Accountant = Accountant.RDP
     norm_mode: NormMode = NormMode.AUTO
     functorch_fallback: bool = False
+    non_finite: NonFinitePolicy = NonFinitePolicy.ZERO
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -125,6 +139,7 @@ class PrivacyConfig:
             ("clipping_style", ClippingStyle),
             ("accountant", Accountant),
             ("norm_mode", NormMode),
+            ("non_finite", NonFinitePolicy),
         ):
             _coerce_enum(self, name, enum)
         for name in ("clipping_groups", "group_clip_norms"):

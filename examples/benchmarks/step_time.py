@@ -6,6 +6,7 @@ Commands::
     python examples/benchmarks/step_time.py --models gpt --steps 30          # one model, more timed steps
     python examples/benchmarks/step_time.py --models cnn,mlp --burn-in 5
     python examples/benchmarks/step_time.py --device cuda --steps 50         # GPU (peak memory from the CUDA allocator)
+    python examples/benchmarks/step_time.py --precision bf16-mixed           # every mode's forward under bf16 autocast
 
 Every mode runs in this one process on a deep copy of the same initial model and on the same physical batch
 (which is also the logical batch: B = p). The optimizer is AdamW in every mode. Modes:
@@ -57,6 +58,7 @@ time target is set for the MLP; its ratio is printed for information.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import os
@@ -190,6 +192,16 @@ class Mode:
     note: str = ""  # shown after the mode's label
 
 
+PRECISION = "32-true"  # --precision; every mode runs its forward under the same autocast
+
+
+def _autocast(bench: Bench) -> contextlib.AbstractContextManager:
+    """bf16-mixed: what DPPrecision("bf16-mixed") and Lightning's MixedPrecision do around the forward."""
+    if PRECISION == "32-true":
+        return contextlib.nullcontext()
+    return torch.autocast(bench.batch[0].device.type, dtype=torch.bfloat16, cache_enabled=False)
+
+
 def optimizer_for(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=1e-4)
 
@@ -199,7 +211,9 @@ def non_private(bench: Bench, model: nn.Module) -> Mode:
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        bench.per_example_losses(model, bench.batch).mean().backward()
+        with _autocast(bench):
+            loss = bench.per_example_losses(model, bench.batch).mean()
+        loss.backward()
         opt.step()
 
     return Mode(step, opt)
@@ -220,7 +234,7 @@ def ours(bench: Bench, model: nn.Module, style: str) -> Mode:
     mask = torch.ones(p, dtype=torch.bool, device=device)
 
     def step() -> None:
-        with engine.recording(device):
+        with engine.recording(device), _autocast(bench):
             loss = bench.per_example_losses(model, bench.batch).sum()
         engine.backward(loss, mask)
         summed = engine.pop_summed()
@@ -265,7 +279,9 @@ def opacus(bench: Bench, model: nn.Module, grad_sample_mode: str) -> Mode:
 
         def step() -> None:
             dp_opt.zero_grad(set_to_none=True)
-            bench.ghost_loss(criterion, gsm, bench.batch).backward()  # two backward passes inside
+            with _autocast(bench):
+                loss = bench.ghost_loss(criterion, gsm, bench.batch)
+            loss.backward()  # two backward passes inside
             dp_opt.step()
 
     else:
@@ -273,7 +289,9 @@ def opacus(bench: Bench, model: nn.Module, grad_sample_mode: str) -> Mode:
 
         def step() -> None:
             dp_opt.zero_grad(set_to_none=True)
-            bench.per_example_losses(gsm, bench.batch).mean().backward()
+            with _autocast(bench):
+                loss = bench.per_example_losses(gsm, bench.batch).mean()
+            loss.backward()
             dp_opt.step()
 
     def cleanup() -> None:
@@ -529,7 +547,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25, help="timed steps per mode (median reported)")
     parser.add_argument("--burn-in", type=int, default=3, help="untimed steps per mode before timing")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument(
+        "--precision", default="32-true", choices=("32-true", "bf16-mixed"), help="autocast of every mode's forward"
+    )
     args = parser.parse_args()
+    global PRECISION
+    PRECISION = args.precision
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = sorted(set(names) - set(MODELS))
     if unknown:
@@ -550,7 +573,8 @@ def main() -> None:
     print(
         f"device: {where}, {cores} cores, torch.get_num_threads()={torch.get_num_threads()}; "
         f"torch {torch.__version__}, opacus {opacus.__version__}, python {platform.python_version()}; "
-        f"{args.burn_in} burn-in + {args.steps} timed steps per mode (median); AdamW; sigma={SIGMA}, C={CLIP}"
+        f"{args.burn_in} burn-in + {args.steps} timed steps per mode (median); AdamW; sigma={SIGMA}, C={CLIP}; "
+        f"precision {PRECISION}"
     )
     for name in names:
         benchmark(name, device, args)

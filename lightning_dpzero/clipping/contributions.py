@@ -16,6 +16,7 @@ and the clipped sum sum_i c_i G_i without building a per-example gradient unless
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from torch import Tensor
 
 from lightning_dpzero.config import NormMode
 
-__all__ = ["Contribution", "Kind", "clipped_sum", "full_shape", "inner", "self_inner"]
+__all__ = ["Contribution", "Kind", "clipped_sum", "full_shape", "inner", "self_inner", "zero_rows"]
 
 
 def full_shape(param: Tensor) -> torch.Size:
@@ -227,3 +228,15 @@ def clipped_sum(c: Contribution, factors: Tensor) -> Tensor:
         return _to_param(c, out.index_add_(0, ids[valid], right[valid]))
     left = _f32(c.left)
     return _to_param(c, left.flatten(0, 1).T @ right.flatten(0, 1))
+
+
+def zero_rows(c: Contribution, rows: Tensor) -> Contribution:
+    """A copy of ``c`` whose examples ``rows`` ([n] bool) contribute exactly 0 (their values may be inf or NaN)."""
+
+    def clean(t: Tensor | None) -> Tensor | None:
+        if t is None or not t.is_floating_point():
+            return t  # INDEX ids: the zeroed right factor already removes the rows
+        keep = ~rows.view(-1, *([1] * (t.dim() - 1))).to(t.device)
+        return torch.where(keep, t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+    return dataclasses.replace(c, left=clean(c.left), right=clean(c.right), instantiated=clean(c.instantiated))

@@ -26,12 +26,19 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from lightning_dpzero.clipping import rules as _rules  # noqa: F401  (registers the built-in rules)
-from lightning_dpzero.clipping.contributions import Contribution, clipped_sum, full_shape, inner, self_inner
+from lightning_dpzero.clipping.contributions import (
+    Contribution,
+    clipped_sum,
+    full_shape,
+    inner,
+    self_inner,
+    zero_rows,
+)
 from lightning_dpzero.clipping.fallback import functorch_rule
 from lightning_dpzero.clipping.functions import clip_factors
 from lightning_dpzero.clipping.registry import ClippingRule, UnsupportedLayerError, rule_for
 from lightning_dpzero.clipping.styles import ClippingGroups, make_groups
-from lightning_dpzero.config import PrivacyConfig
+from lightning_dpzero.config import NonFinitePolicy, PrivacyConfig
 
 __all__ = ["ClippingEngine", "validate_model"]
 
@@ -174,6 +181,10 @@ class ClippingEngine:
             layer.groups = sorted({self.groups.group_of[name] for name in layer.params.values()})
         self._guard: _BroadcastGuard | None = None
         self._guarded_once = False
+        # Examples whose contribution (to some clipping group) was dropped as non-finite. Not private: a count of
+        # the data owner's examples, for diagnostics; it is never logged by the library.
+        self.non_finite_examples = 0
+        self._dropped: Tensor | None = None  # [n] of the physical batch being differentiated
 
     # ----------------------------------------------------------------------------------------------- hooks
     def attach(self) -> None:
@@ -250,6 +261,9 @@ class ClippingEngine:
                 torch.autograd.grad(loss, [anchor], allow_unused=True)
             self._finalize(range(len(self.groups)))  # groups whose taps did not all report (or all-layer)
         finally:
+            if self._dropped is not None:
+                self.non_finite_examples += int(self._dropped.sum())
+                self._dropped = None
             self._mask = None
             self._contributions.clear()
             self._pending_taps.clear()
@@ -303,16 +317,19 @@ class ClippingEngine:
         with torch.no_grad():
             mask = self._mask.to(self._norm2.device)
             norms = self._norm2.clamp(min=0).sqrt()  # [K, n]; cross terms can round a hair below zero
-            factors = {
-                k: clip_factors(
-                    norms[k],
-                    mask,
+            factors, dropped = {}, {}
+            for k in groups:
+                bad = ~torch.isfinite(norms[k])  # padding rows copy a real example: they may be non-finite too
+                if bool(bad.any()):
+                    self._non_finite(bad, mask, k)
+                    dropped[k] = bad
+                factors[k] = clip_factors(
+                    torch.where(bad, torch.zeros_like(norms[k]), norms[k]),
+                    mask * ~bad,
                     clip_norm=self.groups.clip_norms[k],
                     fn=self.config.clipping_function,
                     stability_constant=self.config.stability_constant,
                 )
-                for k in groups
-            }
             for key in [key for key in self._contributions if self.groups.group_of[key[0]] in groups]:
                 name = key[0]
                 target = self.summed.get(name)
@@ -321,14 +338,27 @@ class ClippingEngine:
                     target = self.summed[name] = torch.zeros(
                         full_shape(param), device=param.device, dtype=torch.float32
                     )
-                factor = factors[self.groups.group_of[name]]
+                k = self.groups.group_of[name]
                 for c in self._contributions.pop(key):
-                    block = clipped_sum(c, factor)
+                    if k in dropped:
+                        c = zero_rows(c, dropped[k])  # 0 * inf would still be NaN
+                    block = clipped_sum(c, factors[k])
                     if c.rows is None:
                         target += block
                     else:
                         target[c.rows] += block
                 self.seen.add(name)
+
+    def _non_finite(self, bad: Tensor, mask: Tensor, group: int) -> None:
+        """Apply ``config.non_finite`` to the examples whose norm in ``group`` is inf or NaN."""
+        real = bad & mask.bool()
+        if self.config.non_finite is NonFinitePolicy.RAISE and bool(real.any()):
+            raise FloatingPointError(
+                f"{int(real.sum())} example(s) of this physical batch have a non-finite gradient norm in clipping "
+                f"group {group} (an fp16 overflow, log(0), ...). PrivacyConfig(non_finite='zero') drops such "
+                "examples' contributions instead; under fp16, bf16 avoids most overflows."
+            )
+        self._dropped = real if self._dropped is None else self._dropped | real
 
     def refresh_params(self, model: nn.Module) -> None:
         """Re-read the trainable parameters by name (after a wrapper such as FSDP2 replaced the objects)."""

@@ -21,6 +21,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_dpzero.config import PrivacyConfig
+from lightning_dpzero.precision import DPPrecision, dp_precision_for, refuse_loss_scaler
 from lightning_dpzero.sampling.poisson import LogicalBatch
 from lightning_dpzero.step import DPStep
 
@@ -43,6 +44,23 @@ class DPStrategyMixin:
     @property
     def privacy(self) -> PrivacyConfig:
         return self.dp.config
+
+    # -------------------------------------------------------------------------------------------- precision
+    # Lightning's connector hands the strategy the plugin it built from ``precision=...`` (or the user's plugin):
+    # whatever it is, the strategy runs its DP counterpart, which never scales the loss. A plugin the *user* built
+    # with a loss scaler is refused in ``_check_trainer``.
+    @property  # type: ignore[override]
+    def precision_plugin(self) -> Any:
+        plugin = getattr(self, "_precision_plugin", None)
+        return plugin if plugin is not None else self._dp_precision(DPPrecision())
+
+    @precision_plugin.setter
+    def precision_plugin(self, plugin: Any) -> None:
+        self._precision_plugin = None if plugin is None else self._dp_precision(plugin)
+
+    def _dp_precision(self, plugin: Any) -> Any:
+        """The plugin this strategy runs for ``plugin`` (``DPPrecision``; DeepSpeed's for ``dp_zero*``)."""
+        return dp_precision_for(plugin, type(self).__name__)
 
     # ------------------------------------------------------------------------------------------ set-up
     @override
@@ -75,13 +93,12 @@ class DPStrategyMixin:
                 f"{name}: manual optimization is not supported under DP yet: the strategy must own the step "
                 "(clip, noise, normalise, account). Use automatic optimization with one optimizer."
             )
-        scaler = getattr(self.precision_plugin, "scaler", None)
-        if scaler is not None:
-            raise ValueError(
-                f"{name}: the precision plugin {type(self.precision_plugin).__name__} uses a loss scaler; per-example "
-                "clipping already scales gradients and loss scaling would clip scaled gradients. Use "
-                "precision='bf16-mixed' or '32-true'."
-            )
+        connector = getattr(trainer, "_accelerator_connector", None)
+        refuse_loss_scaler(getattr(connector, "_precision_plugin_flag", None), name)  # a plugin the user built
+        refuse_loss_scaler(self.precision_plugin, name)
+        plugin = self.precision_plugin
+        if isinstance(plugin, DPPrecision) and plugin.device is None:
+            plugin.device = self.root_device.type  # type: ignore[attr-defined]
 
     def _check_optimizers(self) -> None:
         if len(self.optimizers) != 1:  # type: ignore[attr-defined]

@@ -32,6 +32,7 @@ from typing_extensions import override
 
 from lightning_dpzero.clipping.contributions import full_shape
 from lightning_dpzero.config import PrivacyConfig
+from lightning_dpzero.precision import dp_precision_for
 from lightning_dpzero.step import DPStep
 from lightning_dpzero.strategies._mixin import DPStrategyMixin
 
@@ -203,16 +204,28 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
             )
         config["gradient_clipping"] = 0.0  # DeepSpeed >= 0.19 defaults it to 1.0 when the key is absent
         fp16 = config.get("fp16", {})
-        if fp16.get("enabled") and fp16.get("loss_scale", 0) == 0:
+        if fp16.get("enabled") and fp16.get("loss_scale", 0) != 1:
+            kind = "dynamic" if fp16.get("loss_scale", 0) == 0 else f"a static scale of {fp16['loss_scale']}"
             raise ValueError(
-                "DPZeroStrategy: the DeepSpeed config uses dynamic fp16 loss scaling (fp16.loss_scale=0); under DP "
-                "use a static scale of 1 (fp16.loss_scale=1) or bf16."
+                f"DPZeroStrategy: the DeepSpeed config scales the fp16 loss ({kind}); under DP the loss scale must be "
+                "1 (fp16.loss_scale=1): per-example clipping already scales each gradient, a dynamic scaler skips "
+                "steps depending on the data, and the clipped sums enter DeepSpeed unscaled. Use fp16.loss_scale=1 "
+                "or bf16 (DPPrecision('bf16-mixed'))."
             )
         if "optimizer" in config:
             raise ValueError(
                 "DPZeroStrategy: define the optimizer in configure_optimizers, not in the DeepSpeed config: the "
                 "strategy wraps the client optimizer to add the noise."
             )
+
+    @override
+    def _dp_precision(self, plugin: Any) -> Any:
+        """DeepSpeed's own plugin (its bf16 / fp16 config sections; fp16 with the static loss scale of 1)."""
+        from lightning.pytorch.plugins.precision import DeepSpeedPrecision
+
+        if isinstance(plugin, DeepSpeedPrecision):
+            return plugin
+        return DeepSpeedPrecision(dp_precision_for(plugin, type(self).__name__).precision)
 
     # ------------------------------------------------------------------------------------------- set-up
     @override

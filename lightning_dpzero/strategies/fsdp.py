@@ -23,6 +23,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_dpzero.config import PrivacyConfig
+from lightning_dpzero.precision import DPPrecision
 from lightning_dpzero.strategies._mixin import DPStrategyMixin
 
 __all__ = ["DPFSDPStrategy"]
@@ -62,8 +63,8 @@ class DPFSDPStrategy(DPStrategyMixin, ModelParallelStrategy):
         else:  # ModelParallelStrategy.setup, with the sharding it otherwise asks the user to write
             assert self.accelerator is not None
             self.accelerator.setup(trainer)
+            self.model = self.precision_plugin.convert_module(self.model)  # *-true: cast before sharding
             self._shard(module)
-            self.model = self.precision_plugin.convert_module(self.model)
             self.model_to_device()
             self.barrier()
             if trainer.state.fn == TrainerFn.FITTING:
@@ -87,10 +88,19 @@ class DPFSDPStrategy(DPStrategyMixin, ModelParallelStrategy):
                 "shard the model yourself in configure_model."
             )
         mesh = self.device_mesh["data_parallel"]
+        kwargs: dict[str, Any] = {}
+        plugin = self.precision_plugin
+        if isinstance(plugin, DPPrecision) and plugin.mixed:
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            # FSDP2 casts the gathered parameters (and the root's inputs) for compute: autocast is not needed. The
+            # DP reduction is ours and stays fp32 (clipped sums, noise), whatever reduce_dtype says.
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=plugin.dtype, reduce_dtype=torch.float32)
+            plugin.autocast = False
         owners = [m for m in module.modules() if m is not module and any(True for _ in m.parameters(recurse=False))]
         for m in owners:
-            fully_shard(m, mesh=mesh)
-        fully_shard(module, mesh=mesh)
+            fully_shard(m, mesh=mesh, **kwargs)
+        fully_shard(module, mesh=mesh, **kwargs)
 
     @override
     def _privatize(self, optimizer: Optimizer) -> None:

@@ -2,10 +2,11 @@
 
     torchrun --standalone --nproc_per_node 2 tests/strategies/parallel_worker.py STRATEGY MODE OUT_DIR
 
-STRATEGY is ddp, zero1, zero2 or zero3; MODE is oracle (sigma = 0, gradients vs the reference) or noise (a
-zero-gradient model). Recorded per step: the reduced gradient before the optimizer step (DDP: ``p.grad``, which is
-already (sum + noise) / B; ZeRO: DeepSpeed's reduced gradient times W / B via ``safe_get_full_grad``, i.e. what the
-noise wrapper turns into the update at sigma = 0), and the update itself, (before - after) / lr with SGD.
+STRATEGY is ddp, zero1, zero2, zero3, fsdp or fsdp_own; MODE is oracle (sigma = 0, gradients vs the reference),
+bf16 (the same under DPPrecision("bf16-mixed")), noise (a zero-gradient model) or resume. Recorded per step: the
+reduced gradient before the optimizer step (DDP: ``p.grad``, which is already (sum + noise) / B; ZeRO: DeepSpeed's
+reduced gradient times W / B via ``safe_get_full_grad``, i.e. what the noise wrapper turns into the update at
+sigma = 0), and the update itself, (before - after) / lr with SGD.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ class Record(Callback):
         self.updates.append({n: (self._before[n] - after[n]) / LR for n in after})
 
 
-def _trainer(strategy: str, privacy: dpz.PrivacyConfig, steps: int, callbacks: list) -> L.Trainer:
+def _trainer(strategy: str, privacy: dpz.PrivacyConfig, steps: int, callbacks: list, plugins=None) -> L.Trainer:
     if strategy == "ddp":
         strat = dpz.DPDDPStrategy(privacy, process_group_backend="gloo")
     elif strategy in ("fsdp", "fsdp_own"):
@@ -95,6 +96,7 @@ def _trainer(strategy: str, privacy: dpz.PrivacyConfig, steps: int, callbacks: l
         strategy=strat,
         max_steps=steps,
         callbacks=callbacks,
+        plugins=plugins,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -127,15 +129,18 @@ def main(strategy: str, mode: str, out: Path) -> None:
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     if mode == "resume":
         return resume(strategy, out)
-    if mode == "oracle":
+    plugins = None
+    if mode in ("oracle", "bf16"):
         privacy = dpz.PrivacyConfig(
             noise_multiplier=0.0, clip_norm=0.3, expected_batch_size=4, physical_batch_size=3, seed=11
         )
         task, record, steps = (ShardedTask if strategy == "fsdp_own" else Task)(lr=LR), Record("net"), 8
+        if mode == "bf16":
+            plugins, steps = [dpz.DPPrecision("bf16-mixed")], 4
     else:
         privacy = dpz.PrivacyConfig(noise_multiplier=2.0, clip_norm=0.5, expected_batch_size=16, seed=3)
         task, record, steps = ZeroGrad(lr=LR), Record("lin"), 3
-    trainer = _trainer(strategy, privacy, steps, [record])
+    trainer = _trainer(strategy, privacy, steps, [record], plugins)
     trainer.fit(task)
     dp = trainer.strategy.dp
     torch.save(
@@ -147,6 +152,8 @@ def main(strategy: str, mode: str, out: Path) -> None:
             "epsilon": dp.epsilon(),
             "steps": dp.accountant.steps,
             "world": dp.world_size,
+            "precision": str(trainer.strategy.precision_plugin.precision),
+            "compute_dtype": str(task.compute_dtype),
         },
         out / f"rank{trainer.global_rank}.pt",
     )
