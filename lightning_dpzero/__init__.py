@@ -12,15 +12,19 @@ from lightning_dpzero.config import (
     Accountant,
     ClippingFunction,
     ClippingStyle,
+    Method,
     NonFinitePolicy,
     NormMode,
     PrivacyConfig,
+    PruneSelection,
+    ZerothOrderConfig,
 )
 from lightning_dpzero.layers import DPMultiheadAttention, replace_multihead_attention
 from lightning_dpzero.precision import DPPrecision
 from lightning_dpzero.sampling.poisson import LogicalBatch, PoissonBatchSampler
 from lightning_dpzero.step import DPStep, PrivacyBudgetExhausted
 from lightning_dpzero.strategies import DPDDPStrategy, DPFSDPStrategy, DPStrategy, DPZeroStrategy
+from lightning_dpzero.zeroth_order import ZOStep
 
 __all__ = [
     "Accountant",
@@ -34,6 +38,7 @@ __all__ = [
     "DPStep",
     "DPStrategy",
     "LogicalBatch",
+    "Method",
     "NonFinitePolicy",
     "NormMode",
     "PoissonBatchSampler",
@@ -41,8 +46,11 @@ __all__ = [
     "PrivacyBudget",
     "PrivacyBudgetExhausted",
     "PrivacyConfig",
+    "PruneSelection",
     "DPZeroStrategy",
     "UnsupportedLayerError",
+    "ZOStep",
+    "ZerothOrderConfig",
     "calibrate_noise_multiplier",
     "epsilon_for",
     "register_rule",

@@ -8,11 +8,22 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from enum import Enum
 from typing import Any
 
-__all__ = ["Accountant", "ClippingFunction", "ClippingStyle", "NonFinitePolicy", "NormMode", "PrivacyConfig"]
+__all__ = [
+    "Accountant",
+    "ClippingFunction",
+    "ClippingStyle",
+    "Method",
+    "NonFinitePolicy",
+    "NormMode",
+    "PrivacyConfig",
+    "PruneSelection",
+    "ZerothOrderConfig",
+]
 
 # Test-only switch: sigma = 0 (no noise) is how the correctness oracles compare gradients exactly. It is read from
 # the environment so that it reaches spawned ranks; it is never set by the library and is not part of the API.
@@ -72,6 +83,102 @@ class NonFinitePolicy(_StrEnum):
     RAISE = "raise"  # stop with FloatingPointError (debugging; the crash itself reveals that one example overflowed)
 
 
+class Method(_StrEnum):
+    """How the per-example signal of a logical step is computed."""
+
+    FIRST_ORDER = "first_order"  # DP-SGD: per-example gradients by backpropagation, clipped, noised
+    ZEROTH_ORDER = "zeroth_order"  # DP-ZO / DPZero / DP-ZOSO: per-example finite differences along public directions
+
+
+class PruneSelection(_StrEnum):
+    """Which coordinates data-free pruning keeps trainable, by SynFlow score |theta * dR/dtheta|."""
+
+    LOWEST = "lowest"  # the least salient (DP-ZOPO's choice: ZO noise hurts large weights most)
+    HIGHEST = "highest"  # the most salient (SynFlow's own use: the weights that carry the synaptic flow)
+
+
+_StageValue = float | tuple[float, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ZerothOrderConfig:
+    """Settings of the zeroth-order DP step (``PrivacyConfig(method="zeroth_order", zeroth_order=...)``).
+
+    Values marked "per stage" are a number (the same in every stage) or a list of ``num_stages`` numbers.
+    ``num_stages=1`` is the constant schedule of DPZero; ``num_stages > 1`` the stagewise schedule of DP-ZOSO.
+
+    Args:
+        perturbation_scale: beta, per stage: parameters are evaluated at theta +- beta z, z ~ N(0, I).
+        learning_rate: eta, per stage: theta <- theta - eta (g z + lambda (theta - theta_stage)). ``None``: the
+            learning rate of each parameter's optimizer group, read at every logical step (LR schedulers apply).
+        proximal_weight: lambda, per stage: pull towards the weights at the start of the stage. Any lambda > 0 keeps
+            one copy of the trainable parameters (only the pruned subset when pruning).
+        num_directions: P directions per logical step (2P forward passes per physical batch); the P differences of
+            one example are clipped jointly to ``clip_norm``.
+        num_stages: S stages; stage s lasts ``stage_length * 2**s`` logical steps, the last one until the end.
+        stage_length: T0, the length of stage 0 in logical steps (needed when ``num_stages > 1``).
+        prune_keep_fraction: with a value, SynFlow scores on an all-ones input (no data, no privacy cost) select
+            this fraction of the trainable coordinates, the only ones perturbed and updated.
+        prune_select: keep the ``lowest`` (DP-ZOPO) or the ``highest`` (SynFlow) scores.
+
+    Privacy:
+        Directions and pruning are data-independent; only the clipped per-example differences touch the data, and
+        they are released through one Gaussian mechanism of dimension P per logical step (sensitivity C).
+    """
+
+    perturbation_scale: _StageValue = 1e-3
+    learning_rate: _StageValue | None = None
+    proximal_weight: _StageValue = 0.0
+    num_directions: int = 1
+    num_stages: int = 1
+    stage_length: int | None = None
+    prune_keep_fraction: float | None = None
+    prune_select: PruneSelection = PruneSelection.LOWEST
+
+    def __post_init__(self) -> None:
+        _coerce_enum(self, "prune_select", PruneSelection, owner="ZerothOrderConfig")
+        for name in ("num_directions", "num_stages", "stage_length"):
+            value = getattr(self, name)
+            if (value is not None or name != "stage_length") and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ValueError(f"ZerothOrderConfig: `{name}` must be a positive integer, got {value!r}.")
+        if self.num_stages > 1 and self.stage_length is None:
+            raise ValueError(
+                f"ZerothOrderConfig: num_stages={self.num_stages} needs `stage_length` (T0, the logical steps of "
+                "stage 0; stage s lasts T0 * 2**s)."
+            )
+        for name, allow_zero in (("perturbation_scale", False), ("learning_rate", False), ("proximal_weight", True)):
+            value = getattr(self, name)
+            if value is None and name == "learning_rate":
+                continue
+            is_list = isinstance(value, Sequence) and not isinstance(value, str)  # lists from YAML / the CLI
+            values = tuple(value) if is_list else (value,)
+            if is_list:
+                if len(values) != self.num_stages:
+                    raise ValueError(
+                        f"ZerothOrderConfig: `{name}` has {len(values)} values, one per stage is "
+                        f"num_stages={self.num_stages}; give one number or {self.num_stages}."
+                    )
+                object.__setattr__(self, name, tuple(float(v) for v in values))
+            for v in values:
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise ValueError(f"ZerothOrderConfig: `{name}` must be finite numbers, got {value!r}.")
+                if v < 0 or (v == 0 and not allow_zero):
+                    kind = "non-negative" if allow_zero else "positive"
+                    raise ValueError(f"ZerothOrderConfig: `{name}` must be {kind}, got {value!r}.")
+        fraction = self.prune_keep_fraction
+        if fraction is not None and (
+            isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0
+        ):
+            raise ValueError(f"ZerothOrderConfig: `prune_keep_fraction` must be in (0, 1], got {fraction!r}.")
+
+    def stage_value(self, name: str, stage: int) -> float | None:
+        """The value of the per-stage setting ``name`` in stage ``stage`` (0-based)."""
+        value = getattr(self, name)
+        return value[stage] if isinstance(value, tuple) else value
+
+
 @dataclass(frozen=True, kw_only=True)
 class PrivacyConfig:
     """Every setting of DP-SGD, validated when built.
@@ -104,6 +211,14 @@ class PrivacyConfig:
             default) drops that example's contribution to the clipping group and counts it; ``raise`` stops.
         seed: seeds Poisson sampling and noise. ``None`` (the default) draws it from the OS entropy pool: sampling
             and noise must be unpredictable to an adversary; fix it only for reproducible research runs.
+        secure_rng: draw the noise from the OS's cryptographically secure generator instead of a seeded torch
+            generator (slower: ~5x the cost of drawing the noise, which is small next to a step; not
+            reproducible, nothing to checkpoint). Poisson sampling stays on seeded generators drawn from OS entropy.
+        method: ``first_order`` (DP-SGD) or ``zeroth_order`` (forward passes only, at inference memory; see
+            ``ZerothOrderConfig``). Zeroth-order clips the vector of an example's P finite differences with
+            ``clipping_function`` (``abadi`` is the literature's min(1, C/|g|)); it needs ``all-layer`` style.
+        zeroth_order: the zeroth-order settings (a ``ZerothOrderConfig`` or a dict of its fields); ``None`` with
+            ``method="zeroth_order"`` uses its defaults.
 
     Privacy:
         The guarantee is example-level (add/remove one example) (epsilon, delta)-DP for the Poisson-sampled
@@ -131,8 +246,12 @@ class PrivacyConfig:
     functorch_fallback: bool = False
     non_finite: NonFinitePolicy = NonFinitePolicy.ZERO
     seed: int | None = None
+    secure_rng: bool = False
+    method: Method = Method.FIRST_ORDER
+    zeroth_order: ZerothOrderConfig | None = None
 
     def __post_init__(self) -> None:
+        self._check_method()
         if not _is_registered_function(self.clipping_function):
             _coerce_enum(self, "clipping_function", ClippingFunction)
         for name, enum in (
@@ -181,7 +300,34 @@ class PrivacyConfig:
                 raise ValueError(f"PrivacyConfig: `{name}` must be a positive integer, got {value!r}.")
         if self.sample_rate is not None and not 0.0 < self.sample_rate <= 1.0:
             raise ValueError(f"PrivacyConfig: `sample_rate` must be in (0, 1], got {self.sample_rate!r}.")
+        if self.secure_rng and self.seed is not None:
+            raise ValueError(
+                "PrivacyConfig: secure_rng=True draws the noise from the OS and cannot be seeded; got "
+                f"seed={self.seed}. Drop `seed` (or set secure_rng=False for a reproducible research run)."
+            )
         self._check_groups()
+
+    def _check_method(self) -> None:
+        _coerce_enum(self, "method", Method)
+        zo = self.zeroth_order
+        if isinstance(zo, dict) or (zo is not None and hasattr(zo, "items") and not isinstance(zo, ZerothOrderConfig)):
+            object.__setattr__(self, "zeroth_order", ZerothOrderConfig(**dict(zo.items())))  # Hydra / CLI dicts
+        elif zo is not None and not isinstance(zo, ZerothOrderConfig):
+            raise TypeError(f"PrivacyConfig: `zeroth_order` must be a ZerothOrderConfig, got {type(zo).__name__}.")
+        if self.method is Method.FIRST_ORDER:
+            if self.zeroth_order is not None:
+                raise ValueError(
+                    "PrivacyConfig: `zeroth_order` settings are given but method='first_order'; set "
+                    "method='zeroth_order' to use them, or remove them."
+                )
+            return
+        if self.zeroth_order is None:
+            object.__setattr__(self, "zeroth_order", ZerothOrderConfig())
+        if str(self.clipping_style).lower() != ClippingStyle.ALL_LAYER.value:
+            raise ValueError(
+                f"PrivacyConfig: method='zeroth_order' clips each example's P finite differences as one vector; "
+                f"clipping_style={str(self.clipping_style)!r} is a first-order setting. Use clipping_style='all-layer'."
+            )
 
     def _check_groups(self) -> None:
         groups = self.clipping_groups
@@ -236,14 +382,14 @@ def _is_registered_function(value: object) -> bool:
     return value.lower() in registered_clipping_functions() and value.lower() not in ClippingFunction.choices()
 
 
-def _coerce_enum(config: PrivacyConfig, name: str, enum: type[_StrEnum]) -> None:
+def _coerce_enum(config: Any, name: str, enum: type[_StrEnum], owner: str = "PrivacyConfig") -> None:
     value = getattr(config, name)
     if isinstance(value, enum):
         return
     try:
         object.__setattr__(config, name, enum(str(value).lower()))
     except ValueError:
-        raise ValueError(f"PrivacyConfig: `{name}`={value!r} is not one of {enum.choices()}.") from None
+        raise ValueError(f"{owner}: `{name}`={value!r} is not one of {enum.choices()}.") from None
 
 
 def _require_positive_finite(config: PrivacyConfig, name: str) -> None:

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from lightning_dpzero.accounting import PrivacyAccountant, calibrate_noise_multiplier
 from lightning_dpzero.clipping.engine import ClippingEngine
 from lightning_dpzero.config import PrivacyConfig
-from lightning_dpzero.noise import GaussianNoise
+from lightning_dpzero.noise import GaussianNoise, SecureGaussianNoise
 from lightning_dpzero.sampling.poisson import PoissonBatchSampler, check_replaceable, make_dp_dataloader
 
 __all__ = ["DPStep", "PrivacyBudgetExhausted"]
@@ -71,7 +71,7 @@ class DPStep:
         self.accountant: PrivacyAccountant | None = None
         self.rank, self.world_size = 0, 1
         self.base_seed = config.seed if config.seed is not None else secrets.randbits(62)
-        self.noise = GaussianNoise(derive_seed(self.base_seed, "noise", self.rank))
+        self.noise = self._make_noise(self.rank)
         self.sampler: PoissonBatchSampler | None = None
         self._pending_sampler_state: dict[str, Any] | None = None
         self._restored: dict[str, Any] | None = None
@@ -83,7 +83,12 @@ class DPStep:
         self.rank, self.world_size = rank, world_size
         if base_seed is not None:
             self.base_seed = base_seed
-        self.noise = GaussianNoise(derive_seed(self.base_seed, "noise", rank))
+        self.noise = self._make_noise(rank)
+
+    def _make_noise(self, rank: int) -> GaussianNoise | SecureGaussianNoise:
+        if self.config.secure_rng:
+            return SecureGaussianNoise()
+        return GaussianNoise(derive_seed(self.base_seed, "noise", rank))
 
     def attach(self, model: nn.Module) -> None:
         """Validate ``model`` (every trainable layer has a clipping rule) and hook it."""

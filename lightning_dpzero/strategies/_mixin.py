@@ -24,6 +24,7 @@ from lightning_dpzero.config import PrivacyConfig
 from lightning_dpzero.precision import DPPrecision, dp_precision_for, refuse_loss_scaler
 from lightning_dpzero.sampling.poisson import LogicalBatch
 from lightning_dpzero.step import DPStep
+from lightning_dpzero.zeroth_order.step import ZOStep
 
 __all__ = ["DPStrategyMixin"]
 
@@ -34,11 +35,20 @@ class DPStrategyMixin:
     """DP-SGD hooks for a Lightning strategy. Put it first in the bases: ``(DPStrategyMixin, DDPStrategy)``."""
 
     dp: DPStep
+    # Why this strategy refuses PrivacyConfig(method="zeroth_order"), or None where ZOStep runs.
+    _zeroth_order_unsupported: str | None = None
 
     def _init_dp(self, privacy: PrivacyConfig | None) -> None:
         if privacy is not None and not isinstance(privacy, PrivacyConfig):
             raise TypeError(f"{type(self).__name__}: `privacy` must be a PrivacyConfig, got {type(privacy).__name__}.")
-        self.dp = DPStep(privacy or PrivacyConfig.default())
+        config = privacy or PrivacyConfig.default()
+        if config.zeroth_order is not None and self._zeroth_order_unsupported is not None:
+            raise ValueError(
+                f"{type(self).__name__}: PrivacyConfig(method='zeroth_order') is not supported by this strategy yet "
+                f"({self._zeroth_order_unsupported}). Use strategy 'dp' (one device), 'dp_ddp' or 'dp_zero3'."
+            )
+        # Zeroth-order: forward passes only, the update in place (ZOStep); first-order: DP-SGD (DPStep).
+        self.dp = ZOStep(config) if config.zeroth_order is not None else DPStep(config)
         self._dp_step_pending = False
 
     @property
@@ -92,6 +102,14 @@ class DPStrategyMixin:
             raise ValueError(
                 f"{name}: manual optimization is not supported under DP yet: the strategy must own the step "
                 "(clip, noise, normalise, account). Use automatic optimization with one optimizer."
+            )
+        compiled = _compiled_modules(module)
+        if compiled:
+            raise ValueError(
+                f"{name}: torch.compile is not supported under DP ({compiled[0]!r} is compiled): the clipping "
+                "engine's per-example taps are Python forward hooks and autograd Functions, which Dynamo graph-breaks "
+                "around or bakes into a graph without them. Train without torch.compile (compiling the trained model "
+                "for inference is fine)."
             )
         connector = getattr(trainer, "_accelerator_connector", None)
         refuse_loss_scaler(getattr(connector, "_precision_plugin_flag", None), name)  # a plugin the user built
@@ -152,16 +170,35 @@ class DPStrategyMixin:
             )
             trainer.should_stop = True
             return None  # Lightning skips the backward and the optimizer step
-        assert self.dp.engine is not None
+        zeroth_order = isinstance(self.dp, ZOStep)
+        assert zeroth_order or self.dp.engine is not None
         losses: list[Tensor] = []
         output: Any = None
         for physical, mask in batch:
             physical = module.on_before_batch_transfer(physical, 0)
             physical = super().batch_to_device(physical)  # type: ignore[misc]
-            with self._physical_batch_context():
-                with self.dp.engine.recording(self.root_device):  # type: ignore[attr-defined]
-                    output = self._physical_training_step(physical, *args[1:], **kwargs)
-                losses.append(self.dp.backward(output, mask))
+            try:
+                if zeroth_order:  # 2P forward passes at theta +- beta z, no backward
+                    with self._physical_batch_context():
+                        output, shown = self.dp.forward_differences(  # type: ignore[attr-defined]
+                            lambda physical=physical: self._physical_training_step(physical, *args[1:], **kwargs),
+                            mask,
+                        )
+                    losses.append(shown)
+                    continue
+                with self._physical_batch_context():
+                    with self.dp.engine.recording(self.root_device):  # type: ignore[attr-defined]
+                        output = self._physical_training_step(physical, *args[1:], **kwargs)
+                    losses.append(self.dp.backward(output, mask))
+            except RuntimeError as err:
+                if not _is_out_of_memory(err):
+                    raise
+                raise torch.OutOfMemoryError(
+                    f"{type(self).__name__}: out of memory in a physical batch of {mask.numel()} examples. Lower "
+                    "PrivacyConfig(physical_batch_size=...): it sets memory and speed only, not the privacy "
+                    f"guarantee (the logical batch stays B = qN = {self.dp.expected_batch_size:.0f}, split into more "
+                    "physical batches). Original error: " + str(err).split("\n")[0]
+                ) from err
         self._dp_step_pending = True
         loss = torch.stack(losses).mean()
         if isinstance(output, Mapping):
@@ -195,6 +232,9 @@ class DPStrategyMixin:
 
     def _privatize(self, optimizer: Optimizer) -> None:
         """Noise, normalise and write the gradients of the parameters ``optimizer`` updates."""
+        if isinstance(self.dp, ZOStep):
+            self.dp.update(optimizer)  # in place: the optimizer does not step and holds no gradient
+            return
         self.dp.privatize(self._named_optimizer_params(optimizer))
 
     def _named_optimizer_params(self, optimizer: Optimizer) -> list[tuple[str, torch.nn.Parameter]]:
@@ -250,3 +290,20 @@ class DPStrategyMixin:
     def teardown(self) -> None:
         self.dp.detach()
         super().teardown()  # type: ignore[misc]
+
+
+def _is_out_of_memory(err: RuntimeError) -> bool:
+    """CUDA's ``OutOfMemoryError``, or the CPU allocator's failure (a plain RuntimeError)."""
+    return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)
+
+
+def _compiled_modules(module: torch.nn.Module) -> list[str]:
+    """Paths of modules compiled with ``torch.compile`` (Lightning unwraps a compiled LightningModule, keeping a
+    ``_compiler_ctx``; ``nn.Module.compile()`` sets ``_compiled_call_impl``; ``torch.compile(sub)`` wraps it)."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    found = ["<LightningModule>"] if getattr(module, "_compiler_ctx", None) else []
+    for path, sub in module.named_modules():
+        if isinstance(sub, OptimizedModule) or getattr(sub, "_compiled_call_impl", None) is not None:
+            found.append(path or "<LightningModule>")
+    return found

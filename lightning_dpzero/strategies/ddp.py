@@ -7,6 +7,7 @@ from typing import Any
 
 import torch.distributed as dist
 from lightning.fabric.strategies.registry import _StrategyRegistry
+from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor
 from torch.optim import Optimizer
@@ -14,6 +15,7 @@ from typing_extensions import override
 
 from lightning_dpzero.config import PrivacyConfig
 from lightning_dpzero.strategies._mixin import DPStrategyMixin
+from lightning_dpzero.zeroth_order.step import ZOStep
 
 __all__ = ["DPDDPStrategy"]
 
@@ -26,6 +28,10 @@ class DPDDPStrategy(DPStrategyMixin, DDPStrategy):
     all-reduce per logical step. DDP's own per-backward reduction stays idle (``no_sync``): the clipped sum is
     not in the parameters' autograd gradients, and one flat all-reduce moves the same bytes. Each rank adds the
     noise of its 1/W share of the coordinates before the sum, so noise is drawn once per coordinate.
+
+    Zeroth-order (``PrivacyConfig(method="zeroth_order")``): no DDP wrapper (no gradient buckets); every rank
+    perturbs its full replica with the same public z, the P clipped per-example difference sums are all-reduced,
+    rank 0 alone adds the noise before that sum, and every rank applies the same in-place update.
 
     Args:
         privacy: the privacy settings; ``None`` uses ``PrivacyConfig.default()``.
@@ -49,8 +55,25 @@ class DPDDPStrategy(DPStrategyMixin, DDPStrategy):
         return no_sync() if no_sync is not None else contextlib.nullcontext()
 
     @override
+    def configure_ddp(self) -> None:
+        if isinstance(self.dp, ZOStep):
+            # Zeroth-order: no gradients to reduce, so no DDP wrapper (its reducer would allocate gradient buckets of
+            # the model's size); every rank starts from rank 0's weights and applies the same update after.
+            _sync_module_states(self.model)
+            return
+        super().configure_ddp()
+
+    @override
     def _privatize(self, optimizer: Optimizer) -> None:
+        if isinstance(self.dp, ZOStep):
+            self.dp.update(optimizer, all_reduce=self._all_reduce_on_device)  # P numbers, not the gradients
+            return
         self.dp.privatize(self._named_optimizer_params(optimizer), all_reduce=_all_reduce_sum)
+
+    def _all_reduce_on_device(self, values: Tensor) -> None:
+        on_device = values.to(self.root_device)  # NCCL reduces device tensors only
+        _all_reduce_sum(on_device)
+        values.copy_(on_device.to(values.device))
 
     @classmethod
     @override

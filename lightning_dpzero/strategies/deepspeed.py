@@ -35,8 +35,15 @@ from lightning_dpzero.config import PrivacyConfig
 from lightning_dpzero.precision import dp_precision_for
 from lightning_dpzero.step import DPStep
 from lightning_dpzero.strategies._mixin import DPStrategyMixin
+from lightning_dpzero.zeroth_order.step import ZOStep
 
 __all__ = ["DPZeroStrategy", "DeepSpeedCPUStrategy"]
+
+_ZO_NO_CHECKPOINTS = (
+    "DPZeroStrategy: checkpoints are not supported yet with PrivacyConfig(method='zeroth_order'): without a DeepSpeed "
+    "optimizer (none is built, so no fp32 master copy can overwrite the in-place update) DeepSpeed's checkpointing "
+    "saves no ZeRO-3 weight partitions. Use strategy 'dp' or 'dp_ddp' to checkpoint a zeroth-order run."
+)
 
 
 class _NoisyPartitionOptimizer(Optimizer):
@@ -170,6 +177,12 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
     Privacy:
         Same step as ``DPStrategy``: Poisson shards per rank, per-example clipping, noise N(0, sigma^2 C^2) once per
         coordinate per logical step (drawn by the rank that owns the coordinate's partition), division by B.
+
+    Zeroth-order (``PrivacyConfig(method="zeroth_order")``, stage 3 only): DeepSpeed partitions the parameters
+    but builds no optimizer (no fp32 master copy, no gradient partitions). Each module's gathered parameters are
+    perturbed (same public z on every rank) after ZeRO-3's gather and restored before its release; the P clipped
+    sums are all-reduced (noise from rank 0 only) and each rank updates its own partition ``param.ds_tensor`` in
+    place, regenerating only its slice of z. Pruning and checkpoints are refused in this mode.
     """
 
     strategy_name = "dp_zero"
@@ -180,6 +193,11 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
         kwargs.setdefault("loss_scale", 1.0)  # fp16: a static scale of 1; per-example clipping already scales
         super().__init__(stage=stage, **kwargs)
         self._init_dp(privacy)
+        if isinstance(self.dp, ZOStep) and stage != 3:
+            raise ValueError(
+                f"DPZeroStrategy(stage={stage}): zeroth-order DP runs at ZeRO stage 3 (each rank updates its own "
+                "parameter partition); at stages 1 and 2 the parameters are replicated: use strategy 'dp_ddp'."
+            )
 
     @override
     def setup_environment(self) -> None:
@@ -189,6 +207,8 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
     @override
     def _setup_model_and_optimizer(self, model: Any, optimizer: Any, lr_scheduler: Any = None) -> Any:
         self._check_deepspeed_config()
+        if isinstance(self.dp, ZOStep):
+            return self._setup_zeroth_order(model, optimizer)
         if optimizer is not None:
             optimizer = _NoisyPartitionOptimizer(optimizer, self.dp, self.world_size)
         return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
@@ -231,6 +251,16 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
     @override
     def setup(self, trainer: pl.Trainer) -> None:
         self._check_trainer(trainer)
+        if isinstance(self.dp, ZOStep):
+            if trainer.checkpoint_callbacks:
+                raise ValueError(_ZO_NO_CHECKPOINTS + " Pass Trainer(enable_checkpointing=False).")
+            DeepSpeedStrategy.setup(self, trainer)
+            # After deepspeed.initialize: the perturbation pre-hooks then run after ZeRO-3's gather, and the restoring
+            # post-hooks (prepended) before its release.
+            self.dp.attach(self.lightning_module)
+            if trainer.state.fn == TrainerFn.FITTING:
+                self._check_optimizers()
+            return
         self.dp.attach(self.lightning_module)  # before deepspeed.initialize: ZeRO-3 then wraps hooked modules
         DeepSpeedStrategy.setup(self, trainer)
         if trainer.state.fn == TrainerFn.FITTING:
@@ -266,19 +296,74 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
         """Feed the clipped sums into DeepSpeed's reduction; noise is added in the client optimizer's step."""
         import deepspeed
 
+        if isinstance(self.dp, ZOStep):  # P numbers summed over the ranks; each rank updates its own partitions
+            self.dp.update(optimizer, all_reduce=self._all_reduce_on_device)
+            return
+
         engine = self.model
         assert isinstance(engine, deepspeed.DeepSpeedEngine)
         named = list(self.dp.engine.params.items())  # type: ignore[union-attr]
         summed = self.dp.begin_step([name for name, _ in named])
         for name, param in named:
-            grad = summed.get(name)
+            grad = summed.pop(name, None)
             if grad is None:
                 grad = torch.zeros(full_shape(param), device=self.root_device)
-            gather = deepspeed.zero.GatheredParameters([param]) if hasattr(param, "ds_id") else contextlib.nullcontext()
-            with gather:
-                param.backward(grad.to(param.dtype))  # fires DeepSpeed's reduce hooks, as a loss backward would
+            grad = grad.to(param.dtype)
+            if hasattr(param, "ds_id"):
+                _reduce_partitioned(engine.optimizer, param, grad)
+            else:
+                param.backward(grad)  # fires DeepSpeed's reduce hooks, as a loss backward would
+            del grad  # the fp32 clipped sum of this parameter is freed as soon as it is in a bucket
         engine.allreduce_gradients()
         self.dp.account_step()
+
+    # ------------------------------------------------------------------------------------- zeroth-order
+    def _setup_zeroth_order(self, model: Any, optimizer: Optimizer | None) -> Any:
+        """ZeRO-3 parameter partitioning without a DeepSpeed optimizer: no fp32 master copy, no gradient buffers.
+
+        DeepSpeed builds its parameter offload only (inference-style): the weights live in each rank's partition
+        ``param.ds_tensor``, which ``ZOStep`` updates in place, so nothing can overwrite them or go stale. The
+        client optimizer is returned as Lightning's optimizer: it never steps, only its learning rates are read.
+        """
+        import deepspeed
+
+        config = self.config
+        assert isinstance(config, dict)
+        # Persistent (never released) small parameters would keep a gathered copy that the in-place update of
+        # the partitions leaves stale: every parameter is gathered for each use instead.
+        config.setdefault("zero_optimization", {})["stage3_param_persistence_threshold"] = 0
+        with self._device_rank():
+            engine, *_ = deepspeed.initialize(
+                args=argparse.Namespace(device_rank=self.local_rank),
+                config=config,
+                model=model,
+                dist_init_required=False,
+            )
+        return engine, optimizer
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        if isinstance(self.dp, ZOStep):
+            raise ValueError(_ZO_NO_CHECKPOINTS)
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    @override
+    def optimizer_step(self, optimizer: Optimizer, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        if not isinstance(self.dp, ZOStep):
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
+        out = closure()  # the forward passes (training_step) and Lightning's bookkeeping; no backward
+        if self._dp_step_pending:
+            self._dp_step_pending = False
+            self._privatize(optimizer)  # the update, in place on the partitions; DeepSpeed's engine never steps
+        return out
+
+    def _all_reduce_on_device(self, values: torch.Tensor) -> None:
+        import torch.distributed as dist
+
+        on_device = values.to(self.root_device)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+        values.copy_(on_device.to(values.device))
 
     @classmethod
     @override
@@ -287,3 +372,21 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
             strategy_registry.register(
                 f"dp_zero{stage}", cls, description=f"DP-SGD in DeepSpeed ZeRO stage {stage}", stage=stage
             )
+
+
+def _reduce_partitioned(optimizer: Any, param: torch.nn.Parameter, grad: torch.Tensor) -> None:
+    """ZeRO-3: hand ``grad`` (full shape) to DeepSpeed's reduce-scatter bucket for a partitioned ``param``.
+
+    What DeepSpeed's gradient hook does after a loss backward, without gathering the parameter first (a loss
+    backward finds it gathered; here it is partitioned, with ``data`` of shape (0,)). ``param.grad`` must have the
+    parameter's shape when assigned, so ``data`` is swapped for a zero-stride full-shape view of one element (no
+    memory, no communication) for the assignment only. DeepSpeed copies the gradient into its bucket, reduce-scatters
+    it into each rank's partition and drops ``param.grad``, as for any gradient.
+    """
+    partition = param.data
+    param.data = grad.new_empty(()).expand(grad.shape)
+    try:
+        param.grad = grad
+    finally:
+        param.data = partition
+    optimizer.reduce_ready_partitions_and_remove_grads(param)

@@ -26,7 +26,7 @@ from lightning_dpzero.config import PrivacyConfig
 from lightning_dpzero.precision import DPPrecision
 from lightning_dpzero.strategies._mixin import DPStrategyMixin
 
-__all__ = ["DPFSDPStrategy"]
+__all__ = ["DPFSDPStrategy", "FSDP2Strategy", "shard_lightning_module"]
 
 
 class DPFSDPStrategy(DPStrategyMixin, ModelParallelStrategy):
@@ -40,6 +40,7 @@ class DPFSDPStrategy(DPStrategyMixin, ModelParallelStrategy):
     """
 
     strategy_name = "dp_fsdp"
+    _zeroth_order_unsupported = "per-shard perturbation of FSDP2's DTensor shards is not implemented"
 
     def __init__(self, privacy: PrivacyConfig | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("tensor_parallel_size", 1)
@@ -78,16 +79,6 @@ class DPFSDPStrategy(DPStrategyMixin, ModelParallelStrategy):
             self._check_optimizers()
 
     def _shard(self, module: nn.Module) -> None:
-        from torch.distributed.fsdp import fully_shard
-
-        own = [name for name, _ in module.named_parameters(recurse=False)]
-        if own:
-            raise ValueError(
-                f"DPFSDPStrategy: the LightningModule holds parameters {own[:3]} directly; Lightning calls its "
-                "training_step, not its forward, so FSDP2 would never gather them. Move them into a submodule, or "
-                "shard the model yourself in configure_model."
-            )
-        mesh = self.device_mesh["data_parallel"]
         kwargs: dict[str, Any] = {}
         plugin = self.precision_plugin
         if isinstance(plugin, DPPrecision) and plugin.mixed:
@@ -97,10 +88,7 @@ class DPFSDPStrategy(DPStrategyMixin, ModelParallelStrategy):
             # DP reduction is ours and stays fp32 (clipped sums, noise), whatever reduce_dtype says.
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=plugin.dtype, reduce_dtype=torch.float32)
             plugin.autocast = False
-        owners = [m for m in module.modules() if m is not module and any(True for _ in m.parameters(recurse=False))]
-        for m in owners:
-            fully_shard(m, mesh=mesh, **kwargs)
-        fully_shard(module, mesh=mesh, **kwargs)
+        shard_lightning_module(module, self.device_mesh["data_parallel"], owner=type(self).__name__, **kwargs)
 
     @override
     def _privatize(self, optimizer: Optimizer) -> None:
@@ -128,6 +116,91 @@ class DPFSDPStrategy(DPStrategyMixin, ModelParallelStrategy):
     @override
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
         strategy_registry.register(cls.strategy_name, cls, description="DP-SGD with FSDP2 (fully_shard)")
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """The non-private counterpart of ``dp_fsdp``: Lightning's ``ModelParallelStrategy`` (FSDP2, pure data
+    parallelism) sharding a LightningModule without ``configure_model`` the way ``DPFSDPStrategy`` does. For
+    like-for-like comparisons (Hydra ``strategy=fsdp``, the benchmarks); not registered by name.
+
+    Args:
+        **kwargs: passed to ``ModelParallelStrategy`` (``data_parallel_size`` defaults to all ranks,
+            ``tensor_parallel_size`` to 1).
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("tensor_parallel_size", 1)
+        super().__init__(**kwargs)
+
+    @override
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto":
+            self._data_parallel_size = self.world_size
+        super().setup_environment()
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        if is_overridden("configure_model", self.lightning_module):
+            return super().setup(trainer)
+        assert self.accelerator is not None
+        self.accelerator.setup(trainer)
+        self.model = self.precision_plugin.convert_module(self.model)
+        shard_lightning_module(self.lightning_module, self.device_mesh["data_parallel"], owner=type(self).__name__)
+        self.model_to_device()
+        self.barrier()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if trainer.state.fn == TrainerFn.FITTING:
+            _optimizers_to_device(self.optimizers, self.root_device)
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        pass  # a baseline, selected by class path
+
+
+def shard_lightning_module(module: nn.Module, mesh: Any, *, owner: str, **kwargs: Any) -> None:
+    """``fully_shard`` a LightningModule that has no ``configure_model``, as its ``training_step`` will use it.
+
+    Every module that owns parameters becomes an FSDP2 group, except modules sharing a parameter (a tied embedding
+    and output head): FSDP2 refuses a parameter in two groups, so those are grouped at the LightningModule's child
+    that contains them (Lightning calls ``training_step``, never the LightningModule's own forward, so the root
+    group's hooks would never gather them). Then the root. A module sharded by an earlier ``fit`` is left as is.
+
+    Raises:
+        ValueError: the LightningModule owns parameters directly (they would never be gathered).
+    """
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    if isinstance(module, FSDPModule):
+        return
+    own = [name for name, _ in module.named_parameters(recurse=False)]
+    if own:
+        raise ValueError(
+            f"{owner}: the LightningModule holds parameters {own[:3]} directly; Lightning calls its training_step, "
+            "not its forward, so FSDP2 would never gather them. Move them into a submodule, or shard the model "
+            "yourself in configure_model."
+        )
+    holders: dict[int, list[nn.Module]] = {}
+    for m in module.modules():
+        for p in m.parameters(recurse=False):
+            holders.setdefault(id(p), []).append(m)
+    tied = {id(m) for ms in holders.values() if len(ms) > 1 for m in ms}
+    owners = [m for m in module.modules() if m is not module and any(True for _ in m.parameters(recurse=False))]
+    for m in owners:
+        if id(m) not in tied:
+            fully_shard(m, mesh=mesh, **kwargs)
+    for child in module.children():
+        if tied & {id(m) for m in child.modules()} and id(child) not in tied:
+            fully_shard(child, mesh=mesh, **kwargs)  # the tied parameters' group
+        elif id(child) in tied:
+            raise ValueError(
+                f"{owner}: the LightningModule's direct submodule {type(child).__name__} shares a parameter with "
+                "another direct submodule; group them in one child module (e.g. self.net = GPT(...)) or shard the "
+                "model yourself in configure_model."
+            )
+    fully_shard(module, mesh=mesh, **kwargs)
 
 
 def _reduce_scatter_dim0(full: Tensor, world_size: int, local_rows: int) -> Tensor:

@@ -1,0 +1,398 @@
+"""``ZOStep``: one logical zeroth-order DP step (DESIGN.md section 3), with ``DPStep``'s sampling and accounting.
+
+Notation: P directions z_1..z_P ~ N(0, I) over the trainable (kept) coordinates, regenerated from a public seed;
+beta, eta, lambda of the current stage; C the clip norm, sigma the noise multiplier, B = qN.
+
+Per logical step t:
+1. for each physical batch and each direction j: per-example losses at theta + beta z_j and theta - beta z_j
+   (forward passes only, dropout off), d_ij = (l_i(theta + beta z_j) - l_i(theta - beta z_j)) / (2 beta);
+2. each real example's vector d_i = (d_i1..d_iP) is clipped jointly to norm C (``clipping_function``), padded rows
+   contribute exactly 0, and the clipped vectors are summed over physical batches (and ranks);
+3. N(0, sigma^2 C^2 I_P) is added once, and the sum divided by B: g = (sum + noise) / B, P numbers;
+4. theta <- theta - eta ((1/P) sum_j g_j z_j + lambda (theta - theta_s)), in place, block by block;
+5. one Poisson-sampled Gaussian event (q, sigma) is accounted, exactly as first-order DP-SGD.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from lightning_dpzero.clipping.functions import _FUNCTIONS
+from lightning_dpzero.config import NonFinitePolicy, PrivacyConfig
+from lightning_dpzero.step import DPStep, PrivacyBudgetExhausted
+from lightning_dpzero.zeroth_order.perturbation import BLOCK, DirectionSampler, Perturber, _flat
+from lightning_dpzero.zeroth_order.pruning import select_coordinates, synflow_scores
+from lightning_dpzero.zeroth_order.schedule import StageSchedule
+
+__all__ = ["ZOStep", "public_direction_seed"]
+
+
+def public_direction_seed(base_seed: int) -> int:
+    """The run's public direction seed: a one-way hash of the secret base seed.
+
+    Privacy:
+        z is public (it does not depend on the data), and its seed may be published; SHA-256 makes sure that
+        publishing it reveals nothing about the base seed, from which the noise and sampling streams derive.
+    """
+    return int.from_bytes(hashlib.sha256(f"lightning_dpzero/zo-directions/{base_seed}".encode()).digest()[:8], "big")
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Dropout off during the +- forward passes (both must evaluate the same function); modes restored after."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+
+
+def per_example_losses(output: Any, physical_batch_size: int) -> Tensor:
+    """The per-example losses [p] in ``training_step``'s output (a tensor, or a dict with ``per_example_loss``)."""
+    if isinstance(output, Mapping):
+        loss = output["per_example_loss"] if "per_example_loss" in output else output.get("loss")
+    else:
+        loss = output
+    if not isinstance(loss, Tensor):
+        raise TypeError(
+            f"training_step must return the loss as a Tensor (or a dict with 'per_example_loss'), got "
+            f"{type(loss).__name__}."
+        )
+    if loss.shape != (physical_batch_size,):
+        raise ValueError(
+            f"zeroth-order DP needs per-example losses of shape [{physical_batch_size}] from training_step, got "
+            f"shape {tuple(loss.shape)}: a mean over the batch cannot be split into per-example differences. Return "
+            "{'loss': losses.mean(), 'per_example_loss': losses} (losses of shape [p])."
+        )
+    return loss
+
+
+class ZOStep(DPStep):
+    """The zeroth-order DP step for one LightningModule: ``DPStep``'s sampler, noise stream and accountant.
+
+    Args:
+        config: the validated privacy settings, with ``method="zeroth_order"``.
+
+    Privacy:
+        Each example's P finite differences are clipped jointly to norm C and padded rows contribute 0, so the
+        per-step sum has L2 sensitivity C (add/remove one example); N(0, sigma^2 C^2 I_P) is added once per logical
+        step, and the step is accounted as one Poisson-sampled Gaussian event (q, sigma), exactly as DP-SGD. The
+        directions z, the schedule and the pruning mask do not depend on the data (post-processing).
+    """
+
+    def __init__(self, config: PrivacyConfig) -> None:
+        if config.zeroth_order is None:
+            raise ValueError(
+                "ZOStep: the PrivacyConfig has method='first_order'; use DPStep, or method='zeroth_order'."
+            )
+        super().__init__(config)
+        self.zo = config.zeroth_order
+        self.schedule = StageSchedule(self.zo)
+        self.directions = DirectionSampler(public_direction_seed(self.base_seed))
+        self.model: nn.Module | None = None
+        self.params: dict[str, nn.Parameter] = {}  # canonical name -> trainable parameter with kept coordinates
+        self.kept: dict[str, Tensor | None] = {}  # name -> sorted flat indices of its kept coordinates, or all
+        self.perturber: Perturber | None = None
+        self.last_update: dict[str, Any] | None = None  # the released g and the stage of the last step
+        self.non_finite_examples = 0
+        self._sums: Tensor | None = None  # [P] float64: the clipped differences of the current logical step
+        self._anchor: dict[str, Tensor] = {}  # theta_s of the trainable (kept) coordinates, a real copy
+        self._anchor_stage: int | None = None
+        self._pending_kept: dict[str, Tensor | None] | None = None
+        self._warned_optimizer = False
+
+    # --------------------------------------------------------------------------------------------- set-up
+    def set_rank(self, rank: int, world_size: int, base_seed: int | None = None) -> None:
+        super().set_rank(rank, world_size, base_seed)
+        self.directions.direction_seed = public_direction_seed(self.base_seed)  # the same on every rank
+
+    def attach(self, model: nn.Module) -> None:
+        """Select the trainable coordinates (SynFlow when pruning) and install the perturbation hooks."""
+        if self.perturber is None:
+            self.model = model
+            params = {name: p for name, p in model.named_parameters() if p.requires_grad}  # tied: first name only
+            if not params:
+                raise ValueError("ZOStep: the LightningModule has no trainable parameter.")
+            kept: dict[str, Tensor | None] = dict.fromkeys(params)
+            if self._pending_kept is not None:  # resumed: the checkpoint's selection, not one on restored weights
+                pending, self._pending_kept = self._pending_kept, None
+                kept = {n: pending.get(n, torch.zeros(0, dtype=torch.long)) for n in params}
+            elif self.zo.prune_keep_fraction is not None and self.zo.prune_keep_fraction < 1.0:
+                kept = dict(self._prune(model, params))
+            kept = {n: (None if i is None else i.to(params[n].device)) for n, i in kept.items()}
+            self.params = {n: p for n, p in params.items() if kept[n] is None or kept[n].numel() > 0}
+            self.kept = {n: kept[n] for n in self.params}
+            self.perturber = Perturber(model, self.params, self.kept, self.directions)
+        self.perturber.install()
+
+    def _prune(self, model: nn.Module, params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
+        if any(hasattr(p, "ds_tensor") for p in params.values()):
+            raise ValueError(
+                f"ZerothOrderConfig(prune_keep_fraction={self.zo.prune_keep_fraction}): data-free pruning is not "
+                "supported on ZeRO-3 partitioned parameters (SynFlow needs the full weights); use strategy 'dp' or "
+                "'dp_ddp', or prune_keep_fraction=None."
+            )
+        example = getattr(model, "example_input_array", None)
+        if example is None:
+            raise ValueError(
+                f"ZerothOrderConfig(prune_keep_fraction={self.zo.prune_keep_fraction}): SynFlow needs the model's "
+                "input shapes: set `self.example_input_array` in the LightningModule (its values are replaced by "
+                "ones) and define `forward`; or set prune_keep_fraction=None."
+            )
+        scores = synflow_scores(model, example, params)
+        return select_coordinates(scores, keep_fraction=self.zo.prune_keep_fraction, select=self.zo.prune_select)
+
+    def detach(self) -> None:
+        if self.perturber is not None:
+            self.perturber.remove()
+
+    @property
+    def num_trainable(self) -> int:
+        """The number of coordinates perturbed and updated (after pruning)."""
+        return sum(
+            int(getattr(p, "ds_numel", p.numel())) if self.kept[n] is None else self.kept[n].numel()
+            for n, p in self.params.items()
+        )
+
+    def _step_index(self) -> int:
+        assert self.accountant is not None, "bind_data() must run before a step"
+        return self.accountant.steps  # logical steps taken so far: the 0-based index of this one
+
+    # --------------------------------------------------------------------------------------- forward passes
+    def forward_differences(self, forward: Callable[[], Any], mask: Tensor) -> tuple[Any, Tensor]:
+        """Run one physical batch at theta +- beta z_j for every direction; add its clipped differences.
+
+        Args:
+            forward: runs ``training_step`` on the physical batch and returns its output.
+            mask: 1 for real examples, 0 for padding, shape [p].
+        Returns:
+            The last output of ``training_step`` and the detached mean over the real examples of
+            (l(theta + beta z) + l(theta - beta z)) / 2, an O(beta^2) estimate of the loss at theta (logging only).
+        """
+        assert self.perturber is not None and self.model is not None, "ZOStep.attach() was not called"
+        step = self._step_index()
+        beta = self.schedule.at(step).perturbation_scale
+        num_dirs, p = self.zo.num_directions, mask.numel()
+        diffs = torch.zeros(p, num_dirs, dtype=torch.float64)  # [p, P]
+        centre = torch.zeros(p, dtype=torch.float64)
+        output: Any = None
+        with torch.no_grad(), _eval_mode(self.model):
+            for j in range(num_dirs):
+                losses = []
+                for sign in (1.0, -1.0):
+                    with self.perturber.perturbed(step=step, direction=j, scale=sign * beta):
+                        output = forward()
+                    losses.append(per_example_losses(output, p).detach().to("cpu", torch.float64))
+                diffs[:, j] = (losses[0] - losses[1]) / (2.0 * beta)
+                centre += (losses[0] + losses[1]) / (2.0 * num_dirs)
+        self.add_differences(diffs, mask)
+        real = mask.to("cpu", torch.float64)
+        return output, ((centre * real).sum() / real.sum().clamp(min=1)).float()
+
+    def add_differences(self, diffs: Tensor, mask: Tensor) -> None:
+        """Clip each real example's row of ``diffs`` [p, P] jointly to C and add it to the step's sum [P]."""
+        real = mask.to(diffs.device).bool()
+        norms = diffs.norm(dim=1)  # [p]
+        finite = torch.isfinite(norms)
+        bad = int((real & ~finite).sum())
+        if bad:
+            if self.config.non_finite is NonFinitePolicy.RAISE:
+                raise FloatingPointError(
+                    f"zeroth-order: {bad} example(s) have a non-finite loss difference (PrivacyConfig(non_finite="
+                    "'raise')); use non_finite='zero' to drop their contribution instead."
+                )
+            self.non_finite_examples += bad
+        valid = real & finite
+        norms = torch.where(valid, norms, torch.zeros_like(norms))
+        cfg = self.config
+        factors = _FUNCTIONS[str(cfg.clipping_function)](norms, cfg.clip_norm, cfg.stability_constant)  # [p] fp64
+        clipped = (
+            torch.where(valid[:, None], diffs, torch.zeros_like(diffs)) * torch.where(valid, factors, 0.0)[:, None]
+        )
+        summed = clipped.sum(0)  # [P]
+        self._sums = summed if self._sums is None else self._sums + summed
+
+    # ----------------------------------------------------------------------------------------------- update
+    def update(self, optimizer: Optimizer | None, *, all_reduce: Callable[[Tensor], None] | None = None) -> Tensor:
+        """Noise, normalise and apply the update in place; account the step.
+
+        Args:
+            optimizer: the LightningModule's optimizer: only its learning rates are read (when the stage sets none);
+                it never steps, so it allocates no state and no gradient buffer.
+            all_reduce: data parallel only: sums a float64 tensor of P numbers over the ranks, in place.
+        Returns:
+            g, the released (noised, normalised) P numbers of this step, float64.
+        Privacy:
+            Noise N(0, sigma^2 C^2 I_P) is drawn once per logical step, by rank 0 (the other ranks add none before
+            the sum), so every rank applies the same update computed from one draw.
+        """
+        assert self.perturber is not None and self.accountant is not None, "bind_data() must run before a step"
+        assert self.noise_multiplier is not None and self.expected_batch_size is not None
+        if not self.may_step():
+            raise PrivacyBudgetExhausted(
+                f"one more step would take epsilon past the budget of {self.epsilon_limit} "
+                f"(epsilon now {self.epsilon():.4g} after {self.accountant.steps} steps)."
+            )
+        self._check_perturbed()
+        step = self._step_index()
+        stage = self.schedule.at(step)
+        num_dirs = self.zo.num_directions
+        sums = self._sums if self._sums is not None else torch.zeros(num_dirs, dtype=torch.float64)
+        self._sums = None
+        if self.rank == 0:
+            std = self.noise_multiplier * self.config.clip_norm
+            device = next(iter(self.params.values())).device
+            sums = sums + self.noise.sample(torch.Size([num_dirs]), std=std, device=device).to("cpu", torch.float64)
+        if all_reduce is not None:
+            all_reduce(sums)
+        # Divide by the expected B = qN, never the realised batch size: that one is private.
+        ghat = sums / self.expected_batch_size  # [P]
+        lrs = self._learning_rates(optimizer, stage.learning_rate)
+        lam = stage.proximal_weight
+        if lam > 0 and self._anchor_stage != stage.index:
+            self._set_anchor(stage.index)
+        elif lam == 0 and self._anchor:
+            self._anchor, self._anchor_stage = {}, None  # free the copy while no proximal term is used
+        coefficients = [float(g) / num_dirs for g in ghat]
+        with torch.no_grad():
+            for name, param in self.params.items():
+                self._update_param(name, param, coefficients, lr=lrs[name], lam=lam, step=step)
+        self.last_update = {"step": step, "stage": stage, "ghat": ghat.clone()}
+        self.account_step()
+        return ghat
+
+    def _local_part(self, name: str, param: Tensor) -> tuple[Tensor, int, int]:
+        """(values, offset, total): the coordinates this rank updates, a flat view, and where they sit in z.
+
+        ``values[k]`` is coordinate ``offset + k`` of the parameter's z-space of length ``total``: the whole flat
+        parameter (offset 0), or under DeepSpeed ZeRO-3 this rank's partition ``param.ds_tensor`` of the flat full
+        parameter (padding excluded), so that each rank regenerates only its own slice of z.
+        """
+        part = getattr(param, "ds_tensor", None)
+        if part is None:
+            flat = _flat(param, name)
+            return flat, 0, flat.numel()
+        import torch.distributed as dist
+
+        total = int(param.ds_numel)  # type: ignore[attr-defined]
+        rank = dist.get_rank(group=param.ds_process_group)  # type: ignore[attr-defined]
+        lo = min(total, rank * part.numel())
+        hi = min(total, lo + part.numel())
+        return part.data.view(-1)[: hi - lo], lo, total
+
+    def _update_param(
+        self, name: str, param: Tensor, coefficients: list[float], *, lr: float, lam: float, step: int
+    ) -> None:
+        """theta <- theta - lr (sum_j c_j z_j + lam (theta - anchor)) on the kept coordinates, one block at a time."""
+        idx = self.kept[name]
+        if idx is None:
+            values, offset, total = self._local_part(name, param)
+        else:  # pruned: z lives on the kept coordinates (not under ZeRO-3, where pruning is refused)
+            values, offset, total = _flat(param, name), 0, idx.numel()
+        dtype = torch.promote_types(param.dtype, torch.float32)  # bf16 / fp16 parameters: the update in fp32
+        end = offset + (values.numel() if idx is None else total)
+        starts = [offset, *range((offset // BLOCK + 1) * BLOCK, end, BLOCK)]  # chunks within one block of z each
+        for lo, hi in zip(starts, [*starts[1:], end]):
+            acc = torch.zeros(hi - lo, dtype=dtype, device=values.device)  # [chunk]
+            for j, c in enumerate(coefficients):
+                for _, _, z in self.directions.blocks(
+                    step=step, direction=j, name=name, total=total, lo=lo, hi=hi, device=values.device
+                ):
+                    acc.add_(z.to(dtype), alpha=c)
+            a, b = lo - offset, hi - offset  # positions in `values` (or in the kept list)
+            current = (values[a:b] if idx is None else values.index_select(0, idx[a:b])).to(dtype)
+            if lam > 0:
+                acc.add_(current - self._anchor[name][a:b].to(dtype), alpha=lam)
+            new = current.sub_(acc, alpha=lr).to(param.dtype)
+            if idx is None:
+                values[a:b].copy_(new)
+            else:
+                values.index_copy_(0, idx[a:b], new)
+
+    def _set_anchor(self, stage: int) -> None:
+        """theta_s: a real copy (not an alias) of the trainable coordinates this rank updates, at the stage start."""
+        with torch.no_grad():
+            self._anchor = {}
+            for name, p in self.params.items():
+                idx = self.kept[name]
+                values = self._local_part(name, p)[0] if idx is None else _flat(p, name)[idx]
+                self._anchor[name] = values.clone()
+        self._anchor_stage = stage
+
+    def _learning_rates(self, optimizer: Optimizer | None, stage_lr: float | None) -> dict[str, float]:
+        if stage_lr is not None:
+            return dict.fromkeys(self.params, stage_lr)
+        if optimizer is None:
+            raise ValueError(
+                "ZerothOrderConfig(learning_rate=None) reads the optimizer's learning rate, but there is no optimizer;"
+                " set ZerothOrderConfig.learning_rate."
+            )
+        if not self._warned_optimizer and not isinstance(optimizer, torch.optim.SGD):
+            rank_zero_warn(
+                f"zeroth-order DP updates the parameters in place by SGD on the noised estimate: "
+                f"{type(optimizer).__name__}'s own update rule, state and weight decay are not used, only its "
+                "learning rate (and LR schedulers acting on it)."
+            )
+            self._warned_optimizer = True
+        by_id = {id(p): float(group["lr"]) for group in optimizer.param_groups for p in group["params"]}
+        missing = [name for name, p in self.params.items() if id(p) not in by_id]
+        if missing:
+            raise ValueError(
+                f"zeroth-order: trainable parameter(s) {missing[:5]} are not in the optimizer, so they have no "
+                "learning rate; freeze them (requires_grad_(False)) or give them to the optimizer."
+            )
+        return {name: by_id[id(p)] for name, p in self.params.items()}
+
+    def _check_perturbed(self) -> None:
+        assert self.perturber is not None
+        if self._checked_coverage:
+            return
+        missing = [name for name in self.params if name not in self.perturber.seen]
+        if missing:
+            raise RuntimeError(
+                f"zeroth-order: trainable parameter(s) {missing[:5]} were never perturbed in the first logical step: "
+                "they are perturbed by a hook on the module that owns them, so they must be used by calling that "
+                "module (not e.g. F.linear(x, self.fc.weight) from its parent), or be frozen with "
+                "requires_grad_(False)."
+            )
+        self._checked_coverage = True
+
+    # ------------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["zeroth_order"] = {
+            "kept": {n: (None if i is None else i.cpu()) for n, i in self.kept.items()} or self._pending_kept,
+            "anchor": {n: a.cpu() for n, a in self._anchor.items()},
+            "anchor_stage": self._anchor_stage,
+            "non_finite_examples": self.non_finite_examples,
+        }
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the run, and the pruning mask and proximal anchor it was using."""
+        if "zeroth_order" not in state:
+            raise ValueError(
+                "ZOStep: the checkpoint was written by a first-order DP run; resume it with method='first_order'."
+            )
+        super().load_state_dict(state)
+        zo = state["zeroth_order"]
+        self._anchor_stage, self.non_finite_examples = zo["anchor_stage"], zo["non_finite_examples"]
+        if self.perturber is None:
+            self._pending_kept = zo["kept"]
+        elif zo["kept"] is not None:
+            assert self.model is not None
+            self.detach()
+            self.perturber, self._pending_kept = None, zo["kept"]
+            self.attach(self.model)
+        device = next(iter(self.params.values())).device if self.params else torch.device("cpu")
+        self._anchor = {n: a.to(device) for n, a in zo["anchor"].items()}

@@ -1,0 +1,125 @@
+"""Run by torchrun from ``test_parallel.py``: zeroth-order DP steps on 2 CPU ranks; saves what each rank saw.
+
+    torchrun --standalone --nproc_per_node 2 tests/zeroth_order/zo_worker.py STRATEGY OUT_DIR
+
+STRATEGY is ddp or zero3.
+
+Phase 1 (sigma = 0, float64, P = 2, two stages with a proximal term): per logical step, each rank's physical
+batches and masks and the weights before and after. Phase 2 (sigma = 1): the released g of each step and whether
+this rank drew noise.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import lightning_dpzero as dpz  # noqa: E402
+from tests.zeroth_order.test_step import Task, _zo_privacy  # noqa: E402
+
+ZO = dict(
+    num_directions=2,
+    num_stages=2,
+    stage_length=1,
+    perturbation_scale=(1e-3, 5e-4),
+    learning_rate=(0.2, 0.1),
+    proximal_weight=(0.5, 0.3),
+)
+# DeepSpeed runs the model in fp32 (Lightning's DeepSpeed precision casts it): a larger beta keeps the fp32 rounding
+# of the loss differences (~1e-7 |l| / beta) well under the tolerance.
+ZO_FP32 = {**ZO, "perturbation_scale": (5e-2, 2.5e-2)}
+
+
+def settings(strategy: str) -> dict:
+    return ZO if strategy == "ddp" else ZO_FP32
+
+
+def _full_params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    params = list(module.parameters())
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            return {n: p.detach().clone() for n, p in module.named_parameters()}
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+class Record(L.Callback):
+    """Full weights before and after each logical step (gathered under ZeRO-3), and the step's physical batches."""
+
+    def __init__(self) -> None:
+        self.before, self.after, self.batches = [], [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.before.append(_full_params(pl_module.net))
+        self.batches.append((batch.physical_batches, batch.masks))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.after.append(_full_params(pl_module.net))
+
+
+class Released(L.Callback):
+    def __init__(self) -> None:
+        self.ghats: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.ghats.append(trainer.strategy.dp.last_update["ghat"].clone())
+
+
+def _trainer(strategy: str, privacy: dpz.PrivacyConfig, steps: int, callbacks: list) -> L.Trainer:
+    if strategy == "ddp":
+        strat = dpz.DPDDPStrategy(privacy, process_group_backend="gloo")
+    else:
+        strat = dpz.DPZeroStrategy(stage=3, privacy=privacy, process_group_backend="gloo")
+    return L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strat,
+        max_steps=steps,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+
+def main(strategy: str, out: Path) -> None:
+    torch.set_num_threads(1)
+    L.seed_everything(0)
+    if strategy == "zero3":  # tests only: skip DeepSpeed's ~35 s shared-memory comm-op build; gloo suffices
+        import deepspeed.comm.torch  # noqa: F401
+
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    record = Record()
+    trainer = _trainer(strategy, _zo_privacy(clip_norm=1.0, **settings(strategy)), 3, [record])
+    task = Task()
+    trainer.fit(task)
+    dp = trainer.strategy.dp
+    released = Released()
+    noisy = _trainer(strategy, _zo_privacy(clip_norm=1.0, sigma=1.0, **settings(strategy)), 2, [released])
+    noisy.fit(Task())
+    torch.save(
+        {
+            "before": record.before,
+            "after": record.after,
+            "batches": record.batches,
+            "direction_seed": dp.directions.direction_seed,
+            "steps": dp.accountant.steps,
+            "world": dp.world_size,
+            "wrapped": type(trainer.strategy.model).__name__,
+            "optimizer": type(getattr(trainer.strategy.model, "optimizer", None)).__name__,
+            "ghats": released.ghats,
+            "drew_noise": bool(noisy.strategy.dp.noise._generators),
+        },
+        out / f"rank{trainer.global_rank}.pt",
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]))
