@@ -3,7 +3,8 @@
     torchrun --standalone --nproc_per_node 2 tests/strategies/parallel_worker.py STRATEGY MODE OUT_DIR
 
 STRATEGY is ddp, zero1, zero2, zero3, fsdp or fsdp_own; MODE is oracle (sigma = 0, gradients vs the reference),
-bf16 (the same under DPPrecision("bf16-mixed")), noise (a zero-gradient model) or resume. Recorded per step: the
+bf16 (the same under DPPrecision("bf16-mixed")), noise (a zero-gradient model), resume, or straight / crash / recover
+(the fault test). Recorded per step: the
 reduced gradient before the optimizer step (DDP: ``p.grad``, which is already (sum + noise) / B; ZeRO: DeepSpeed's
 reduced gradient times W / B via ``safe_get_full_grad``, i.e. what the noise wrapper turns into the update at
 sigma = 0), and the update itself, (before - after) / lr with SGD.
@@ -12,12 +13,14 @@ sigma = 0), and the update itself, (before - after) / lr with SGD.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import sys
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -98,7 +101,7 @@ def _trainer(strategy: str, privacy: dpz.PrivacyConfig, steps: int, callbacks: l
         callbacks=callbacks,
         plugins=plugins,
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         enable_progress_bar=False,
         enable_model_summary=False,
     )
@@ -120,15 +123,120 @@ def resume(strategy: str, out: Path) -> None:
     )
 
 
+class KillAtStep(Callback):
+    """Simulates a crash: rank 1 is SIGKILLed as logical step ``step`` begins (after the previous checkpoint)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and trainer.global_rank == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fault(strategy: str, mode: str, out: Path) -> None:
+    """straight: 6 noisy steps; crash: the same run, checkpointing every step, killed in step 4; recover: resumes the
+    crashed run from its last checkpoint to step 6. ZeroGrad with lr 1: the weights are minus the summed noise."""
+    privacy = dpz.PrivacyConfig(noise_multiplier=1.0, expected_batch_size=16, physical_batch_size=8, seed=5)
+    callbacks, ckpt_path = [], None
+    if mode == "crash":
+        callbacks = [ModelCheckpoint(dirpath=out / "ckpts", every_n_train_steps=1, save_last=True), KillAtStep(3)]
+    if mode == "recover":
+        ckpt_path = out / "ckpts" / "last.ckpt"
+        saved = torch.load(ckpt_path, weights_only=False)["lightning_dpzero"]["ranks"]
+    trainer = _trainer(strategy, privacy, 6, callbacks)
+    task = ZeroGrad(lr=1.0)
+    trainer.fit(task, ckpt_path=ckpt_path)
+    dp = trainer.strategy.dp
+    record = {"weights": _full_params(task.lin), "history": dp.accountant.history, "steps": trainer.global_step}
+    if mode == "recover":
+        record["saved"] = saved[trainer.global_rank]
+    torch.save(record, out / f"{mode}{trainer.global_rank}.pt")
+
+
+_COMMS: list[tuple[str, int]] | None = None  # (collective, bytes) while a training step runs; None: not counting
+_COLLECTIVES = (
+    "all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor", "broadcast",
+    "reduce", "all_to_all_single", "all_gather_object", "broadcast_object_list", "send", "recv", "isend", "irecv",
+)  # fmt: skip
+
+
+def _count_collectives() -> None:
+    """Wrap torch.distributed's collectives (before DeepSpeed caches references to them) to record their bytes."""
+    import torch.distributed as dist
+
+    def wrap(name: str, fn):
+        def counted(*args, **kwargs):
+            if _COMMS is not None:
+                values = [*args, *kwargs.values()]
+                tensors = [a for a in values if isinstance(a, torch.Tensor)]
+                tensors += [t for a in values if isinstance(a, list) for t in a if isinstance(t, torch.Tensor)]
+                size = max((t.numel() * t.element_size() for t in tensors), default=0)
+                _COMMS.append((name, size))
+            return fn(*args, **kwargs)
+
+        return counted
+
+    for name in _COLLECTIVES:
+        if hasattr(dist, name):
+            setattr(dist, name, wrap(name, getattr(dist, name)))
+
+
+class CountSteps(Callback):
+    """Records the collectives of each training step after the first (which warms up DeepSpeed's prefetching)."""
+
+    def __init__(self) -> None:
+        self.steps: list[list[tuple[str, int]]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        global _COMMS
+        _COMMS = [] if trainer.global_step >= 1 else None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        global _COMMS
+        if _COMMS is not None:
+            self.steps.append(_COMMS)
+        _COMMS = None
+
+
+def comms(out: Path) -> None:
+    """Non-private ZeRO-3 (Lightning's DeepSpeedStrategy on CPU) and dp_zero3 on the same model and batch size, one
+    forward and backward per step (the DP physical batch holds any Poisson sample of this small dataset)."""
+    from lightning_dpzero.strategies.deepspeed import DeepSpeedCPUStrategy
+
+    record = {}
+    for kind in ("nonprivate", "dp"):
+        L.seed_everything(0)
+        counter = CountSteps()
+        if kind == "dp":
+            privacy = dpz.PrivacyConfig(noise_multiplier=1.0, expected_batch_size=8, physical_batch_size=40, seed=1)
+            strategy = dpz.DPZeroStrategy(stage=3, privacy=privacy, process_group_backend="gloo")
+        else:
+            strategy = DeepSpeedCPUStrategy(stage=3, process_group_backend="gloo")
+        trainer = L.Trainer(
+            accelerator="cpu", devices=2, strategy=strategy, max_steps=4, callbacks=[counter], logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        )  # fmt: skip
+        trainer.fit(Task(loss_kind="dict"))
+        record[kind] = counter.steps
+    torch.save(record, out / f"comms{trainer.global_rank}.pt")
+
+
 def main(strategy: str, mode: str, out: Path) -> None:
     torch.set_num_threads(1)
+    if mode == "comms":
+        _count_collectives()
     L.seed_everything(0)  # the same initial model on every run (DDP and ZeRO broadcast rank 0's anyway)
     if strategy.startswith("zero"):  # tests only: skip DeepSpeed's ~35 s shared-memory comm-op build; gloo suffices
         import deepspeed.comm.torch  # noqa: F401
 
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    if mode == "comms":
+        return comms(out)
     if mode == "resume":
         return resume(strategy, out)
+    if mode in ("straight", "crash", "recover"):
+        return fault(strategy, mode, out)
     plugins = None
     if mode in ("oracle", "bf16"):
         privacy = dpz.PrivacyConfig(
@@ -153,7 +261,7 @@ def main(strategy: str, mode: str, out: Path) -> None:
             "steps": dp.accountant.steps,
             "world": dp.world_size,
             "precision": str(trainer.strategy.precision_plugin.precision),
-            "compute_dtype": str(task.compute_dtype),
+            "compute_dtype": str(getattr(task, "compute_dtype", None)),
         },
         out / f"rank{trainer.global_rank}.pt",
     )

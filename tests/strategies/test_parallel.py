@@ -27,7 +27,7 @@ def _assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, name: str, r
     assert err <= rtol * scale + 1e-7 * expected.numel() ** 0.5, f"{name}: ||a - e|| = {err:.3g}, ||e|| = {scale:.3g}"
 
 
-def _torchrun(strategy: str, mode: str, out: Path) -> list[dict]:
+def _torchrun(strategy: str, mode: str, out: Path, expect_failure: bool = False) -> list[dict]:
     env = {**os.environ, _ZERO_NOISE_ENV: "1", "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable,
@@ -48,8 +48,15 @@ def _torchrun(strategy: str, mode: str, out: Path) -> list[dict]:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # torchrun's ranks would outlive it otherwise
         raise
+    if expect_failure:
+        assert proc.returncode != 0 and "SIGKILL" in log, log[-4000:]  # killed, not failed otherwise
+        return []
     assert proc.returncode == 0, log[-4000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)] if mode != "resume" else []
+    return (
+        [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+        if mode in ("oracle", "bf16", "noise")
+        else []
+    )
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -133,3 +140,46 @@ def test_bf16_gradient_within_bf16_tolerance_of_reference(strategy: str, tmp_pat
             flat = torch.cat([r["grads"][step][name].double().flatten() for name in expected])
             # bf16 keeps 8 bits of mantissa: 4e-3 relative error per rounding; measured 2-5e-3 here, allowed 2e-2
             _assert_rel_close(flat, flat_expected, f"step {step}", rtol=2e-2)
+
+
+def test_killed_run_resumes_with_identical_accounting_and_continued_streams(tmp_path) -> None:
+    """A 2-process dp_ddp run whose rank 1 is SIGKILLed in step 4 resumes from its last checkpoint (step 3).
+    Reference: the same run uninterrupted. With a zero-gradient model and lr 1 the final weights are minus the sum of
+    the six steps' noise: equal weights mean each rank's noise stream continued exactly (not restarted, not skipped);
+    the accountant history is the uninterrupted one; the sampler resumed from its checkpointed state."""
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    straight.mkdir(), crashed.mkdir()
+    _torchrun("ddp", "straight", straight)
+    _torchrun("ddp", "crash", crashed, expect_failure=True)
+    assert (crashed / "ckpts" / "last.ckpt").exists()
+    _torchrun("ddp", "recover", crashed)
+    for rank in range(2):
+        ref = torch.load(straight / f"straight{rank}.pt", weights_only=False)
+        got = torch.load(crashed / f"recover{rank}.pt", weights_only=False)
+        assert [tuple(e) for e in got["saved"]["accountant"]["history"]] == [(1.0, 16 / 64, 3)]  # 3 steps done
+        assert got["history"] == ref["history"] == [(1.0, 16 / 64, 6)]
+        assert got["steps"] == 6
+        for name, value in ref["weights"].items():
+            torch.testing.assert_close(got["weights"][name], value, rtol=0, atol=1e-7)
+
+
+def test_dp_zero3_exchanges_the_same_collectives_as_nonprivate_zero3(tmp_path) -> None:
+    """Reference: Lightning's non-private ZeRO-3 on the same model, one forward and backward per step. Per training
+    step, dp_zero3 makes the same collectives (all-gathers of parameters, the gradient reduce-scatter, DeepSpeed's
+    scalar all-reduce) with the same bytes: the per-example clipping adds no communication and no extra gather."""
+    _torchrun("zero3", "comms", tmp_path)
+    for rank in range(2):
+        record = torch.load(tmp_path / f"comms{rank}.pt", weights_only=False)
+        assert len(record["dp"]) == len(record["nonprivate"]) == 3
+
+        def summary(step: list[tuple[str, int]]) -> dict[str, tuple[int, int]]:
+            ops: dict[str, tuple[int, int]] = {}
+            for name, size in step:
+                count, total = ops.get(name, (0, 0))
+                ops[name] = (count + 1, total + size)
+            return ops
+
+        for dp_step, ref_step in zip(record["dp"], record["nonprivate"]):
+            assert summary(dp_step) == summary(ref_step)
+            gathered = summary(ref_step)["all_gather_into_tensor"]
+            assert gathered[0] > 0 and gathered[1] > 0 and summary(ref_step)["reduce_scatter_tensor"][1] > 0

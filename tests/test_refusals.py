@@ -1,0 +1,145 @@
+"""One test per row of the README's refused-input table not already covered elsewhere (the table names each test).
+
+Every refusal goes through ``Trainer.fit`` as a user would meet it, and checks that the message names the setting at
+fault and the fix.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning_dpzero as dpz
+from lightning_dpzero.strategies.deepspeed import DPZeroStrategy
+from lightning_dpzero.strategies.fsdp import shard_lightning_module
+from tests.strategies.test_dp_strategy import Task
+
+
+def _trainer(privacy: dpz.PrivacyConfig | None = None, steps: int = 2, **kwargs) -> L.Trainer:
+    return L.Trainer(
+        strategy=dpz.DPStrategy(privacy or dpz.PrivacyConfig(noise_multiplier=1.0, physical_batch_size=8)),
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
+
+
+class LSTMTask(Task):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net.rnn = nn.LSTM(8, 8)
+
+
+class ManualTask(Task):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+
+class TwoOptimizers(Task):
+    def configure_optimizers(self):
+        return [torch.optim.SGD(self.net.head.parameters(), lr=0.1), torch.optim.SGD(self.net.seq.parameters(), lr=0.1)]
+
+
+class ForeignParameter(Task):
+    """A DP optimizer mixed with a non-DP parameter (one that is not the LightningModule's)."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([*self.parameters(), torch.zeros(3, requires_grad=True)], lr=0.1)
+
+
+class UnusedParameter(Task):
+    def __init__(self) -> None:
+        super().__init__()
+        self.spare = nn.Linear(4, 4)  # trainable, never called
+
+
+class OutsideItsModule(Task):
+    """Uses the head's weight through F.linear: the head's hook never sees that use."""
+
+    def training_step(self, batch, batch_idx):
+        tokens, image, y = batch
+        h = torch.tanh(self.net.seq(self.net.ln(self.net.emb(tokens)))).mean(1)
+        g = torch.relu(self.net.gn(self.net.conv(image))).mean((2, 3))
+        logits = F.linear(torch.cat([h, g], 1), self.net.head.weight, self.net.head.bias)
+        return F.cross_entropy(logits, y, reduction="none")
+
+
+class TokenLosses(Task):
+    """Returns [p, T] token losses: not reducible to one loss per example by the strategy."""
+
+    def training_step(self, batch, batch_idx):
+        losses = super().training_step(batch, batch_idx)
+        return losses.unsqueeze(1).expand(-1, 5)
+
+
+class EmptyData(Task):
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(torch.zeros(0, 5)), batch_size=8)
+
+
+class RootParameter(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+
+
+@pytest.mark.parametrize(
+    ("task", "privacy", "trainer_kwargs", "error", "match"),
+    [
+        (LSTMTask, None, {}, dpz.UnsupportedLayerError, r"'net\.rnn' \(LSTM\).*requires_grad_\(False\)"),
+        (ManualTask, None, {}, ValueError, "manual optimization"),
+        (TwoOptimizers, None, {}, RuntimeError, "multiple optimizers is only supported with manual optimization"),
+        (ForeignParameter, None, {}, ValueError, r"shape \(3,\) that is not a trainable parameter"),
+        (UnusedParameter, None, {}, RuntimeError, r"\['spare\.weight', 'spare\.bias'\].*requires_grad_\(False\)"),
+        (OutsideItsModule, None, {}, RuntimeError, r"'net\.head\.weight'.*call the module"),
+        (TokenLosses, None, {}, ValueError, r"shape \(8, 5\).*per-example losses of shape \[8\]"),
+        (EmptyData, None, {}, ValueError, "training dataset is empty"),
+        (
+            Task,
+            dpz.PrivacyConfig(noise_multiplier=1.0, delta=0.05),
+            {},
+            ValueError,
+            r"delta=0\.05 is not below 1/N = 0\.025",
+        ),
+    ],
+)
+def test_refused_at_fit(task, privacy, trainer_kwargs, error, match) -> None:
+    with pytest.raises(error, match=match):
+        _trainer(privacy, **trainer_kwargs).fit(task())
+
+
+def test_changed_sigma_or_sample_rate_on_resume_is_refused(tmp_path) -> None:
+    privacy = dpz.PrivacyConfig(noise_multiplier=1.0, expected_batch_size=8, physical_batch_size=8)
+    trainer = _trainer(privacy, steps=2)
+    trainer.fit(Task())
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    with pytest.raises(ValueError, match="noise_multiplier=1.0, the config says 2.0"):
+        _trainer(privacy.replace(noise_multiplier=2.0), steps=4).fit(Task(), ckpt_path=tmp_path / "a.ckpt")
+    with pytest.raises(ValueError, match="sample rate q=0.2.*q=0.4"):
+        _trainer(privacy.replace(expected_batch_size=16), steps=4).fit(Task(), ckpt_path=tmp_path / "a.ckpt")
+
+
+def test_deepspeed_optimizer_in_config_is_refused() -> None:
+    strategy = DPZeroStrategy(stage=2, config={"optimizer": {"type": "Adam"}, "train_micro_batch_size_per_gpu": 1})
+    with pytest.raises(ValueError, match="configure_optimizers, not in the DeepSpeed config"):
+        strategy._check_deepspeed_config()
+
+
+def test_fsdp_root_owned_parameters_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"holds parameters \['scale'\] directly.*configure_model"):
+        shard_lightning_module(RootParameter(), mesh=None, owner="DPFSDPStrategy")
+
+
+def test_both_or_neither_budget_setting_is_refused() -> None:
+    with pytest.raises(ValueError, match="exactly one of `target_epsilon`"):
+        dpz.PrivacyConfig(target_epsilon=3.0, noise_multiplier=1.0)
+    with pytest.raises(ValueError, match="exactly one of `target_epsilon`"):
+        dpz.PrivacyConfig()
