@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import importlib.util
 import json
 import re
 import subprocess
@@ -16,6 +18,7 @@ from lightning_dpzero.train import run
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = Path(lightning_dpzero.__file__).resolve().parent / "configs"
+_HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 SMALL = ["trainer.max_steps=3", "task.data.num_train=256", "task.data.num_val=32", "+trainer.enable_progress_bar=false"]
 
 
@@ -58,9 +61,68 @@ def test_module_entry_point_prints_summary(tmp_path) -> None:
         cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert re.search(r"\[lightning_dpzero\] val_loss=\d+\.\d+ after 3 steps, epsilon=", out.stdout)
+    assert re.search(r"\[lightning_dpzero\] val_loss=\d+\.\d+ after 3 steps, epsilon=.* \(target 8\)", out.stdout)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["epsilon"] <= 8.0
+    # the plot (matplotlib is optional: without it the run warns and writes no PNG) and the CSV log of the same run
+    if _HAS_MATPLOTLIB:
+        assert (tmp_path / "privacy_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert "matplotlib is not installed" in out.stderr and not (tmp_path / "privacy_curve.png").exists()
+    with open(tmp_path / "csv" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    logged = [float(r["epsilon"]) for r in rows if r.get("epsilon")]
+    assert logged and logged[-1] == pytest.approx(summary["epsilon"])  # the last step's epsilon
+
+
+def test_plot_records_logged_epsilon_and_metric_by_step(tmp_path) -> None:
+    """Reference: the curve holds epsilon after each of the 3 steps (as dp-accounting gives) and the final val_loss."""
+    from lightning_dpzero.callbacks import PrivacyCurvePlot
+
+    plots: list[PrivacyCurvePlot] = []
+    original = PrivacyCurvePlot.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        plots.append(self)
+
+    PrivacyCurvePlot.__init__ = spy  # type: ignore[method-assign]
+    try:
+        summary = run(_compose([*SMALL, "privacy=sigma1"]), root_dir=tmp_path)
+    finally:
+        PrivacyCurvePlot.__init__ = original  # type: ignore[method-assign]
+    (plot,) = plots
+    assert [step for step, _ in plot.epsilon] == [1, 2, 3]
+    epsilons = [eps for _, eps in plot.epsilon]
+    assert epsilons == sorted(epsilons) and epsilons[-1] == pytest.approx(summary["epsilon"])
+    assert plot.values[-1] == (3, pytest.approx(summary["value"]))
+    if _HAS_MATPLOTLIB:
+        png = tmp_path / "privacy_curve.png"
+        assert summary["plot"] == str(png) and png.stat().st_size > 0
+    else:
+        assert summary["plot"] is None
+
+
+def _missing_package_logger(save_dir: str) -> None:
+    raise ModuleNotFoundError("No module named 'not_installed'")
+
+
+def test_logger_with_missing_package_is_skipped_with_a_warning(tmp_path) -> None:
+    """Reference: a logger whose import fails is left out (with a warning); the CSV logger remains."""
+    from omegaconf import OmegaConf
+
+    from lightning_dpzero.train import _loggers
+
+    node = OmegaConf.create(
+        {
+            "csv": {"_target_": "lightning.pytorch.loggers.CSVLogger", "name": "csv"},
+            "missing": {"_target_": "tests.test_train._missing_package_logger"},
+        }
+    )
+    with pytest.warns(UserWarning, match="skipping logger tests.test_train._missing_package_logger"):
+        loggers = _loggers(node, tmp_path)
+    assert [type(x).__name__ for x in loggers] == ["CSVLogger"] and loggers[0].save_dir == str(tmp_path)
+    assert _loggers(None, tmp_path) is False
 
 
 def test_readme_commands_are_the_ones_ci_runs() -> None:
@@ -73,3 +135,26 @@ def test_readme_commands_are_the_ones_ci_runs() -> None:
     install, main_job, tests = commands
     assert main_job == "python -m lightning_dpzero.train"
     assert install in ci and tests in ci
+
+
+def test_make_private_example_trains_privately_with_the_strategy_line_only(capsys) -> None:
+    """Reference: examples/make_private.py's module trains under "dp" (epsilon <= the default target 8)."""
+    import runpy
+
+    example = runpy.run_path(str(ROOT / "examples" / "make_private.py"))
+    trainer = example["main"](["--steps", "4"])
+    assert type(trainer.strategy).__name__ == "DPStrategy" and trainer.global_step == 4
+    assert 0 < trainer.strategy.dp.epsilon() <= 8.0
+    assert re.search(r"\[make_private\] val_acc=\d\.\d+ after 4 steps, epsilon=", capsys.readouterr().out)
+
+
+def test_plot_without_matplotlib_warns_and_writes_nothing(tmp_path, monkeypatch) -> None:
+    """Reference: with matplotlib unimportable the callback warns (naming the fix) and writes no file."""
+    from lightning_dpzero.callbacks import PrivacyCurvePlot
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    plot = PrivacyCurvePlot(tmp_path / "curve.png")
+    plot.epsilon, plot.values = [(1, 0.5), (2, 0.7)], [(2, 2.3)]
+    with pytest.warns(UserWarning, match="pip install matplotlib"):
+        plot._plot(None)
+    assert plot.written is None and not (tmp_path / "curve.png").exists()

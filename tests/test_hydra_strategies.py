@@ -1,0 +1,180 @@
+"""The Hydra entry with every strategy group entry, the precision group, sweeps and one 2-process run.
+
+Every strategy runs 2 logical steps of a shrunken gpt_tiny (1 layer, D=32, T=16) in one process. The strategies
+are grouped into two ``--multirun`` sweeps, one process each (DeepSpeed's and the others), which also exercises
+the sweep machinery; each test reads its run's ``summary.json``. DeepSpeed's ~35 s shared-memory comm-op build is
+skipped as in ``tests/strategies/parallel_worker.py`` (a ``sitecustomize`` on the subprocesses' path; gloo does the
+collectives).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import lightning_dpzero
+from lightning_dpzero.train import run
+
+CONFIGS = Path(lightning_dpzero.__file__).resolve().parent / "configs"
+TINY = [
+    "trainer.max_steps=2",
+    "task.data.num_train=64",
+    "task.data.num_val=16",
+    "task.data.batch_size=16",
+    "task.model.n_layer=1",
+    "task.model.n_embd=32",
+    "task.model.block_size=16",
+    "rich_progress_bar=false",
+    "plot=false",
+    "+trainer.enable_progress_bar=false",
+    "+trainer.enable_model_summary=false",
+]
+PRIVATE = ["dp", "dp_ddp", "dp_fsdp", "dp_zero1", "dp_zero2", "dp_zero3"]
+NONPRIVATE = ["nonprivate", "ddp", "fsdp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3"]
+GROUPS = {
+    "plain": ["dp", "dp_ddp", "dp_fsdp", "nonprivate", "ddp", "fsdp"],
+    "deepspeed": ["dp_zero1", "dp_zero2", "dp_zero3", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3"],
+}
+# tests only: DeepSpeed's shared-memory comm op is not built (gloo does the collectives), as in the strategy tests
+_SITECUSTOMIZE = """\
+import sys
+import deepspeed.comm.torch  # noqa: F401
+sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+"""
+
+
+def _env(tmp: Path, deepspeed: bool) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    if deepspeed:
+        site = tmp / "site"
+        site.mkdir(exist_ok=True)
+        (site / "sitecustomize.py").write_text(_SITECUSTOMIZE)
+        env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")])
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+def _train(args: list[str], cwd: Path, deepspeed: bool = False, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "lightning_dpzero.train", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=_env(cwd, deepspeed))
+
+
+@pytest.fixture(scope="module")
+def sweeps(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """Each group of strategies as one ``--multirun`` (one process, jobs in sequence)."""
+    out = {}
+    for group, names in GROUPS.items():
+        root = tmp_path_factory.mktemp(group)
+        proc = _train(
+            ["--multirun", f"strategy={','.join(names)}", "privacy=sigma1", *TINY, f"hydra.sweep.dir={root}"],
+            cwd=root,
+            deepspeed=group == "deepspeed",
+            timeout=400,
+        )
+        out[group] = (root, proc)
+    return out
+
+
+def _summary(sweeps, strategy: str) -> dict:
+    group = next(g for g, names in GROUPS.items() if strategy in names)
+    root, proc = sweeps[group]
+    path = root / str(GROUPS[group].index(strategy)) / "summary.json"
+    assert path.exists(), f"strategy={strategy}: no summary.json; the sweep's stderr ends:\n{proc.stderr[-4000:]}"
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("strategy", PRIVATE)
+def test_private_strategy_trains_and_reports_epsilon(sweeps, strategy: str) -> None:
+    """Reference: epsilon of 2 Poisson steps at sigma=1 from dp-accounting directly; the run's strategy is DP."""
+    import dp_accounting
+
+    summary = _summary(sweeps, strategy)
+    assert summary["private"] and summary["steps"] == 2 and summary["strategy"] == strategy
+    assert summary["noise_multiplier"] == 1.0 and math.isfinite(summary["value"])
+    q = 16 / 64  # task.data.batch_size / task.data.num_train
+    accountant = dp_accounting.rdp.RdpAccountant()
+    accountant.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(1.0)), 2)
+    assert summary["delta"] == pytest.approx(64**-1.1)  # delta = 1/N^1.1 by default
+    assert summary["epsilon"] == pytest.approx(accountant.get_epsilon(summary["delta"]), rel=1e-3)
+
+
+@pytest.mark.parametrize("strategy", NONPRIVATE)
+def test_nonprivate_strategy_trains_without_epsilon(sweeps, strategy: str) -> None:
+    """Reference: the non-private counterparts train the same 2 steps and report no privacy numbers."""
+    summary = _summary(sweeps, strategy)
+    assert not summary["private"] and summary["steps"] == 2 and "epsilon" not in summary
+    assert math.isfinite(summary["value"])
+
+
+def test_sweep_summary_lists_every_run(sweeps) -> None:
+    """Reference: multirun_summary.json/.csv hold one row per run that finished, with its strategy override."""
+    root, _ = sweeps["deepspeed"]
+    rows = json.loads((root / "multirun_summary.json").read_text())
+    assert [r["strategy"] for r in rows] == GROUPS["deepspeed"]
+    with open(root / "multirun_summary.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["strategy"] for r in table] == GROUPS["deepspeed"]
+    assert [r["private"] for r in table] == ["True"] * 3 + ["False"] * 3
+    assert all(float(r["epsilon"]) > 0 for r in table[:3]) and all(r["epsilon"] == "" for r in table[3:])
+
+
+def _compose(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "precision", "plugin"),
+    [
+        ("dp", "32-true", "DPPrecision"),
+        ("dp", "bf16-mixed", "DPPrecision"),
+        ("dp", "16-mixed", "DPPrecision"),
+        ("dp", "bf16-true", "DPPrecision"),
+        ("nonprivate", "32-true", "Precision"),
+        ("nonprivate", "bf16-mixed", "MixedPrecision"),
+        ("nonprivate", "bf16-true", "HalfPrecision"),
+    ],
+)
+def test_precision_group(strategy: str, precision: str, plugin: str, tmp_path) -> None:
+    """Reference: DP runs train under DPPrecision(<choice>), non-private ones under Lightning's own plugin."""
+    summary = run(_compose([f"strategy={strategy}", f"precision={precision}", "privacy=sigma1", *TINY]), tmp_path)
+    assert summary["precision"] == precision and summary["precision_plugin"] == plugin
+    assert summary["steps"] == 2 and math.isfinite(summary["value"])
+
+
+def test_multirun_over_target_epsilon_writes_each_summary_and_the_sweep_table(tmp_path) -> None:
+    """Reference: 2 jobs -> 2 summary.json, each epsilon at most its target; the sweep table has both rows."""
+    proc = _train(["--multirun", "privacy.target_epsilon=3,8", *TINY, f"hydra.sweep.dir={tmp_path}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [json.loads((tmp_path / str(job) / "summary.json").read_text()) for job in (0, 1)]
+    for target, summary in zip((3.0, 8.0), runs):
+        assert summary["target_epsilon"] == target and 0 < summary["epsilon"] <= target
+        assert {"value", "delta", "noise_multiplier"} <= summary.keys()
+    assert runs[0]["noise_multiplier"] > runs[1]["noise_multiplier"]  # a smaller budget needs more noise
+    rows = json.loads((tmp_path / "multirun_summary.json").read_text())
+    assert [r["epsilon"] for r in rows] == [r["epsilon"] for r in runs]
+    with open(tmp_path / "multirun_summary.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [float(r["privacy.target_epsilon"]) for r in table] == [3.0, 8.0]
+
+
+@pytest.mark.distributed
+def test_two_process_dp_zero3_through_lightnings_launcher(tmp_path) -> None:
+    """Reference: Lightning re-launches the Hydra command for rank 1; rank 0 alone writes the summary."""
+    proc = _train(
+        ["strategy=dp_zero3", "trainer.devices=2", "privacy=sigma1", *TINY, f"hydra.run.dir={tmp_path}"],
+        tmp_path,
+        deepspeed=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 2 and summary["strategy"] == "dp_zero3"
+    assert proc.stdout.count("[lightning_dpzero] val_loss=") == 1, proc.stdout
