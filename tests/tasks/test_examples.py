@@ -1,0 +1,40 @@
+"""The example scripts run as written (here with tiny sizes and 2 steps) and print their result line."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import lightning_dpzero.tasks
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL_BATCH = ["--batch-size", "16", "--physical-batch-size", "8"]
+TINY = {
+    "cifar10.py": [*SMALL_BATCH, "--num-train", "64", "--image-size", "8"],
+    "imdb.py": [*SMALL_BATCH, "--num-train", "64", "--num-val", "16", "--dim", "16"],
+    "gpt.py": [*SMALL_BATCH, "--dim", "16"],
+}
+
+
+@pytest.mark.parametrize("script", sorted(TINY))
+def test_example_trains_privately_and_reports_epsilon(script: str) -> None:
+    """Reference: the script exits 0 and prints the validation metric and epsilon <= its target (8)."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script), "--steps", "2", *TINY[script]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    match = re.search(r"val_\w+=\d+\.\d+ .*after 2 steps, epsilon=(\d+\.\d+)", out.stdout)
+    assert match and 0 < float(match.group(1)) <= 8.0, out.stdout[-2000:]
+
+
+@pytest.mark.parametrize("name", lightning_dpzero.tasks.__all__)
+def test_every_public_task_name_exists(name: str) -> None:
+    assert getattr(lightning_dpzero.tasks, name) is not None
