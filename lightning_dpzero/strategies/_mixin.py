@@ -35,18 +35,11 @@ class DPStrategyMixin:
     """DP-SGD hooks for a Lightning strategy. Put it first in the bases: ``(DPStrategyMixin, DDPStrategy)``."""
 
     dp: DPStep
-    # Why this strategy refuses PrivacyConfig(method="zeroth_order"), or None where ZOStep runs.
-    _zeroth_order_unsupported: str | None = None
 
     def _init_dp(self, privacy: PrivacyConfig | None) -> None:
         if privacy is not None and not isinstance(privacy, PrivacyConfig):
             raise TypeError(f"{type(self).__name__}: `privacy` must be a PrivacyConfig, got {type(privacy).__name__}.")
         config = privacy or PrivacyConfig.default()
-        if config.zeroth_order is not None and self._zeroth_order_unsupported is not None:
-            raise ValueError(
-                f"{type(self).__name__}: PrivacyConfig(method='zeroth_order') is not supported by this strategy yet "
-                f"({self._zeroth_order_unsupported}). Use strategy 'dp' (one device), 'dp_ddp' or 'dp_zero3'."
-            )
         # Zeroth-order: forward passes only, the update in place (ZOStep); first-order: DP-SGD (DPStep).
         self.dp = ZOStep(config) if config.zeroth_order is not None else DPStep(config)
         self._dp_step_pending = False
@@ -236,6 +229,29 @@ class DPStrategyMixin:
             self.dp.update(optimizer)  # in place: the optimizer does not step and holds no gradient
             return
         self.dp.privatize(self._named_optimizer_params(optimizer))
+
+    def _check_selection_agrees(self) -> None:
+        """Zeroth-order with pruning under sharding: every rank scored its own full copy; all must keep the same
+        coordinates (the same public z), or the ranks would perturb and update inconsistently."""
+        if not (isinstance(self.dp, ZOStep) and dist.is_available() and dist.is_initialized()):
+            return
+        digests: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(digests, self.dp.selection_digest())
+        if len(set(digests)) > 1:
+            raise RuntimeError(
+                f"{type(self).__name__}: the ranks selected different coordinates to train (SynFlow scores differ, "
+                "e.g. from non-deterministic kernels or different initial weights). Seed the model's initialisation "
+                "identically on every rank (seed_everything) or set prune_keep_fraction=None."
+            )
+
+    def _all_reduce_on_device(self, values: Tensor) -> None:
+        """Sum a small tensor (zeroth-order: the P clipped sums) over the ranks in place, through the root device
+        (NCCL reduces device tensors only)."""
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        on_device = values.to(self.root_device)  # type: ignore[attr-defined]
+        dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+        values.copy_(on_device.to(values.device))
 
     def _named_optimizer_params(self, optimizer: Optimizer) -> list[tuple[str, torch.nn.Parameter]]:
         assert self.dp.engine is not None

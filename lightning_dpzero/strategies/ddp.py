@@ -70,11 +70,6 @@ class DPDDPStrategy(DPStrategyMixin, DDPStrategy):
             return
         self.dp.privatize(self._named_optimizer_params(optimizer), all_reduce=_all_reduce_sum)
 
-    def _all_reduce_on_device(self, values: Tensor) -> None:
-        on_device = values.to(self.root_device)  # NCCL reduces device tensors only
-        _all_reduce_sum(on_device)
-        values.copy_(on_device.to(values.device))
-
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:

@@ -182,7 +182,8 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
     but builds no optimizer (no fp32 master copy, no gradient partitions). Each module's gathered parameters are
     perturbed (same public z on every rank) after ZeRO-3's gather and restored before its release; the P clipped
     sums are all-reduced (noise from rank 0 only) and each rank updates its own partition ``param.ds_tensor`` in
-    place, regenerating only its slice of z. Pruning and checkpoints are refused in this mode.
+    place, regenerating only its slice of z. Pruning selects on the full weights before DeepSpeed partitions them.
+    Checkpoints are refused in this mode.
     """
 
     strategy_name = "dp_zero"
@@ -258,6 +259,7 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
             # After deepspeed.initialize: the perturbation pre-hooks then run after ZeRO-3's gather, and the restoring
             # post-hooks (prepended) before its release.
             self.dp.attach(self.lightning_module)
+            self._check_selection_agrees()
             if trainer.state.fn == TrainerFn.FITTING:
                 self._check_optimizers()
             return
@@ -332,6 +334,8 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
         # Persistent (never released) small parameters would keep a gathered copy that the in-place update of
         # the partitions leaves stale: every parameter is gathered for each use instead.
         config.setdefault("zero_optimization", {})["stage3_param_persistence_threshold"] = 0
+        assert isinstance(self.dp, ZOStep)
+        self.dp.select_before_sharding(self.lightning_module)  # pruning: SynFlow on the full weights
         with self._device_rank():
             engine, *_ = deepspeed.initialize(
                 args=argparse.Namespace(device_rank=self.local_rank),
@@ -356,14 +360,6 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
             self._dp_step_pending = False
             self._privatize(optimizer)  # the update, in place on the partitions; DeepSpeed's engine never steps
         return out
-
-    def _all_reduce_on_device(self, values: torch.Tensor) -> None:
-        import torch.distributed as dist
-
-        on_device = values.to(self.root_device)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
-        values.copy_(on_device.to(values.device))
 
     @classmethod
     @override

@@ -4,6 +4,10 @@ Each rank clips its own Poisson shard's examples; per parameter, the clipped sum
 dim 0 into the rank's shard (the collective FSDP uses, with the same bytes; FSDP's own per-backward reduction
 stays idle because the per-example backward produces no parameter gradient), the rank adds the noise of the
 coordinates it owns, divides by B and hands the sharded gradient to the optimizer.
+
+Zeroth-order (``PrivacyConfig(method="zeroth_order")``): forward passes only. Each module's gathered parameters are
+perturbed (the same public z on every rank) between FSDP2's gather and release; the P clipped sums are all-reduced
+(noise drawn by rank 0 alone) and each rank updates its own shard in place, regenerating only its rows' slice of z.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing_extensions import override
 from lightning_dpzero.config import PrivacyConfig
 from lightning_dpzero.precision import DPPrecision
 from lightning_dpzero.strategies._mixin import DPStrategyMixin
+from lightning_dpzero.zeroth_order.step import ZOStep
 
 __all__ = ["DPFSDPStrategy", "FSDP2Strategy", "shard_lightning_module"]
 
@@ -40,7 +45,6 @@ class DPFSDPStrategy(DPStrategyMixin, ModelParallelStrategy):
     """
 
     strategy_name = "dp_fsdp"
-    _zeroth_order_unsupported = "per-shard perturbation of FSDP2's DTensor shards is not implemented"
 
     def __init__(self, privacy: PrivacyConfig | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("tensor_parallel_size", 1)
@@ -58,7 +62,11 @@ class DPFSDPStrategy(DPStrategyMixin, ModelParallelStrategy):
     def setup(self, trainer: pl.Trainer) -> None:
         self._check_trainer(trainer)
         module = self.lightning_module
-        self.dp.attach(module)  # before sharding: rules are looked up by the modules' own types
+        zeroth_order = isinstance(self.dp, ZOStep)
+        if zeroth_order:
+            self.dp.select_before_sharding(module)  # pruning: SynFlow on the full weights
+        else:
+            self.dp.attach(module)  # before sharding: rules are looked up by the modules' own types
         if is_overridden("configure_model", module):
             ModelParallelStrategy.setup(self, trainer)
         else:  # ModelParallelStrategy.setup, with the sharding it otherwise asks the user to write
@@ -73,8 +81,15 @@ class DPFSDPStrategy(DPStrategyMixin, ModelParallelStrategy):
             self.setup_precision_plugin()
             if trainer.state.fn == TrainerFn.FITTING:
                 _optimizers_to_device(self.optimizers, self.root_device)
-        assert self.dp.engine is not None
-        self.dp.engine.refresh_params(module)  # fully_shard replaced the parameters by sharded DTensors
+        if zeroth_order:
+            # After sharding: the direction coordinates of each rank's shard come from its DTensor placement, and
+            # the perturbation pre-hooks run after FSDP2's gather (its own are prepended) and restore before its
+            # release (ours are prepended to its post-forward hooks).
+            self.dp.attach(module)
+            self._check_selection_agrees()
+        else:
+            assert self.dp.engine is not None
+            self.dp.engine.refresh_params(module)  # fully_shard replaced the parameters by sharded DTensors
         if trainer.state.fn == TrainerFn.FITTING:
             self._check_optimizers()
 
@@ -93,6 +108,17 @@ class DPFSDPStrategy(DPStrategyMixin, ModelParallelStrategy):
     @override
     def _privatize(self, optimizer: Optimizer) -> None:
         from torch.distributed.tensor import DTensor
+
+        if isinstance(self.dp, ZOStep):
+            # Each rank updates its own shard in place. A group left gathered after its forward (FSDP2 keeps the
+            # root's, or reshard_after_forward=False) would then be stale: release every gathered copy first.
+            from torch.distributed.fsdp import FSDPModule
+
+            for sub in self.lightning_module.modules():
+                if isinstance(sub, FSDPModule):
+                    sub.reshard()
+            self.dp.update(optimizer, all_reduce=self._all_reduce_on_device)  # P numbers summed over the ranks
+            return
 
         named = self._named_optimizer_params(optimizer)
         summed = self.dp.begin_step([name for name, _ in named])

@@ -14,6 +14,8 @@ theta + s beta z in place, and the module's forward hook copies the backup back.
 bit-exact; and only one module's own parameters are held twice at any time (the largest module, e.g. a token
 embedding; with pruning only its kept entries), plus one block of z. A parameter shared by several modules (tied
 weights) is perturbed with the same z by whichever module runs first and restored when the last one returns.
+Under FSDP2 the hooks run between FSDP's gather and its release, and perturb the gathered parameter the module
+computes with (read through the module's attribute), never the rank's shard.
 """
 
 from __future__ import annotations
@@ -117,15 +119,17 @@ class Perturber:
     ) -> None:
         self.model, self.params, self.kept, self.directions = model, params, kept, directions
         names = {id(p): name for name, p in params.items()}
-        self._owned: dict[nn.Module, list[str]] = {}
+        # module -> [(canonical name, attribute)]: the hooks read the parameter through the module's attribute,
+        # which under FSDP2 holds the gathered (unsharded) parameter during the module's forward.
+        self._owned: dict[nn.Module, list[tuple[str, str]]] = {}
         for module in model.modules():
-            own = [names[id(p)] for p in module.parameters(recurse=False) if id(p) in names]
+            own = [(names[id(p)], attr) for attr, p in module.named_parameters(recurse=False) if id(p) in names]
             if own:
                 self._owned[module] = own
         self._handles: list[RemovableHandle] = []
         self._active: _Perturbation | None = None
         self._depth: dict[str, int] = {}
-        self._backup: dict[str, Tensor] = {}
+        self._backup: dict[str, tuple[Tensor, Tensor]] = {}  # name -> (perturbed tensor, its exact values)
         self.seen: set[str] = set()  # parameters perturbed at least once (coverage check of the first step)
 
     def install(self) -> None:
@@ -158,25 +162,26 @@ class Perturber:
     def _pre_hook(self, module: nn.Module, args: object) -> None:
         if self._active is None:
             return
-        for name in self._owned[module]:
+        for name, attr in self._owned[module]:
             depth = self._depth.get(name, 0)
             if depth == 0:
-                self._perturb(name)
+                self._perturb(name, getattr(module, attr))
             self._depth[name] = depth + 1
 
     def _post_hook(self, module: nn.Module, args: object, output: object) -> None:
         if self._active is None:
             return
-        for name in self._owned[module]:
+        for name, _ in self._owned[module]:
             self._depth[name] -= 1
             if self._depth[name] == 0:
                 self._restore(name)
 
     @torch.no_grad()
-    def _perturb(self, name: str) -> None:
+    def _perturb(self, name: str, param: Tensor) -> None:
+        """Write theta + s beta z into ``param``: the parameter itself, or under FSDP2 its gathered copy."""
         active = self._active
         assert active is not None
-        flat = _flat(self.params[name], name)
+        flat = _flat(param, name)
         idx = self.kept[name]
         backup = flat.clone() if idx is None else flat.index_select(0, idx)  # [n] or [k]: the exact values
         values = flat if idx is None else backup.clone()
@@ -192,13 +197,12 @@ class Perturber:
             values[lo:hi].add_(z.to(values.dtype), alpha=active.scale)
         if idx is not None:
             flat.index_copy_(0, idx, values)
-        self._backup[name] = backup
+        self._backup[name] = (flat, backup)
         self.seen.add(name)
 
     @torch.no_grad()
     def _restore(self, name: str) -> None:
-        backup = self._backup.pop(name)
-        flat = _flat(self.params[name], name)
+        flat, backup = self._backup.pop(name)
         idx = self.kept[name]
         if idx is None:
             flat.copy_(backup)

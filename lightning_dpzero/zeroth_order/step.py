@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -135,12 +136,33 @@ class ZOStep(DPStep):
             self.perturber = Perturber(model, self.params, self.kept, self.directions)
         self.perturber.install()
 
+    def select_before_sharding(self, model: nn.Module) -> None:
+        """Sharded strategies: run the pruning selection on the full model, before its parameters are sharded.
+
+        Every rank scores its own full copy (the same weights, no data); ``attach`` then uses this selection, in the
+        coordinates of the full parameters, and the strategy checks that all ranks agree (``selection_digest``).
+        """
+        pruning = self.zo.prune_keep_fraction is not None and self.zo.prune_keep_fraction < 1.0
+        if self.perturber is not None or self._pending_kept is not None or not pruning:
+            return  # attached already, resumed from a checkpoint's selection, or nothing to select
+        params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        self._pending_kept = {n: i.cpu() for n, i in self._prune(model, params).items()}
+
+    def selection_digest(self) -> str:
+        """A SHA-256 of the kept coordinates: ranks that perturb different coordinates would not agree on z."""
+        h = hashlib.sha256()
+        for name in sorted(self.kept):
+            idx = self.kept[name]
+            h.update(name.encode() + (b"*" if idx is None else idx.cpu().numpy().tobytes()))
+        return h.hexdigest()
+
     def _prune(self, model: nn.Module, params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
-        if any(hasattr(p, "ds_tensor") for p in params.values()):
+        if any(hasattr(p, "ds_tensor") or _dtensor_local(p) is not None for p in params.values()):
             raise ValueError(
-                f"ZerothOrderConfig(prune_keep_fraction={self.zo.prune_keep_fraction}): data-free pruning is not "
-                "supported on ZeRO-3 partitioned parameters (SynFlow needs the full weights); use strategy 'dp' or "
-                "'dp_ddp', or prune_keep_fraction=None."
+                f"ZerothOrderConfig(prune_keep_fraction={self.zo.prune_keep_fraction}): the parameters are sharded "
+                "already (ZeRO-3 partitions from deepspeed.zero.Init, or FSDP2 shards from your configure_model), and "
+                "SynFlow scores the full weights. Build the model unsharded (dp_zero3 and dp_fsdp select before they "
+                "shard it), use strategy 'dp' or 'dp_ddp', or set prune_keep_fraction=None."
             )
         example = getattr(model, "example_input_array", None)
         if example is None:
@@ -275,9 +297,22 @@ class ZOStep(DPStep):
         """(values, offset, total): the coordinates this rank updates, a flat view, and where they sit in z.
 
         ``values[k]`` is coordinate ``offset + k`` of the parameter's z-space of length ``total``: the whole flat
-        parameter (offset 0), or under DeepSpeed ZeRO-3 this rank's partition ``param.ds_tensor`` of the flat full
-        parameter (padding excluded), so that each rank regenerates only its own slice of z.
+        parameter (offset 0); under DeepSpeed ZeRO-3 this rank's partition ``param.ds_tensor`` of the flat full
+        parameter (padding excluded); under FSDP2 the rank's local rows of the DTensor (a contiguous slice of the
+        flat parameter). Each rank regenerates only its own slice of z.
         """
+        local = _dtensor_local(param)
+        if local is not None:  # FSDP2: this rank's rows of the parameter, a contiguous slice of its flat z
+            from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+            shape, start = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+            if tuple(local.shape) != tuple(shape) or any(start[1:]):
+                raise ValueError(
+                    f"zeroth-order: parameter {name!r} is sharded as {param.placements}; only dim-0 sharding (FSDP2's "
+                    "fully_shard) is supported."
+                )
+            row = math.prod(param.shape[1:])
+            return _flat(local, name), start[0] * row if local.numel() else 0, param.numel()
         part = getattr(param, "ds_tensor", None)
         if part is None:
             flat = _flat(param, name)
@@ -294,13 +329,9 @@ class ZOStep(DPStep):
         self, name: str, param: Tensor, coefficients: list[float], *, lr: float, lam: float, step: int
     ) -> None:
         """theta <- theta - lr (sum_j c_j z_j + lam (theta - anchor)) on the kept coordinates, one block at a time."""
-        idx = self.kept[name]
-        if idx is None:
-            values, offset, total = self._local_part(name, param)
-        else:  # pruned: z lives on the kept coordinates (not under ZeRO-3, where pruning is refused)
-            values, offset, total = _flat(param, name), 0, idx.numel()
+        values, offset, total, idx = self._local_coordinates(name, param)
         dtype = torch.promote_types(param.dtype, torch.float32)  # bf16 / fp16 parameters: the update in fp32
-        end = offset + (values.numel() if idx is None else total)
+        end = offset + (values.numel() if idx is None else idx.numel())
         starts = [offset, *range((offset // BLOCK + 1) * BLOCK, end, BLOCK)]  # chunks within one block of z each
         for lo, hi in zip(starts, [*starts[1:], end]):
             acc = torch.zeros(hi - lo, dtype=dtype, device=values.device)  # [chunk]
@@ -319,14 +350,27 @@ class ZOStep(DPStep):
             else:
                 values.index_copy_(0, idx[a:b], new)
 
+    def _local_coordinates(self, name: str, param: Tensor) -> tuple[Tensor, int, int, Tensor | None]:
+        """(values, offset, total, idx): what this rank updates of a parameter, and where it sits in z.
+
+        Without pruning, ``_local_part``'s (values, offset, total) and idx None. Pruned, z lives on the kept
+        coordinates (length ``total`` = the number kept): ``idx`` are the positions in ``values`` of the kept
+        coordinates this rank holds, and ``offset`` the position in z of the first of them.
+        """
+        values, start, total = self._local_part(name, param)
+        kept = self.kept[name]
+        if kept is None:
+            return values, start, total, None
+        first, last = torch.searchsorted(kept, torch.tensor([start, start + values.numel()], device=kept.device))
+        return values, int(first), kept.numel(), kept[int(first) : int(last)] - start
+
     def _set_anchor(self, stage: int) -> None:
         """theta_s: a real copy (not an alias) of the trainable coordinates this rank updates, at the stage start."""
         with torch.no_grad():
             self._anchor = {}
             for name, p in self.params.items():
-                idx = self.kept[name]
-                values = self._local_part(name, p)[0] if idx is None else _flat(p, name)[idx]
-                self._anchor[name] = values.clone()
+                values, _, _, idx = self._local_coordinates(name, p)
+                self._anchor[name] = (values if idx is None else values[idx]).clone()
         self._anchor_stage = stage
 
     def _learning_rates(self, optimizer: Optimizer | None, stage_lr: float | None) -> dict[str, float]:
@@ -396,3 +440,12 @@ class ZOStep(DPStep):
             self.attach(self.model)
         device = next(iter(self.params.values())).device if self.params else torch.device("cpu")
         self._anchor = {n: a.to(device) for n, a in zo["anchor"].items()}
+
+
+def _dtensor_local(param: Tensor) -> Tensor | None:
+    """The local shard of an FSDP2 (DTensor) parameter, writable in place; None for an ordinary tensor."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(param, DTensor):
+        return None
+    return param._local_tensor  # the storage FSDP2 gathers from (to_local() may return an autograd alias)

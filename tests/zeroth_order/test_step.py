@@ -354,8 +354,6 @@ def test_refusals() -> None:
     zo = PrivacyConfig(noise_multiplier=1.0, method="zeroth_order")
     with pytest.raises(ValueError, match="dp_ddp"):
         dpz.DPZeroStrategy(stage=2, privacy=zo)
-    with pytest.raises(ValueError, match="zeroth_order"):
-        dpz.DPFSDPStrategy(zo)
 
     class ScalarLoss(Task):
         def training_step(self, batch, batch_idx):

@@ -2,11 +2,12 @@
 
     torchrun --standalone --nproc_per_node 2 tests/zeroth_order/zo_worker.py STRATEGY OUT_DIR
 
-STRATEGY is ddp or zero3.
+STRATEGY is ddp, zero3 or fsdp.
 
 Phase 1 (sigma = 0, float64, P = 2, two stages with a proximal term): per logical step, each rank's physical
 batches and masks and the weights before and after. Phase 2 (sigma = 1): the released g of each step and whether
-this rank drew noise.
+this rank drew noise. Phase 3 (fsdp only): phase 1 stopped after 2 steps and resumed from its sharded checkpoint.
+Phase 4: phase 1 with 30% of the coordinates kept by SynFlow.
 """
 
 from __future__ import annotations
@@ -36,11 +37,13 @@ ZO_FP32 = {**ZO, "perturbation_scale": (5e-2, 2.5e-2)}
 
 
 def settings(strategy: str) -> dict:
-    return ZO if strategy == "ddp" else ZO_FP32
+    return ZO_FP32 if strategy == "zero3" else ZO  # FSDP2 keeps the float64 model
 
 
 def _full_params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     params = list(module.parameters())
+    if params and hasattr(params[0], "full_tensor"):  # FSDP2 DTensor shards: gathered (a collective)
+        return {n: p.full_tensor().detach().clone() for n, p in module.named_parameters()}
     if any(hasattr(p, "ds_id") for p in params):
         import deepspeed
 
@@ -71,9 +74,13 @@ class Released(L.Callback):
         self.ghats.append(trainer.strategy.dp.last_update["ghat"].clone())
 
 
-def _trainer(strategy: str, privacy: dpz.PrivacyConfig, steps: int, callbacks: list) -> L.Trainer:
+def _trainer(
+    strategy: str, privacy: dpz.PrivacyConfig, steps: int, callbacks: list, checkpoints: Path | None = None
+) -> L.Trainer:
     if strategy == "ddp":
         strat = dpz.DPDDPStrategy(privacy, process_group_backend="gloo")
+    elif strategy == "fsdp":
+        strat = dpz.DPFSDPStrategy(privacy, process_group_backend="gloo")
     else:
         strat = dpz.DPZeroStrategy(stage=3, privacy=privacy, process_group_backend="gloo")
     return L.Trainer(
@@ -81,12 +88,18 @@ def _trainer(strategy: str, privacy: dpz.PrivacyConfig, steps: int, callbacks: l
         devices=2,
         strategy=strat,
         max_steps=steps,
-        callbacks=callbacks,
+        callbacks=[*callbacks, *([] if checkpoints is None else [_checkpoint_every_step(checkpoints)])],
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=checkpoints is not None,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
+
+
+def _checkpoint_every_step(directory: Path) -> L.Callback:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    return ModelCheckpoint(dirpath=directory, save_last=True, every_n_train_steps=1, save_top_k=0)
 
 
 def main(strategy: str, out: Path) -> None:
@@ -104,8 +117,29 @@ def main(strategy: str, out: Path) -> None:
     released = Released()
     noisy = _trainer(strategy, _zo_privacy(clip_norm=1.0, sigma=1.0, **settings(strategy)), 2, [released])
     noisy.fit(Task())
+    pruned_record = Record()  # phase 4: 30% of the coordinates kept by SynFlow (selected before sharding)
+    pruned = _trainer(
+        strategy, _zo_privacy(clip_norm=1.0, prune_keep_fraction=0.3, **settings(strategy)), 3, [pruned_record]
+    )
+    pruned.fit(Task())
+    pruning = {
+        "before": pruned_record.before,
+        "after": pruned_record.after,
+        "batches": pruned_record.batches,
+        "kept": {n: i.cpu() for n, i in pruned.strategy.dp.kept.items()},
+    }
+    resumed: dict = {}
+    if strategy == "fsdp":  # phase 3: 2 steps, a sharded checkpoint, then the third step resumed from it
+        privacy = _zo_privacy(clip_norm=1.0, **settings(strategy))
+        _trainer(strategy, privacy, 2, [], checkpoints=out / "ckpt").fit(Task())
+        again = Record()
+        resumer = _trainer(strategy, privacy, 3, [again])
+        resumer.fit(Task(), ckpt_path=str(out / "ckpt" / "last.ckpt"))
+        resumed = {"after": again.after, "steps": resumer.strategy.dp.accountant.steps}
     torch.save(
         {
+            "resumed": resumed,
+            "pruned": pruning,
             "before": record.before,
             "after": record.after,
             "batches": record.batches,
@@ -114,6 +148,8 @@ def main(strategy: str, out: Path) -> None:
             "world": dp.world_size,
             "wrapped": type(trainer.strategy.model).__name__,
             "optimizer": type(getattr(trainer.strategy.model, "optimizer", None)).__name__,
+            "sharded": sorted(n for n, p in task.named_parameters() if hasattr(p, "full_tensor")),
+            "local_numel": sum(getattr(p, "_local_tensor", p).numel() for p in task.parameters()),
             "ghats": released.ghats,
             "drew_noise": bool(noisy.strategy.dp.noise._generators),
         },
