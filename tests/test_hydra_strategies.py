@@ -1,10 +1,10 @@
 """The Hydra entry with every strategy group entry, the precision group, sweeps and one 2-process run.
 
-Every strategy runs 2 logical steps of a shrunken gpt_tiny (1 layer, D=32, T=16) in one process. The strategies
-are grouped into two ``--multirun`` sweeps, one process each (DeepSpeed's and the others), which also exercises
-the sweep machinery; each test reads its run's ``summary.json``. DeepSpeed's ~35 s shared-memory comm-op build is
-skipped as in ``tests/strategies/parallel_worker.py`` (a ``sitecustomize`` on the subprocesses' path; gloo does the
-collectives).
+Every strategy runs 2 logical steps of each task (gpt_tiny, gpt, cifar10, imdb; shrunk) on its embedded data in
+one process. Per task, the strategies are grouped into two ``--multirun`` sweeps, one process each (DeepSpeed's and
+the others), which also exercises the sweep machinery; each test reads its run's ``summary.json``. DeepSpeed's ~35 s
+shared-memory comm-op build is skipped as in ``tests/strategies/parallel_worker.py`` (a ``sitecustomize`` on the
+subprocesses' path; gloo does the collectives).
 """
 
 from __future__ import annotations
@@ -24,19 +24,42 @@ import lightning_dpzero
 from lightning_dpzero.train import run
 
 CONFIGS = Path(lightning_dpzero.__file__).resolve().parent / "configs"
-TINY = [
+COMMON = [
     "trainer.max_steps=2",
     "task.data.num_train=64",
     "task.data.num_val=16",
     "task.data.batch_size=16",
-    "task.model.n_layer=1",
-    "task.model.n_embd=32",
-    "task.model.block_size=16",
     "rich_progress_bar=false",
     "plot=false",
     "+trainer.enable_progress_bar=false",
     "+trainer.enable_model_summary=false",
 ]
+SHRINK = {  # each task's model and data made small enough for 2 steps in about a second
+    "gpt_tiny": ["task.model.n_layer=1", "task.model.n_embd=32", "task.model.block_size=16"],
+    "gpt": [
+        "task.model.n_layer=1",
+        "task.model.n_embd=32",
+        "task.model.n_head=2",
+        "task.model.block_size=16",
+        "task.data.block_size=16",
+    ],
+    "cifar10": ["task.data.image_size=8", "task.model.net.depth=10", "task.model.net.width=1"],
+    "imdb": [
+        "task.data.max_len=16",
+        "task.data.vocab_size=512",
+        "task.model.net.dim=32",
+        "task.model.net.depth=1",
+        "task.model.net.heads=2",
+    ],
+}
+TASKS = list(SHRINK)
+TINY = [*COMMON, *SHRINK["gpt_tiny"]]  # the default task
+
+
+def tiny(task: str) -> list[str]:
+    return [f"task={task}", *COMMON, *SHRINK[task]]
+
+
 PRIVATE = ["dp", "dp_ddp", "dp_fsdp", "dp_zero1", "dp_zero2", "dp_zero3"]
 NONPRIVATE = ["nonprivate", "ddp", "fsdp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3"]
 GROUPS = {
@@ -68,36 +91,39 @@ def _train(args: list[str], cwd: Path, deepspeed: bool = False, timeout: int = 3
 
 
 @pytest.fixture(scope="module")
-def sweeps(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
-    """Each group of strategies as one ``--multirun`` (one process, jobs in sequence)."""
+def sweeps(tmp_path_factory) -> dict[tuple[str, str], tuple[Path, subprocess.CompletedProcess]]:
+    """Per task, each group of strategies as one ``--multirun`` (one process, jobs in sequence)."""
     out = {}
-    for group, names in GROUPS.items():
-        root = tmp_path_factory.mktemp(group)
-        proc = _train(
-            ["--multirun", f"strategy={','.join(names)}", "privacy=sigma1", *TINY, f"hydra.sweep.dir={root}"],
-            cwd=root,
-            deepspeed=group == "deepspeed",
-            timeout=400,
-        )
-        out[group] = (root, proc)
+    for task in TASKS:
+        for group, names in GROUPS.items():
+            root = tmp_path_factory.mktemp(f"{task}-{group}")
+            proc = _train(
+                ["--multirun", f"strategy={','.join(names)}", "privacy=sigma1", *tiny(task), f"hydra.sweep.dir={root}"],
+                cwd=root,
+                deepspeed=group == "deepspeed",
+                timeout=400,
+            )
+            out[task, group] = (root, proc)
     return out
 
 
-def _summary(sweeps, strategy: str) -> dict:
+def _summary(sweeps, strategy: str, task: str = "gpt_tiny") -> dict:
     group = next(g for g, names in GROUPS.items() if strategy in names)
-    root, proc = sweeps[group]
+    root, proc = sweeps[task, group]
     path = root / str(GROUPS[group].index(strategy)) / "summary.json"
-    assert path.exists(), f"strategy={strategy}: no summary.json; the sweep's stderr ends:\n{proc.stderr[-4000:]}"
+    assert path.exists(), f"task={task} strategy={strategy}: no summary.json; stderr ends:\n{proc.stderr[-4000:]}"
     return json.loads(path.read_text())
 
 
+@pytest.mark.parametrize("task", TASKS)
 @pytest.mark.parametrize("strategy", PRIVATE)
-def test_private_strategy_trains_and_reports_epsilon(sweeps, strategy: str) -> None:
+def test_private_strategy_trains_and_reports_epsilon(sweeps, strategy: str, task: str) -> None:
     """Reference: epsilon of 2 Poisson steps at sigma=1 from dp-accounting directly; the run's strategy is DP."""
     import dp_accounting
 
-    summary = _summary(sweeps, strategy)
+    summary = _summary(sweeps, strategy, task)
     assert summary["private"] and summary["steps"] == 2 and summary["strategy"] == strategy
+    assert summary["task"] == task
     assert summary["noise_multiplier"] == 1.0 and math.isfinite(summary["value"])
     q = 16 / 64  # task.data.batch_size / task.data.num_train
     accountant = dp_accounting.rdp.RdpAccountant()
@@ -106,17 +132,18 @@ def test_private_strategy_trains_and_reports_epsilon(sweeps, strategy: str) -> N
     assert summary["epsilon"] == pytest.approx(accountant.get_epsilon(summary["delta"]), rel=1e-3)
 
 
+@pytest.mark.parametrize("task", TASKS)
 @pytest.mark.parametrize("strategy", NONPRIVATE)
-def test_nonprivate_strategy_trains_without_epsilon(sweeps, strategy: str) -> None:
+def test_nonprivate_strategy_trains_without_epsilon(sweeps, strategy: str, task: str) -> None:
     """Reference: the non-private counterparts train the same 2 steps and report no privacy numbers."""
-    summary = _summary(sweeps, strategy)
+    summary = _summary(sweeps, strategy, task)
     assert not summary["private"] and summary["steps"] == 2 and "epsilon" not in summary
     assert math.isfinite(summary["value"])
 
 
 def test_sweep_summary_lists_every_run(sweeps) -> None:
     """Reference: multirun_summary.json/.csv hold one row per run that finished, with its strategy override."""
-    root, _ = sweeps["deepspeed"]
+    root, _ = sweeps["gpt_tiny", "deepspeed"]
     rows = json.loads((root / "multirun_summary.json").read_text())
     assert [r["strategy"] for r in rows] == GROUPS["deepspeed"]
     with open(root / "multirun_summary.csv") as f:

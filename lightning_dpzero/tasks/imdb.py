@@ -165,7 +165,9 @@ class IMDBTask(ClassifierTask):
             momentum=momentum,
             weight_decay=weight_decay,
         )
-        self.save_hyperparameters(ignore=["net"])
+        # With a given net, vocab_size and max_len are unused: recording their defaults would contradict the data
+        # module's (Lightning refuses to log hyperparameters that disagree).
+        self.save_hyperparameters(ignore=["net"] if net is None else ["net", "vocab_size", "max_len"])
 
 
 # ------------------------------------------------------------------------------------------------ data
