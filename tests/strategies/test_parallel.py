@@ -118,9 +118,9 @@ def test_resume_continues_each_ranks_accountant_and_streams(strategy: str, tmp_p
     assert ranks[0]["noise_seed"] != ranks[1]["noise_seed"]
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "zero3", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", "zero1", "zero2", "zero3", "fsdp"])
 def test_bf16_gradient_within_bf16_tolerance_of_reference(strategy: str, tmp_path) -> None:
-    """DPPrecision("bf16-mixed"): autocast (ddp), DeepSpeed bf16 (zero3), FSDP2's policy (fsdp); fp32 clipping."""
+    """DPPrecision("bf16-mixed"): autocast (ddp), DeepSpeed bf16 (zero1/2/3), FSDP2's policy (fsdp); fp32 clipping."""
     ranks = _torchrun(strategy, "bf16", tmp_path)
     assert {r["precision"] for r in ranks} == {"bf16-mixed"}
     assert {r["compute_dtype"] for r in ranks} == {"torch.bfloat16"}  # the forward really ran in bf16
