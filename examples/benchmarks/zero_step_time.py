@@ -178,7 +178,9 @@ def _worker(args: argparse.Namespace) -> None:
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         if private:
-            strategy = dpz.DPFSDPStrategy(privacy, data_parallel_size=2, process_group_backend="gloo")
+            strategy = dpz.DPFSDPStrategy(
+                privacy, stream_clipped_sums=not args.buffered, data_parallel_size=2, process_group_backend="gloo"
+            )
             module_cls = ShardedTask if args.fsdp_dp_sharding == "block" else Task
         else:
             strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, process_group_backend="gloo")
@@ -186,7 +188,10 @@ def _worker(args: argparse.Namespace) -> None:
     else:
         stage = int(pair[-1])  # Lightning's default DeepSpeed config for the stage, in both runs
         if private:
-            strategy = dpz.DPZeroStrategy(stage=stage, privacy=privacy, process_group_backend="gloo")
+            stream = False if args.buffered else None  # None: the default (streaming at stage 3)
+            strategy = dpz.DPZeroStrategy(
+                stage=stage, privacy=privacy, stream_clipped_sums=stream, process_group_backend="gloo"
+            )
         else:
             strategy = _cpu_deepspeed_strategy()(stage=stage, process_group_backend="gloo")
 
@@ -242,6 +247,7 @@ def _run_one(args: argparse.Namespace, pair: str, private: bool, root: Path) -> 
         "--batch", str(args.batch), "--physical", str(args.physical), "--steps", str(args.steps),
         "--burn-in", str(args.burn_in), "--T", str(args.T), "--D", str(args.D), "--layers", str(args.layers),
         "--vocab", str(args.vocab), "--N", str(args.N), "--fsdp-dp-sharding", args.fsdp_dp_sharding,
+        *(["--buffered"] if args.buffered else []),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore"}
     t0 = time.perf_counter()
@@ -364,6 +370,12 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=64)
     parser.add_argument("--N", type=int, default=4096, help="training examples")
+    parser.add_argument(
+        "--buffered",
+        action="store_true",
+        help="dp_zero3 / dp_fsdp: sum the clipped sums in a full-size buffer and reduce-scatter once per logical step "
+        "(stream_clipped_sums=False) instead of once per physical batch",
+    )
     parser.add_argument("--fsdp-dp-sharding", choices=("block", "own"), default="block")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per configuration")
     parser.add_argument("--logs", default=None, help="folder for per-run logs and JSON (default: a temp folder)")

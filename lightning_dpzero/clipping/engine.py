@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,6 +168,11 @@ class ClippingEngine:
             raise ValueError("the model has no trainable parameters; there is nothing to train privately.")
         self.groups: ClippingGroups = make_groups(config, [(name, owner[name]) for name in self.params])
         self.summed: dict[str, Tensor] = {}  # clipped sums over the physical batches of the current logical step
+        # Streaming: each parameter's clipped sum of one physical batch goes to ``sink(name, sum)`` as soon as its
+        # group is clipped (``sink(name, None)`` for parameters without a contribution, at the batch's end), and
+        # ``summed`` stays empty: no full-size buffer lives across physical batches (sharded strategies).
+        self.sink: Callable[[str, Tensor | None], None] | None = None
+        self._emitted: set[str] = set()
         self.seen: set[str] = set()  # parameters that received a contribution since the last reset
         self.last_norm_modes: dict[str, str] = {}  # layer path -> "ghost" / "instantiate" / "direct", for tests
         self._handles: list[RemovableHandle] = []
@@ -260,7 +265,12 @@ class ClippingEngine:
             if anchor is not None and loss.requires_grad:
                 torch.autograd.grad(loss, [anchor], allow_unused=True)
             self._finalize(range(len(self.groups)))  # groups whose taps did not all report (or all-layer)
+            if self.sink is not None:
+                for name in self.params:  # the same calls in the same order on every rank, whatever was reached
+                    if name not in self._emitted:
+                        self.sink(name, None)
         finally:
+            self._emitted.clear()
             if self._dropped is not None:
                 self.non_finite_examples += int(self._dropped.sum())
                 self._dropped = None
@@ -330,24 +340,29 @@ class ClippingEngine:
                     fn=self.config.clipping_function,
                     stability_constant=self.config.stability_constant,
                 )
-            for key in [key for key in self._contributions if self.groups.group_of[key[0]] in groups]:
-                name = key[0]
-                target = self.summed.get(name)
+            keys = [key for key in self._contributions if self.groups.group_of[key[0]] in groups]
+            for name in dict.fromkeys(key[0] for key in keys):  # each parameter once, in the order reached
+                param = self.params[name]
+                target = self.summed.get(name) if self.sink is None else None
                 if target is None:
-                    param = self.params[name]
-                    target = self.summed[name] = torch.zeros(
-                        full_shape(param), device=param.device, dtype=torch.float32
-                    )
+                    target = torch.zeros(full_shape(param), device=param.device, dtype=torch.float32)
+                    if self.sink is None:
+                        self.summed[name] = target
                 k = self.groups.group_of[name]
-                for c in self._contributions.pop(key):
-                    if k in dropped:
-                        c = zero_rows(c, dropped[k])  # 0 * inf would still be NaN
-                    block = clipped_sum(c, factors[k])
-                    if c.rows is None:
-                        target += block
-                    else:
-                        target[c.rows] += block
+                for key in [key for key in keys if key[0] == name]:
+                    for c in self._contributions.pop(key):
+                        if k in dropped:
+                            c = zero_rows(c, dropped[k])  # 0 * inf would still be NaN
+                        block = clipped_sum(c, factors[k])
+                        if c.rows is None:
+                            target += block
+                        else:
+                            target[c.rows] += block
                 self.seen.add(name)
+                if self.sink is not None:
+                    self._emitted.add(name)
+                    self.sink(name, target)
+                del target
 
     def _non_finite(self, bad: Tensor, mask: Tensor, group: int) -> None:
         """Apply ``config.non_finite`` to the examples whose norm in ``group`` is inf or NaN."""

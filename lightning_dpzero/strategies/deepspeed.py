@@ -3,8 +3,10 @@
 Per logical step, on each rank:
 1. the physical batches run forward and the per-example backward of the clipping engine, which computes the
    clipped sums without any parameter gradient (so DeepSpeed's gradient hooks stay idle: no wasted reduction);
-2. the clipped sums enter DeepSpeed's own reduction through autograd (``p.backward(g)`` fires the same hooks a
-   loss backward does; at ZeRO-3 each parameter is gathered for it), then the engine's backward epilogue runs;
+2. the clipped sums enter DeepSpeed's own reduction: at ZeRO-1/2 through autograd at the end of the logical step
+   (``p.backward(g)`` fires the same hooks a loss backward does); at ZeRO-3 straight into its reduce-scatter
+   buckets (no parameter gather), by default each physical batch's sums as soon as they are clipped, accumulating
+   in the gradient partitions as DeepSpeed's micro-steps do; then the engine's backward epilogue runs;
 3. at ``engine.step()`` DeepSpeed hands the client optimizer this rank's flat fp32 partition of the averaged
    gradient: a wrapper undoes the averaging (x W), adds this rank's noise to the coordinates it owns, divides by
    B = qN and steps. Every coordinate is owned by exactly one rank: noise once per coordinate, shard-local.
@@ -170,6 +172,12 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
     Args:
         stage: the ZeRO stage.
         privacy: the privacy settings; ``None`` uses ``PrivacyConfig.default()``.
+        stream_clipped_sums: stage 3 only (its default): each physical batch's clipped sum of each parameter
+            enters DeepSpeed's reduce-scatter bucket as soon as it is clipped, and accumulates in this rank's
+            gradient partition, as non-private ZeRO-3 does with gradient accumulation: no full-size gradient buffer
+            on any rank, one reduce-scatter per physical batch. ``False``: the clipped sums of all physical batches
+            are summed in a full-size fp32 buffer on each rank and reduce-scattered once per logical step (less
+            communication when there are many physical batches, 4 bytes per parameter more memory).
         **kwargs: passed to Lightning's ``DeepSpeedStrategy`` (``config=`` for your own DeepSpeed config,
             offload settings, bucket sizes...). Settings that would break the guarantee are refused: gradient
             clipping (DeepSpeed clips the aggregated gradient, not each example's), dynamic fp16 loss scaling.
@@ -188,12 +196,25 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
 
     strategy_name = "dp_zero"
 
-    def __init__(self, stage: int = 3, privacy: PrivacyConfig | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        stage: int = 3,
+        privacy: PrivacyConfig | None = None,
+        stream_clipped_sums: bool | None = None,
+        **kwargs: Any,
+    ) -> None:
         if stage not in (1, 2, 3):
             raise ValueError(f"DPZeroStrategy: stage must be 1, 2 or 3, got {stage!r}.")
+        if stream_clipped_sums and stage != 3:
+            raise ValueError(
+                f"DPZeroStrategy(stage={stage}, stream_clipped_sums=True): streaming the clipped sums into the "
+                "gradient partitions is implemented at stage 3 only; use stage=3 or stream_clipped_sums=None."
+            )
         kwargs.setdefault("loss_scale", 1.0)  # fp16: a static scale of 1; per-example clipping already scales
         super().__init__(stage=stage, **kwargs)
         self._init_dp(privacy)
+        self.stream_clipped_sums = stage == 3 if stream_clipped_sums is None else stream_clipped_sums
+        self._physical_index = 0
         if isinstance(self.dp, ZOStep) and stage != 3:
             raise ValueError(
                 f"DPZeroStrategy(stage={stage}): zeroth-order DP runs at ZeRO stage 3 (each rank updates its own "
@@ -267,6 +288,8 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
         DeepSpeedStrategy.setup(self, trainer)
         if trainer.state.fn == TrainerFn.FITTING:
             self._check_optimizers()
+        assert self.dp.engine is not None
+        self.dp.engine.sink = self._reduce_clipped_sum if self.stream_clipped_sums else None
 
     @override
     def _check_optimizers(self) -> None:
@@ -286,7 +309,14 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
     @override
     @contextlib.contextmanager
     def _physical_batch_context(self) -> Iterator[None]:
+        streaming = self.stream_clipped_sums and not isinstance(self.dp, ZOStep)
+        if streaming:
+            # The first physical batch of the step overwrites the gradient partitions, the next ones add to them.
+            self.model.optimizer.micro_step_id = self._physical_index
         yield
+        if streaming:
+            self.model.allreduce_gradients()  # flush the bucket: this physical batch's reduce-scatters are done
+            self._physical_index += 1
         offload = getattr(getattr(self.model, "optimizer", None), "parameter_offload", None)
         if offload is not None:
             # ZeRO-3 releases a module's gathered parameters in its backward; the per-example backward stops at the
@@ -306,6 +336,10 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
         assert isinstance(engine, deepspeed.DeepSpeedEngine)
         named = list(self.dp.engine.params.items())  # type: ignore[union-attr]
         summed = self.dp.begin_step([name for name, _ in named])
+        if self.stream_clipped_sums:  # already in the gradient partitions, physical batch by physical batch
+            self._physical_index = 0
+            self.dp.account_step()
+            return
         for name, param in named:
             grad = summed.pop(name, None)
             if grad is None:
@@ -318,6 +352,15 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
             del grad  # the fp32 clipped sum of this parameter is freed as soon as it is in a bucket
         engine.allreduce_gradients()
         self.dp.account_step()
+
+    def _reduce_clipped_sum(self, name: str, grad: torch.Tensor | None) -> None:
+        """The engine's sink (streaming, stage 3): one parameter's clipped sum of one physical batch, into
+        DeepSpeed's reduce-scatter bucket; a parameter nothing reached sends zeros (every rank, the same calls)."""
+        assert self.dp.engine is not None
+        param = self.dp.engine.params[name]
+        if grad is None:
+            grad = torch.zeros(full_shape(param), device=self.root_device)
+        _reduce_partitioned(self.model.optimizer, param, grad.to(param.dtype))
 
     # ------------------------------------------------------------------------------------- zeroth-order
     def _setup_zeroth_order(self, model: Any, optimizer: Optimizer | None) -> Any:

@@ -1,9 +1,10 @@
 """``"dp_fsdp"``: DP-SGD with torch FSDP2 (``fully_shard``), on Lightning's ``ModelParallelStrategy``.
 
-Each rank clips its own Poisson shard's examples; per parameter, the clipped sums are reduce-scattered along
-dim 0 into the rank's shard (the collective FSDP uses, with the same bytes; FSDP's own per-backward reduction
-stays idle because the per-example backward produces no parameter gradient), the rank adds the noise of the
-coordinates it owns, divides by B and hands the sharded gradient to the optimizer.
+Each rank clips its own Poisson shard's examples; per parameter and physical batch, the clipped sum is
+reduce-scattered along dim 0 into the rank's shard as soon as it is clipped (the collective FSDP uses, with the same
+bytes; FSDP's own per-backward reduction stays idle because the per-example backward produces no parameter
+gradient), the rank adds the noise of the coordinates it owns, divides by B and hands the sharded gradient to the
+optimizer.
 
 Zeroth-order (``PrivacyConfig(method="zeroth_order")``): forward passes only. Each module's gathered parameters are
 perturbed (the same public z on every rank) between FSDP2's gather and release; the P clipped sums are all-reduced
@@ -39,6 +40,11 @@ class DPFSDPStrategy(DPStrategyMixin, ModelParallelStrategy):
 
     Args:
         privacy: the privacy settings; ``None`` uses ``PrivacyConfig.default()``.
+        stream_clipped_sums: ``True`` (default): each physical batch's clipped sum of each parameter is
+            reduce-scattered as soon as it is clipped and accumulated in this rank's shard, as FSDP2 does with
+            gradient accumulation: no full-size gradient buffer on any rank, one reduce-scatter per parameter per
+            physical batch. ``False``: summed over the physical batches in a full-size fp32 buffer first, then
+            reduce-scattered once per logical step (less communication, 4 bytes per parameter more memory).
         **kwargs: passed to Lightning's ``ModelParallelStrategy`` (``data_parallel_size`` defaults to all ranks,
             ``tensor_parallel_size`` to 1). A LightningModule without ``configure_model`` is sharded here: every
             module that owns trainable parameters, then the root.
@@ -46,10 +52,12 @@ class DPFSDPStrategy(DPStrategyMixin, ModelParallelStrategy):
 
     strategy_name = "dp_fsdp"
 
-    def __init__(self, privacy: PrivacyConfig | None = None, **kwargs: Any) -> None:
+    def __init__(self, privacy: PrivacyConfig | None = None, stream_clipped_sums: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("tensor_parallel_size", 1)
         super().__init__(**kwargs)
         self._init_dp(privacy)
+        self.stream_clipped_sums = stream_clipped_sums
+        self._shard_sums: dict[str, Tensor] = {}  # streaming: this rank's rows of the step's clipped sums
 
     @override
     def setup_environment(self) -> None:
@@ -90,6 +98,7 @@ class DPFSDPStrategy(DPStrategyMixin, ModelParallelStrategy):
         else:
             assert self.dp.engine is not None
             self.dp.engine.refresh_params(module)  # fully_shard replaced the parameters by sharded DTensors
+            self.dp.engine.sink = self._reduce_clipped_sum if self.stream_clipped_sums else None
         if trainer.state.fn == TrainerFn.FITTING:
             self._check_optimizers()
 
@@ -122,13 +131,15 @@ class DPFSDPStrategy(DPStrategyMixin, ModelParallelStrategy):
 
         named = self._named_optimizer_params(optimizer)
         summed = self.dp.begin_step([name for name, _ in named])
-        world = self.world_size
+        shard_sums, self._shard_sums = self._shard_sums, {}
         for name, param in named:
-            full = summed.get(name)
-            if full is None:
-                full = torch.zeros(param.shape, device=self.root_device)
             local = param.to_local() if isinstance(param, DTensor) else param.data
-            grad = _reduce_scatter_dim0(full, world, local.shape[0]) if world > 1 else full
+            if self.stream_clipped_sums:  # reduce-scattered physical batch by physical batch already
+                grad = shard_sums.pop(name, None)
+                if grad is None:
+                    grad = torch.zeros(local.shape, device=self.root_device)
+            else:
+                grad = self._reduce_scatter(param, summed.pop(name, None))
             self.dp.add_noise_and_normalise(grad)  # this rank's rows: noise once per coordinate
             grad = grad.to(local.dtype)
             if isinstance(param, DTensor):
@@ -137,6 +148,25 @@ class DPFSDPStrategy(DPStrategyMixin, ModelParallelStrategy):
                 )
             param.grad = grad
         self.dp.account_step()
+
+    def _reduce_scatter(self, param: Tensor, full: Tensor | None) -> Tensor:
+        """Sum a full-shape clipped sum (``None``: zeros) over the ranks; this rank's dim-0 shard of it, fp32."""
+        from torch.distributed.tensor import DTensor
+
+        if full is None:
+            full = torch.zeros(param.shape, device=self.root_device)
+        local = param.to_local() if isinstance(param, DTensor) else param.data
+        return _reduce_scatter_dim0(full, self.world_size, local.shape[0]) if self.world_size > 1 else full
+
+    def _reduce_clipped_sum(self, name: str, full: Tensor | None) -> None:
+        """The engine's sink (streaming): one parameter's clipped sum of one physical batch, reduce-scattered at
+        once into this rank's shard sum; a parameter nothing reached sends zeros (every rank, the same calls)."""
+        assert self.dp.engine is not None
+        shard = self._reduce_scatter(self.dp.engine.params[name], full)
+        if name in self._shard_sums:
+            self._shard_sums[name] += shard
+        else:
+            self._shard_sums[name] = shard
 
     @classmethod
     @override

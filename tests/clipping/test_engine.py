@@ -252,6 +252,40 @@ def test_two_physical_batches_sum_to_the_union(build, norm_mode):
     assert_matches(got, expected, 0.5)
 
 
+@pytest.mark.parametrize("style", ["all-layer", "layer-wise"])
+@pytest.mark.parametrize("build", [tied_gpt, twice_linear], ids=lambda b: b.__name__)
+def test_sink_streams_each_parameter_once_per_physical_batch(build, style):
+    """Reference: reference_clipped_sum over the union of two physical batches. With a sink (dp_zero3, dp_fsdp), each
+    physical batch hands every parameter's clipped sum to the sink exactly once (full shape, fp32), in the same order
+    every batch, and the engine keeps no sum between batches; the sink's totals equal the reference."""
+    model, loss_fn, inputs = build()
+    mask = default_mask()
+    expected = reference_clipped_sum(model, loss_fn, inputs, mask, clip_norm=0.5, style=style, function="abadi")
+    eng = ClippingEngine(
+        model, PrivacyConfig(noise_multiplier=1.0, clip_norm=0.5, clipping_style=style, clipping_function="abadi")
+    )
+    eng.attach()
+    calls: list[list[str]] = []
+    totals: dict[str, Tensor] = {}
+
+    def sink(name: str, grad: Tensor | None) -> None:
+        calls[-1].append(name)
+        assert grad is not None and grad.dtype == torch.float32 and grad.shape == eng.params[name].shape
+        totals[name] = totals[name] + grad if name in totals else grad.clone()
+
+    eng.sink = sink
+    for part in (slice(0, 3), slice(3, None)):
+        calls.append([])
+        with eng.recording(CPU):
+            loss = loss_fn(model, tuple(x[part] for x in inputs)).sum()
+        eng.backward(loss, mask[part])
+        assert eng.summed == {}
+        assert sorted(calls[-1]) == sorted(eng.params)
+    assert calls[0] == calls[1]
+    assert eng.pop_summed() == {}
+    assert_matches(totals, expected, 0.5)
+
+
 def test_pop_summed_resets_between_logical_steps():
     """Reference: ClippingEngine.pop_summed docstring (returns the step's sums and resets)."""
     model, loss_fn, inputs = SHARING_CASES["twice_linear_flat"]()

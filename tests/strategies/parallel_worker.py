@@ -2,7 +2,8 @@
 
     torchrun --standalone --nproc_per_node 2 tests/strategies/parallel_worker.py STRATEGY MODE OUT_DIR
 
-STRATEGY is ddp, zero1, zero2, zero3, fsdp or fsdp_own; MODE is oracle (sigma = 0, gradients vs the reference),
+STRATEGY is ddp, zero1, zero2, zero3, fsdp or fsdp_own (zero3_buffered, fsdp_buffered: the clipped sums reduced once
+per logical step); MODE is oracle (sigma = 0, gradients vs the reference),
 bf16 (the same under DPPrecision("bf16-mixed")), noise (a zero-gradient model), resume, or straight / crash / recover
 (the fault test). Recorded per step: the
 reduced gradient before the optimizer step (DDP: ``p.grad``, which is already (sum + noise) / B; ZeRO: DeepSpeed's
@@ -87,12 +88,17 @@ class Record(Callback):
 
 
 def _trainer(strategy: str, privacy: dpz.PrivacyConfig, steps: int, callbacks: list, plugins=None) -> L.Trainer:
+    # "<name>_buffered": the clipped sums summed in a full-size buffer, reduce-scattered once per logical step
+    strategy, buffered = strategy.removesuffix("_buffered"), strategy.endswith("_buffered")
     if strategy == "ddp":
         strat = dpz.DPDDPStrategy(privacy, process_group_backend="gloo")
     elif strategy in ("fsdp", "fsdp_own"):
-        strat = dpz.DPFSDPStrategy(privacy, process_group_backend="gloo")
+        strat = dpz.DPFSDPStrategy(privacy, stream_clipped_sums=not buffered, process_group_backend="gloo")
     else:
-        strat = dpz.DPZeroStrategy(stage=int(strategy[-1]), privacy=privacy, process_group_backend="gloo")
+        stream = False if buffered else None
+        strat = dpz.DPZeroStrategy(
+            stage=int(strategy[-1]), privacy=privacy, stream_clipped_sums=stream, process_group_backend="gloo"
+        )
     return L.Trainer(
         accelerator="cpu",
         devices=2,

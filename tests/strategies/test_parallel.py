@@ -59,9 +59,11 @@ def _torchrun(strategy: str, mode: str, out: Path, expect_failure: bool = False)
     )
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", [*STRATEGIES, "zero3_buffered", "fsdp_buffered"])
 def test_gradient_matches_single_process_reference(strategy: str, tmp_path) -> None:
-    """Reference: tests/reference.py on the union of both ranks' Poisson samples, divided by B = qN."""
+    """Reference: tests/reference.py on the union of both ranks' Poisson samples, divided by B = qN. dp_zero3 and
+    dp_fsdp stream each physical batch's clipped sums into the reduce-scatter (default) or, "_buffered", sum them in a
+    full-size buffer and reduce-scatter once per logical step."""
     ranks = _torchrun(strategy, "oracle", tmp_path)
     assert [r["world"] for r in ranks] == [2, 2]
     assert ranks[0]["steps"] == ranks[1]["steps"] == 8
@@ -87,6 +89,8 @@ def test_gradient_matches_single_process_reference(strategy: str, tmp_path) -> N
                 for r in ranks:
                     _assert_rel_close(r["updates"][0][name].double(), value / 4.0, name, rtol=1e-4)
     assert empty_rank_steps > 0, "the seed should give at least one step where a rank samples nothing"
+    # and a step with several physical batches (dp_zero3 / dp_fsdp reduce-scatter each one and accumulate)
+    assert any(len(ranks[0]["batches"][step][0]) > 1 for step in range(8))
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
