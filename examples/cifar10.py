@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 
 import lightning as L
+from _common import fit_and_validate  # examples/_common.py: the Trainer, fit, validation
 
-import lightning_dpzero as dpz
 from lightning_dpzero.tasks.cifar import CIFAR10DataModule, CIFARTask, vit_tiny, wide_resnet
 
 
@@ -57,31 +57,7 @@ def main() -> None:
         image_size=image_size,
         batch_size=args.batch_size,
     )
-    extra = {}
-    if not args.non_private:
-        privacy = dpz.PrivacyConfig(
-            target_epsilon=args.epsilon,
-            delta=1e-5,
-            clip_norm=args.clip_norm,
-            expected_batch_size=args.batch_size,
-            physical_batch_size=args.physical_batch_size,
-        )
-        extra = {"strategy": dpz.DPStrategy(privacy), "callbacks": [dpz.PrivacyBudget()]}
-    trainer = L.Trainer(
-        accelerator=args.accelerator,
-        max_steps=args.steps,
-        val_check_interval=args.steps,
-        check_val_every_n_epoch=None,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        **extra,
-    )
-    trainer.fit(model, data)
-    metrics = trainer.validate(model, data, verbose=False)[0]
-    dp = getattr(trainer.strategy, "dp", None)
-    privacy_text = "non-private" if dp is None else f"epsilon={dp.epsilon():.2f} delta={dp.delta:.0e}"
+    trainer, metrics, privacy_text = fit_and_validate(model, data, args, delta=1e-5)
     result = f"val_acc={metrics['val_acc']:.3f} val_loss={metrics['val_loss']:.3f}"
     print(f"{result} after {trainer.global_step} steps, {privacy_text}")
 

@@ -19,8 +19,8 @@ import argparse
 
 import lightning as L
 import torch
+from _common import fit_and_validate  # examples/_common.py: the Trainer, fit, validation
 
-import lightning_dpzero as dpz
 from lightning_dpzero.tasks.gpt import GPTTask, TextFileDataModule
 
 
@@ -72,32 +72,9 @@ def main() -> None:
         lr=args.lr,
         checkpoint_path=args.checkpoint,  # its sizes replace the ones above
     )
-    extra = {}
-    if not args.non_private:
-        privacy = dpz.PrivacyConfig(
-            target_epsilon=args.epsilon,
-            clip_norm=args.clip_norm,
-            expected_batch_size=args.batch_size,
-            physical_batch_size=args.physical_batch_size,
-        )
-        extra = {"strategy": dpz.DPStrategy(privacy), "callbacks": [dpz.PrivacyBudget()]}
-    trainer = L.Trainer(
-        accelerator=args.accelerator,
-        max_steps=args.steps,
-        val_check_interval=args.steps,
-        check_val_every_n_epoch=None,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        **extra,
-    )
-    trainer.fit(model, data)
-    metrics = trainer.validate(model, data, verbose=False)[0]
+    trainer, metrics, privacy_text = fit_and_validate(model, data, args)
     if args.save:
         torch.save(model.state_dict(), args.save)
-    dp = getattr(trainer.strategy, "dp", None)
-    privacy_text = "non-private" if dp is None else f"epsilon={dp.epsilon():.2f} delta={dp.delta:.1e}"
     print(f"val_loss={metrics['val_loss']:.3f} after {trainer.global_step} steps, {privacy_text}")
     print(f"{args.prompt!r} -> {continue_text(model, data.tokenizer, args.prompt, 8)!r}")
 

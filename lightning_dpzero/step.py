@@ -29,6 +29,20 @@ __all__ = ["DPStep", "PrivacyBudgetExhausted"]
 _SEED_PURPOSES = {"noise": 1, "sample": 2, "size": 3}
 
 
+def training_step_loss(output: Any) -> Tensor:
+    """The loss in ``training_step``'s output: a tensor, or a dict's ``per_example_loss`` (preferred) or ``loss``."""
+    if isinstance(output, Mapping):
+        loss = output["per_example_loss"] if "per_example_loss" in output else output.get("loss")
+    else:
+        loss = output
+    if not isinstance(loss, Tensor):
+        raise TypeError(
+            "training_step must return the loss as a Tensor (or a dict with 'per_example_loss' or 'loss'), got "
+            f"{type(loss).__name__}."
+        )
+    return loss
+
+
 def _shard_bounds(size: int, rank: int, world_size: int) -> tuple[int, int]:
     """[lo, hi) of the rank-th of ``world_size`` contiguous, near-equal pieces of range(size)."""
     per, extra = divmod(size, world_size)
@@ -219,14 +233,7 @@ class DPStep:
             The detached mean loss over the real examples (for logging only).
         """
         assert self.engine is not None, "DPStep.attach() was not called"
-        if isinstance(output, Mapping):
-            loss = output["per_example_loss"] if "per_example_loss" in output else output.get("loss")
-        else:
-            loss = output
-        if not isinstance(loss, Tensor):
-            raise TypeError(
-                f"training_step must return the loss as a Tensor (or a dict with 'loss'), got {type(loss).__name__}."
-            )
+        loss = training_step_loss(output)
         p = mask.numel()
         if loss.dim() == 0:
             total, shown = loss * p, loss.detach()

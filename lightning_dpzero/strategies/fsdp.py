@@ -13,6 +13,7 @@ perturbed (the same public z on every rank) between FSDP2's gather and release; 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -77,18 +78,8 @@ class DPFSDPStrategy(DPStrategyMixin, ModelParallelStrategy):
             self.dp.attach(module)  # before sharding: rules are looked up by the modules' own types
         if is_overridden("configure_model", module):
             ModelParallelStrategy.setup(self, trainer)
-        else:  # ModelParallelStrategy.setup, with the sharding it otherwise asks the user to write
-            assert self.accelerator is not None
-            self.accelerator.setup(trainer)
-            self.model = self.precision_plugin.convert_module(self.model)  # *-true: cast before sharding
-            self._shard(module)
-            self.model_to_device()
-            self.barrier()
-            if trainer.state.fn == TrainerFn.FITTING:
-                self.setup_optimizers(trainer)
-            self.setup_precision_plugin()
-            if trainer.state.fn == TrainerFn.FITTING:
-                _optimizers_to_device(self.optimizers, self.root_device)
+        else:
+            _setup_and_shard(self, trainer, self._shard)
         if zeroth_order:
             # After sharding: the direction coordinates of each rank's shard come from its DTensor placement, and
             # the perturbation pre-hooks run after FSDP2's gather (its own are prepended) and restore before its
@@ -198,22 +189,29 @@ class FSDP2Strategy(ModelParallelStrategy):
     def setup(self, trainer: pl.Trainer) -> None:
         if is_overridden("configure_model", self.lightning_module):
             return super().setup(trainer)
-        assert self.accelerator is not None
-        self.accelerator.setup(trainer)
-        self.model = self.precision_plugin.convert_module(self.model)
-        shard_lightning_module(self.lightning_module, self.device_mesh["data_parallel"], owner=type(self).__name__)
-        self.model_to_device()
-        self.barrier()
-        if trainer.state.fn == TrainerFn.FITTING:
-            self.setup_optimizers(trainer)
-        self.setup_precision_plugin()
-        if trainer.state.fn == TrainerFn.FITTING:
-            _optimizers_to_device(self.optimizers, self.root_device)
+        mesh = self.device_mesh["data_parallel"]
+        _setup_and_shard(self, trainer, lambda module: shard_lightning_module(module, mesh, owner=type(self).__name__))
 
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
         pass  # a baseline, selected by class path
+
+
+def _setup_and_shard(strategy: ModelParallelStrategy, trainer: pl.Trainer, shard: Callable[[nn.Module], None]) -> None:
+    """``ModelParallelStrategy.setup`` for a LightningModule without ``configure_model``: the same steps, with
+    ``shard(lightning_module)`` where Lightning would expect the user's own sharding."""
+    assert strategy.accelerator is not None
+    strategy.accelerator.setup(trainer)
+    strategy.model = strategy.precision_plugin.convert_module(strategy.model)  # *-true: cast before sharding
+    shard(strategy.lightning_module)
+    strategy.model_to_device()
+    strategy.barrier()
+    if trainer.state.fn == TrainerFn.FITTING:
+        strategy.setup_optimizers(trainer)
+    strategy.setup_precision_plugin()
+    if trainer.state.fn == TrainerFn.FITTING:
+        _optimizers_to_device(strategy.optimizers, strategy.root_device)
 
 
 def shard_lightning_module(module: nn.Module, mesh: Any, *, owner: str, **kwargs: Any) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -28,7 +28,7 @@ from torch.optim import Optimizer
 
 from lightning_dpzero.clipping.functions import _FUNCTIONS
 from lightning_dpzero.config import NonFinitePolicy, PrivacyConfig
-from lightning_dpzero.step import DPStep, PrivacyBudgetExhausted
+from lightning_dpzero.step import DPStep, PrivacyBudgetExhausted, training_step_loss
 from lightning_dpzero.zeroth_order.perturbation import BLOCK, DirectionSampler, Perturber, _flat
 from lightning_dpzero.zeroth_order.pruning import select_coordinates, synflow_scores
 from lightning_dpzero.zeroth_order.schedule import StageSchedule
@@ -60,15 +60,7 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 
 def per_example_losses(output: Any, physical_batch_size: int) -> Tensor:
     """The per-example losses [p] in ``training_step``'s output (a tensor, or a dict with ``per_example_loss``)."""
-    if isinstance(output, Mapping):
-        loss = output["per_example_loss"] if "per_example_loss" in output else output.get("loss")
-    else:
-        loss = output
-    if not isinstance(loss, Tensor):
-        raise TypeError(
-            f"training_step must return the loss as a Tensor (or a dict with 'per_example_loss'), got "
-            f"{type(loss).__name__}."
-        )
+    loss = training_step_loss(output)
     if loss.shape != (physical_batch_size,):
         raise ValueError(
             f"zeroth-order DP needs per-example losses of shape [{physical_batch_size}] from training_step, got "
