@@ -164,6 +164,8 @@ def _worker(args: argparse.Namespace) -> None:
         expected_batch_size=args.batch,
         physical_batch_size=args.physical,
         seed=7,
+        clipping_style=args.style,
+        clipping_groups=args.groups if args.style == "group-wise" else None,
     )
     module_cls = Task
     if pair == "ddp":
@@ -247,7 +249,7 @@ def _run_one(args: argparse.Namespace, pair: str, private: bool, root: Path) -> 
         "--batch", str(args.batch), "--physical", str(args.physical), "--steps", str(args.steps),
         "--burn-in", str(args.burn_in), "--T", str(args.T), "--D", str(args.D), "--layers", str(args.layers),
         "--vocab", str(args.vocab), "--N", str(args.N), "--fsdp-dp-sharding", args.fsdp_dp_sharding,
-        *(["--buffered"] if args.buffered else []),
+        "--style", args.style, "--groups", str(args.groups), *(["--buffered"] if args.buffered else []),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore"}
     t0 = time.perf_counter()
@@ -324,7 +326,9 @@ def _launch(args: argparse.Namespace) -> None:
         f"({params} parameters), N={args.N}; AdamW, fp32; 2 CPU processes (gloo, 1 thread each); B={args.batch} "
         f"examples per logical step (non-private: {args.batch // 2} per rank; DP: Poisson with E = {args.batch}, "
         f"physical batch {args.physical} per rank, sigma=1, C=1); median of {args.steps} steps after "
-        f"{args.burn_in} burn-in. FSDP DP sharding: {args.fsdp_dp_sharding}.\n"
+        f"{args.burn_in} burn-in. FSDP DP sharding: {args.fsdp_dp_sharding}. Clipping: {args.style}"
+        f"{f' ({args.groups} groups)' if args.style == 'group-wise' else ''}"
+        f"{'; clipped sums buffered (one reduce per step)' if args.buffered else ''}.\n"
     )
     print(
         "| strategy | non-private ms | DP ms | DP / non-private | target | examples/step non-private / DP "
@@ -370,6 +374,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=64)
     parser.add_argument("--N", type=int, default=4096, help="training examples")
+    parser.add_argument("--style", default="all-layer", choices=("all-layer", "layer-wise", "param-wise", "group-wise"))
+    parser.add_argument("--groups", type=int, default=2, help="--style group-wise: contiguous groups of modules")
     parser.add_argument(
         "--buffered",
         action="store_true",

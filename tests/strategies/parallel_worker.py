@@ -257,8 +257,15 @@ def main(strategy: str, mode: str, out: Path) -> None:
     trainer = _trainer(strategy, privacy, steps, [record], plugins)
     trainer.fit(task)
     dp = trainer.strategy.dp
+    styles = {}  # oracle only: 3 more steps under each of the other clipping styles (same processes)
+    for style, groups in (("layer-wise", None), ("group-wise", 2)) if mode == "oracle" else ():
+        styled = Record("net")
+        config = privacy.replace(clipping_style=style, clipping_groups=groups)
+        _trainer(strategy, config, 3, [styled]).fit((ShardedTask if strategy == "fsdp_own" else Task)(lr=LR))
+        styles[style] = {"grads": styled.grads, "batches": styled.batches, "models": styled.models}
     torch.save(
         {
+            "styles": styles,
             "grads": record.grads,
             "updates": record.updates,
             "batches": record.batches,

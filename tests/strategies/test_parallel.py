@@ -91,6 +91,22 @@ def test_gradient_matches_single_process_reference(strategy: str, tmp_path) -> N
     assert empty_rank_steps > 0, "the seed should give at least one step where a rank samples nothing"
     # and a step with several physical batches (dp_zero3 / dp_fsdp reduce-scatter each one and accumulate)
     assert any(len(ranks[0]["batches"][step][0]) > 1 for step in range(8))
+    # Every clipping style under every strategy: layer-wise (groups clipped, and under dp_zero3 / dp_fsdp streamed,
+    # during the per-example backward) and group-wise (2 contiguous groups of modules), 3 steps each.
+    for style, groups in (("layer-wise", None), ("group-wise", 2)):
+        runs = [r["styles"][style] for r in ranks]
+        for step in range(3):
+            model = Net()
+            model.load_state_dict(runs[0]["models"][step])
+            physical = [pb for r in runs for pb in r["batches"][step][0]]
+            masks = torch.cat([m for r in runs for m in r["batches"][step][1]])
+            inputs = tuple(torch.cat([pb[i] for pb in physical]) for i in range(3))
+            expected = reference_clipped_sum(
+                model, per_example_loss, inputs, masks, clip_norm=0.3, style=style, function="automatic", groups=groups
+            )
+            for name, value in expected.items():
+                for r in runs:
+                    _assert_rel_close(r["grads"][step][name].double(), value / 4.0, f"{style} {name}")
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
