@@ -270,19 +270,26 @@ class DPStrategyMixin:
     # ------------------------------------------------------------------------------------- checkpoints
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
-        # Every rank's state: each rank has its own noise and sampling streams, and the checkpoint is written by
-        # one rank. Resuming a rank from another rank's streams would repeat noise across ranks.
+        self._add_dp_state(checkpoint)
+        super().save_checkpoint(checkpoint, filepath, storage_options)  # type: ignore[misc]
+
+    def _add_dp_state(self, checkpoint: dict[str, Any]) -> None:
+        """Every rank's state: each rank has its own noise and sampling streams, and the checkpoint is written by
+        one rank. Resuming a rank from another rank's streams would repeat noise across ranks."""
         state = self.dp.state_dict()
         world_size = getattr(self, "world_size", 1)
         states = [state] * world_size
         if world_size > 1 and dist.is_available() and dist.is_initialized():
             dist.all_gather_object(states, state)
         checkpoint[_CHECKPOINT_KEY] = {"ranks": states}
-        super().save_checkpoint(checkpoint, filepath, storage_options)  # type: ignore[misc]
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, *args, **kwargs)  # type: ignore[misc]
+        self._restore_dp_state(checkpoint, checkpoint_path)
+        return checkpoint
+
+    def _restore_dp_state(self, checkpoint: dict[str, Any], checkpoint_path: Any) -> None:
         trainer = self.lightning_module.trainer  # type: ignore[attr-defined]
         if trainer.state.fn is TrainerFn.FITTING:
             if _CHECKPOINT_KEY not in checkpoint:
@@ -300,7 +307,6 @@ class DPStrategyMixin:
                     f"{len(states)} rank(s)."
                 )
             self.dp.load_state_dict(states[rank])
-        return checkpoint
 
     @override
     def teardown(self) -> None:

@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -41,11 +42,11 @@ from lightning_dpzero.zeroth_order.step import ZOStep
 
 __all__ = ["DPZeroStrategy", "DeepSpeedCPUStrategy"]
 
-_ZO_NO_CHECKPOINTS = (
-    "DPZeroStrategy: checkpoints are not supported yet with PrivacyConfig(method='zeroth_order'): without a DeepSpeed "
-    "optimizer (none is built, so no fp32 master copy can overwrite the in-place update) DeepSpeed's checkpointing "
-    "saves no ZeRO-3 weight partitions. Use strategy 'dp' or 'dp_ddp' to checkpoint a zeroth-order run."
-)
+_ZO_CHECKPOINT = "checkpoint.pt"  # zeroth-order at ZeRO-3: the Lightning state, next to one partition file per rank
+
+
+def _zo_partition_file(rank: int) -> str:
+    return f"zo_partitions_rank{rank}.pt"
 
 
 class _NoisyPartitionOptimizer(Optimizer):
@@ -191,7 +192,7 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
     perturbed (same public z on every rank) after ZeRO-3's gather and restored before its release; the P clipped
     sums are all-reduced (noise from rank 0 only) and each rank updates its own partition ``param.ds_tensor`` in
     place, regenerating only its slice of z. Pruning selects on the full weights before DeepSpeed partitions them.
-    Checkpoints are refused in this mode.
+    Checkpoints: each rank saves its own partitions (``zo_partitions_rank<r>.pt``) beside the Lightning state.
     """
 
     strategy_name = "dp_zero"
@@ -274,8 +275,6 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
     def setup(self, trainer: pl.Trainer) -> None:
         self._check_trainer(trainer)
         if isinstance(self.dp, ZOStep):
-            if trainer.checkpoint_callbacks:
-                raise ValueError(_ZO_NO_CHECKPOINTS + " Pass Trainer(enable_checkpointing=False).")
             DeepSpeedStrategy.setup(self, trainer)
             # After deepspeed.initialize: the perturbation pre-hooks then run after ZeRO-3's gather, and the restoring
             # post-hooks (prepended) before its release.
@@ -390,9 +389,52 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
-        if isinstance(self.dp, ZOStep):
-            raise ValueError(_ZO_NO_CHECKPOINTS)
-        super().save_checkpoint(checkpoint, filepath, storage_options)
+        if not isinstance(self.dp, ZOStep):
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        # Zeroth-order: no DeepSpeed optimizer, so DeepSpeed's checkpoint (whose ZeRO-3 weights live in the optimizer
+        # states) would hold none. Each rank writes its own parameter partitions (padding included, as DeepSpeed
+        # holds them), rank 0 the Lightning state with every rank's DP state.
+        self._add_dp_state(checkpoint)
+        directory = Path(self.broadcast(str(filepath)))
+        if self.is_global_zero:
+            directory.mkdir(parents=True, exist_ok=True)
+        self.barrier()
+        partitions = {name: p.ds_tensor.detach().cpu().clone() for name, p in self.lightning_module.named_parameters()}
+        torch.save(partitions, directory / _zo_partition_file(self.global_rank))
+        if self.is_global_zero:
+            kept = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
+            kept["buffers"] = {name: b.detach().cpu() for name, b in self.lightning_module.named_buffers()}
+            torch.save(kept, directory / _ZO_CHECKPOINT)
+        self.barrier()
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if not isinstance(self.dp, ZOStep):
+            return super().load_checkpoint(checkpoint_path, *args, **kwargs)
+        directory = Path(self.broadcast(str(checkpoint_path)))
+        partition_file = directory / _zo_partition_file(self.global_rank)
+        if not (directory / _ZO_CHECKPOINT).is_file() or not partition_file.is_file():
+            raise ValueError(
+                f"DPZeroStrategy: {directory} is not a zeroth-order ZeRO-3 checkpoint of this run's rank "
+                f"{self.global_rank} (it needs {_ZO_CHECKPOINT} and {partition_file.name}); resume a zeroth-order run "
+                "from a checkpoint it wrote, with the same number of ranks."
+            )
+        checkpoint = torch.load(directory / _ZO_CHECKPOINT, map_location="cpu", weights_only=False)
+        partitions = torch.load(partition_file, map_location="cpu", weights_only=True)
+        with torch.no_grad():
+            for name, param in self.lightning_module.named_parameters():
+                if partitions[name].shape != param.ds_tensor.shape:
+                    raise ValueError(
+                        f"DPZeroStrategy: the checkpoint's partition of {name!r} has shape "
+                        f"{tuple(partitions[name].shape)}, this run's {tuple(param.ds_tensor.shape)}: the model or the "
+                        "number of ranks changed."
+                    )
+                param.ds_tensor.copy_(partitions[name])
+            buffers = dict(self.lightning_module.named_buffers())
+            for name, value in checkpoint.pop("buffers").items():
+                buffers[name].copy_(value)
+        self._restore_dp_state(checkpoint, checkpoint_path)
+        return checkpoint
 
     @override
     def optimizer_step(self, optimizer: Optimizer, closure: Any, model: Any = None, **kwargs: Any) -> Any:

@@ -77,7 +77,7 @@ def test_matches_single_process_reference(strategy: str, tmp_path: Path) -> None
     _assert_matches_reference(
         strategy, [r["pruned"] for r in ranks], directions, kept={n.removeprefix("net."): i for n, i in kept.items()}
     )
-    if strategy == "fsdp":  # resumed from the sharded checkpoint of step 2: the same third step, bit for bit
+    if strategy != "ddp":  # resumed from the sharded checkpoint of step 2: the same third step, bit for bit
         for rank in ranks:
             assert rank["resumed"]["steps"] == 3 and len(rank["resumed"]["after"]) == 1
             for name, value in rank["after"][2].items():

@@ -6,7 +6,7 @@ STRATEGY is ddp, zero3 or fsdp.
 
 Phase 1 (sigma = 0, float64, P = 2, two stages with a proximal term): per logical step, each rank's physical
 batches and masks and the weights before and after. Phase 2 (sigma = 1): the released g of each step and whether
-this rank drew noise. Phase 3 (fsdp only): phase 1 stopped after 2 steps and resumed from its sharded checkpoint.
+this rank drew noise. Phase 3 (fsdp, zero3): phase 1 stopped after 2 steps and resumed from its sharded checkpoint.
 Phase 4: phase 1 with 30% of the coordinates kept by SynFlow.
 """
 
@@ -129,7 +129,7 @@ def main(strategy: str, out: Path) -> None:
         "kept": {n: i.cpu() for n, i in pruned.strategy.dp.kept.items()},
     }
     resumed: dict = {}
-    if strategy == "fsdp":  # phase 3: 2 steps, a sharded checkpoint, then the third step resumed from it
+    if strategy in ("fsdp", "zero3"):  # phase 3: 2 steps, a sharded checkpoint, then the third step resumed from it
         privacy = _zo_privacy(clip_norm=1.0, **settings(strategy))
         _trainer(strategy, privacy, 2, [], checkpoints=out / "ckpt").fit(Task())
         again = Record()
