@@ -143,3 +143,49 @@ def test_both_or_neither_budget_setting_is_refused() -> None:
         dpz.PrivacyConfig(target_epsilon=3.0, noise_multiplier=1.0)
     with pytest.raises(ValueError, match="exactly one of `target_epsilon`"):
         dpz.PrivacyConfig()
+
+
+def test_strategy_settings_that_do_not_exist_at_a_stage_are_refused() -> None:
+    """Streaming the clipped sums needs ZeRO-3's partitioned reduction; zeroth-order needs partitioned parameters."""
+    with pytest.raises(ValueError, match=r"stream_clipped_sums=True.*stage 3 only"):
+        dpz.DPZeroStrategy(stage=2, stream_clipped_sums=True)
+    zeroth_order = dpz.PrivacyConfig(noise_multiplier=1.0, method="zeroth_order")
+    with pytest.raises(ValueError, match=r"zeroth-order DP runs at ZeRO stage 3.*use strategy 'dp_ddp'"):
+        dpz.DPZeroStrategy(stage=1, privacy=zeroth_order)
+
+
+def test_pruning_an_already_sharded_model_is_refused() -> None:
+    """SynFlow scores full weights: parameters already partitioned (``zero.Init``) or sharded (the user's
+    ``configure_model``) before the strategy could select are refused with the ways out."""
+    from lightning_dpzero.config import ZerothOrderConfig
+    from lightning_dpzero.zeroth_order import ZOStep
+
+    privacy = dpz.PrivacyConfig(
+        noise_multiplier=1.0, method="zeroth_order", zeroth_order=ZerothOrderConfig(prune_keep_fraction=0.1)
+    )
+    model = torch.nn.Linear(3, 2)
+    model.weight.ds_tensor = torch.zeros(3)  # what a ZeRO-3 partitioned parameter carries
+    with pytest.raises(ValueError, match=r"sharded already.*use strategy 'dp' or 'dp_ddp', or set prune_keep_fraction"):
+        ZOStep(privacy).select_before_sharding(model)
+
+
+def test_ranks_with_different_pruning_selections_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each rank scores its own full copy; if the kept coordinates differ (e.g. differently initialised weights),
+    the ranks would perturb different coordinates with the same z: refused. The other rank is simulated."""
+    import lightning_dpzero.strategies._mixin as mixin
+
+    strategy = dpz.DPDDPStrategy(dpz.PrivacyConfig(noise_multiplier=1.0, method="zeroth_order"))
+    strategy.dp.kept = {"w": torch.tensor([0, 2])}
+    monkeypatch.setattr(mixin.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(mixin.dist, "get_world_size", lambda group=None: 2)
+
+    def gather(out: list, obj: object, group=None) -> None:  # noqa: ANN001
+        out[:] = [obj, "another rank's digest"]
+
+    monkeypatch.setattr(mixin.dist, "all_gather_object", gather)
+    with pytest.raises(RuntimeError, match="selected different coordinates.*seed_everything"):
+        strategy._check_selection_agrees()
+    monkeypatch.setattr(
+        mixin.dist, "all_gather_object", lambda out, obj, group=None: out.__setitem__(slice(None), [obj, obj])
+    )
+    strategy._check_selection_agrees()  # the same selection everywhere: fine
