@@ -43,6 +43,7 @@ class DPStrategyMixin:
         # Zeroth-order: forward passes only, the update in place (ZOStep); first-order: DP-SGD (DPStep).
         self.dp = ZOStep(config) if config.zeroth_order is not None else DPStep(config)
         self._dp_step_pending = False
+        self._physical_index = 0  # the physical batch of the logical step being run
 
     @property
     def privacy(self) -> PrivacyConfig:
@@ -167,7 +168,8 @@ class DPStrategyMixin:
         assert zeroth_order or self.dp.engine is not None
         losses: list[Tensor] = []
         output: Any = None
-        for physical, mask in batch:
+        for index, (physical, mask) in enumerate(batch):
+            self._physical_index = index  # read by _physical_batch_context (e.g. ZeRO-3's accumulation)
             physical = module.on_before_batch_transfer(physical, 0)
             physical = super().batch_to_device(physical)  # type: ignore[misc]
             try:

@@ -215,7 +215,6 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
         super().__init__(stage=stage, **kwargs)
         self._init_dp(privacy)
         self.stream_clipped_sums = stage == 3 if stream_clipped_sums is None else stream_clipped_sums
-        self._physical_index = 0
         if isinstance(self.dp, ZOStep) and stage != 3:
             raise ValueError(
                 f"DPZeroStrategy(stage={stage}): zeroth-order DP runs at ZeRO stage 3 (each rank updates its own "
@@ -315,7 +314,6 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
         yield
         if streaming:
             self.model.allreduce_gradients()  # flush the bucket: this physical batch's reduce-scatters are done
-            self._physical_index += 1
         offload = getattr(getattr(self.model, "optimizer", None), "parameter_offload", None)
         if offload is not None:
             # ZeRO-3 releases a module's gathered parameters in its backward; the per-example backward stops at the
@@ -336,7 +334,6 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
         named = list(self.dp.engine.params.items())  # type: ignore[union-attr]
         summed = self.dp.begin_step([name for name, _ in named])
         if self.stream_clipped_sums:  # already in the gradient partitions, physical batch by physical batch
-            self._physical_index = 0
             self.dp.account_step()
             return
         for name, param in named:
