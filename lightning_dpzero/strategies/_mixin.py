@@ -72,6 +72,7 @@ class DPStrategyMixin:
         self._check_trainer(trainer)
         super().setup(trainer)  # type: ignore[misc]
         self.dp.attach(self.lightning_module)  # type: ignore[attr-defined]
+        self._check_selection_agrees()  # dp_ddp: each rank pruned its own (synchronised) replica
         if trainer.state.fn == TrainerFn.FITTING:
             self._check_optimizers()
 

@@ -117,7 +117,7 @@ class ZOStep(DPStep):
             if not params:
                 raise ValueError("ZOStep: the LightningModule has no trainable parameter.")
             kept: dict[str, Tensor | None] = dict.fromkeys(params)
-            if self._pending_kept is not None:  # resumed: the checkpoint's selection, not one on restored weights
+            if self._pending_kept is not None:  # a checkpoint's, or one made before sharding (select_before_sharding)
                 pending, self._pending_kept = self._pending_kept, None
                 kept = {n: pending.get(n, torch.zeros(0, dtype=torch.long)) for n in params}
             elif self.zo.prune_keep_fraction is not None and self.zo.prune_keep_fraction < 1.0:
