@@ -1,10 +1,10 @@
 """``"dp_fsdp"``: DP-SGD with torch FSDP2 (``fully_shard``), on Lightning's ``ModelParallelStrategy``.
 
-Each rank clips its own Poisson shard's examples; per parameter and physical batch, the clipped sum is
-reduce-scattered along dim 0 into the rank's shard as soon as it is clipped (the collective FSDP uses, with the same
-bytes; FSDP's own per-backward reduction stays idle because the per-example backward produces no parameter
-gradient), the rank adds the noise of the coordinates it owns, divides by B and hands the sharded gradient to the
-optimizer.
+Each rank clips its own Poisson shard's examples; per physical batch, the parameters' clipped sums are
+reduce-scattered along dim 0 into the rank's shards as soon as they are clipped, coalesced into buckets of up to 4M
+elements (the collective FSDP uses, with the same bytes; FSDP's own per-backward reduction stays idle because the
+per-example backward produces no parameter gradient), the rank adds the noise of the coordinates it owns, divides
+by B and hands the sharded gradient to the optimizer.
 
 Zeroth-order (``PrivacyConfig(method="zeroth_order")``): forward passes only. Each module's gathered parameters are
 perturbed (the same public z on every rank) between FSDP2's gather and release; the P clipped sums are all-reduced
@@ -13,7 +13,9 @@ perturbed (the same public z on every rank) between FSDP2's gather and release; 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import math
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -43,8 +45,8 @@ class DPFSDPStrategy(DPStrategyMixin, ModelParallelStrategy):
         privacy: the privacy settings; ``None`` uses ``PrivacyConfig.default()``.
         stream_clipped_sums: ``True`` (default): each physical batch's clipped sum of each parameter is
             reduce-scattered as soon as it is clipped and accumulated in this rank's shard, as FSDP2 does with
-            gradient accumulation: no full-size gradient buffer on any rank, one reduce-scatter per parameter per
-            physical batch. ``False``: summed over the physical batches in a full-size fp32 buffer first, then
+            gradient accumulation: no full-size gradient buffer on any rank (a bucket of at most 4M elements in
+            flight), one coalesced reduce-scatter per bucket per physical batch. ``False``: summed over the physical batches in a full-size fp32 buffer first, then
             reduce-scattered once per logical step (less communication, 4 bytes per parameter more memory).
         **kwargs: passed to Lightning's ``ModelParallelStrategy`` (``data_parallel_size`` defaults to all ranks,
             ``tensor_parallel_size`` to 1). A LightningModule without ``configure_model`` is sharded here: every
@@ -58,7 +60,8 @@ class DPFSDPStrategy(DPStrategyMixin, ModelParallelStrategy):
         super().__init__(**kwargs)
         self._init_dp(privacy)
         self.stream_clipped_sums = stream_clipped_sums
-        self._shard_sums: dict[str, Tensor] = {}  # streaming: this rank's rows of the step's clipped sums
+        self._shard_sums: dict[str, Tensor] = {}  # this rank's rows of the step's clipped sums
+        self._bucket = _ReduceScatterBucket()
 
     @override
     def setup_environment(self) -> None:
@@ -122,15 +125,16 @@ class DPFSDPStrategy(DPStrategyMixin, ModelParallelStrategy):
 
         named = self._named_optimizer_params(optimizer)
         summed = self.dp.begin_step([name for name, _ in named])
+        if not self.stream_clipped_sums:  # the step's full-size sums, reduce-scattered now
+            for name, _ in named:
+                self._reduce_clipped_sum(name, summed.pop(name, None))
+            self._flush_clipped_sums()
         shard_sums, self._shard_sums = self._shard_sums, {}
         for name, param in named:
             local = param.to_local() if isinstance(param, DTensor) else param.data
-            if self.stream_clipped_sums:  # reduce-scattered physical batch by physical batch already
-                grad = shard_sums.pop(name, None)
-                if grad is None:
-                    grad = torch.zeros(local.shape, device=self.root_device)
-            else:
-                grad = self._reduce_scatter(param, summed.pop(name, None))
+            grad = shard_sums.pop(name, None)
+            if grad is None:
+                grad = torch.zeros(local.shape, device=self.root_device)
             self.dp.add_noise_and_normalise(grad)  # this rank's rows: noise once per coordinate
             grad = grad.to(local.dtype)
             if isinstance(param, DTensor):
@@ -140,20 +144,31 @@ class DPFSDPStrategy(DPStrategyMixin, ModelParallelStrategy):
             param.grad = grad
         self.dp.account_step()
 
-    def _reduce_scatter(self, param: Tensor, full: Tensor | None) -> Tensor:
-        """Sum a full-shape clipped sum (``None``: zeros) over the ranks; this rank's dim-0 shard of it, fp32."""
-        from torch.distributed.tensor import DTensor
-
-        if full is None:
-            full = torch.zeros(param.shape, device=self.root_device)
-        local = param.to_local() if isinstance(param, DTensor) else param.data
-        return _reduce_scatter_dim0(full, self.world_size, local.shape[0]) if self.world_size > 1 else full
+    @override
+    @contextlib.contextmanager
+    def _physical_batch_context(self) -> Iterator[None]:
+        yield
+        if self.stream_clipped_sums and not isinstance(self.dp, ZOStep):
+            self._flush_clipped_sums()  # this physical batch's last bucket
 
     def _reduce_clipped_sum(self, name: str, full: Tensor | None) -> None:
-        """The engine's sink (streaming): one parameter's clipped sum of one physical batch, reduce-scattered at
-        once into this rank's shard sum; a parameter nothing reached sends zeros (every rank, the same calls)."""
+        """The engine's sink (streaming): one parameter's clipped sum of one physical batch (``None``: zeros), into
+        the reduce-scatter bucket; reduced as soon as the bucket is full, and at the end of the physical batch."""
+        from torch.distributed.tensor import DTensor
+
         assert self.dp.engine is not None
-        shard = self._reduce_scatter(self.dp.engine.params[name], full)
+        param = self.dp.engine.params[name]
+        local = param.to_local() if isinstance(param, DTensor) else param.data
+        if self.world_size == 1:
+            self._add_shard(name, torch.zeros(local.shape, device=self.root_device) if full is None else full)
+        elif self._bucket.add(name, full, tuple(param.shape), local.shape[0]):
+            self._flush_clipped_sums()
+
+    def _flush_clipped_sums(self) -> None:
+        for name, shard in self._bucket.reduce_scatter(self.world_size, self.root_device):
+            self._add_shard(name, shard)
+
+    def _add_shard(self, name: str, shard: Tensor) -> None:
         if name in self._shard_sums:
             self._shard_sums[name] += shard
         else:
@@ -257,12 +272,49 @@ def shard_lightning_module(module: nn.Module, mesh: Any, *, owner: str, **kwargs
     fully_shard(module, mesh=mesh, **kwargs)
 
 
-def _reduce_scatter_dim0(full: Tensor, world_size: int, local_rows: int) -> Tensor:
-    """Sum ``full`` over the ranks and keep this rank's dim-0 chunk (torch.chunk layout, as FSDP2 shards)."""
-    rows = full.shape[0]
-    per = -(-rows // world_size)  # ceil
-    padded = torch.zeros((per * world_size, *full.shape[1:]), device=full.device, dtype=full.dtype)
-    padded[:rows] = full
-    out = torch.empty((per, *full.shape[1:]), device=full.device, dtype=full.dtype)
-    dist.reduce_scatter_tensor(out, padded, op=dist.ReduceOp.SUM)
-    return out[:local_rows].contiguous()
+class _ReduceScatterBucket:
+    """Full-shape clipped sums waiting for one coalesced reduce-scatter (FSDP2 reduces a whole parameter group per
+    collective; one collective per parameter costs a latency each, which dominates on small layers).
+
+    Each parameter is split along dim 0 as FSDP2 shards it (torch.chunk: ceil(rows / W) rows per rank, the last
+    ranks' chunks padded); rank r's chunks of all the bucket's parameters are laid out side by side in row r of a
+    [W, total] buffer, so that the reduce-scatter hands every rank exactly its rows of every parameter, summed.
+    """
+
+    capacity = 1 << 22  # elements (16 MB of fp32) per collective, at most: bounds the transient buffer
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[str, Tensor | None, tuple[int, ...], int]] = []
+        self.elements = 0
+
+    def add(self, name: str, full: Tensor | None, shape: tuple[int, ...], local_rows: int) -> bool:
+        """Queue ``full`` (a parameter of ``shape`` whose shard here has ``local_rows`` rows); True once full."""
+        self.entries.append((name, full, shape, local_rows))
+        self.elements += math.prod(shape)
+        return self.elements >= self.capacity
+
+    def reduce_scatter(self, world_size: int, device: torch.device) -> list[tuple[str, Tensor]]:
+        """Sum the queued tensors over the ranks; this rank's shard of each, fp32, in the order queued."""
+        entries, self.entries, self.elements = self.entries, [], 0
+        if not entries:
+            return []
+        layout = []  # (offset in a rank's row, rows per rank, elements per row)
+        offset = 0
+        for _, _, shape, _ in entries:
+            per, width = -(-shape[0] // world_size), math.prod(shape[1:])
+            layout.append((offset, per, width))
+            offset += per * width
+        send = torch.zeros(world_size, offset, device=device)
+        for (_, full, shape, _), (start, per, width) in zip(entries, layout):
+            if full is None:
+                continue  # zeros already
+            rows = full.reshape(shape[0], width)
+            for rank in range(world_size):
+                chunk = rows[rank * per : (rank + 1) * per]
+                send[rank, start : start + chunk.shape[0] * width] = chunk.reshape(-1)
+        out = torch.empty(offset, device=device)
+        dist.reduce_scatter_tensor(out, send.view(-1), op=dist.ReduceOp.SUM)
+        return [
+            (name, out[start : start + per * width].view(per, width)[:local_rows].reshape(local_rows, *shape[1:]))
+            for (name, _, shape, local_rows), (start, per, width) in zip(entries, layout)
+        ]
