@@ -46,8 +46,9 @@ class DPFSDPStrategy(DPStrategyMixin, ModelParallelStrategy):
         stream_clipped_sums: ``True`` (default): each physical batch's clipped sum of each parameter is
             reduce-scattered as soon as it is clipped and accumulated in this rank's shard, as FSDP2 does with
             gradient accumulation: no full-size gradient buffer on any rank (a bucket of at most 4M elements in
-            flight), one coalesced reduce-scatter per bucket per physical batch. ``False``: summed over the physical batches in a full-size fp32 buffer first, then
-            reduce-scattered once per logical step (less communication, 4 bytes per parameter more memory).
+            flight), one coalesced reduce-scatter per bucket per physical batch. ``False``: summed over the
+            physical batches in a full-size fp32 buffer first, then reduce-scattered once per logical step (less
+            communication, 4 bytes per parameter more memory).
         **kwargs: passed to Lightning's ``ModelParallelStrategy`` (``data_parallel_size`` defaults to all ranks,
             ``tensor_parallel_size`` to 1). A LightningModule without ``configure_model`` is sharded here: every
             module that owns trainable parameters, then the root.
