@@ -183,6 +183,8 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
         **kwargs: passed to Lightning's ``DeepSpeedStrategy`` (``config=`` for your own DeepSpeed config,
             offload settings, bucket sizes...). Settings that would break the guarantee are refused: gradient
             clipping (DeepSpeed clips the aggregated gradient, not each example's), dynamic fp16 loss scaling.
+            At stage 3, ``zero_optimization.memory_efficient_linear`` defaults to ``false`` (DeepSpeed's linear
+            would compute weight gradients the per-example backward discards).
 
     Privacy:
         Same step as ``DPStrategy``: Poisson shards per rank, per-example clipping, noise N(0, sigma^2 C^2) once per
