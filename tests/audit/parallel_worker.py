@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import lightning_dpzero as dpz  # noqa: E402
 from lightning_dpzero.audit import AuditConfig, run_audit  # noqa: E402
-from tests._torchrun import close_process_group  # noqa: E402
+from tests._torchrun import exit_worker  # noqa: E402
 from tests.audit.broken import BROKEN  # noqa: E402
 from tests.audit.task import TinyRegression  # noqa: E402
 
@@ -67,4 +67,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    close_process_group()
+    exit_worker()

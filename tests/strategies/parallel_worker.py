@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import lightning_dpzero as dpz  # noqa: E402
-from tests._torchrun import close_process_group  # noqa: E402
+from tests._torchrun import exit_worker  # noqa: E402
 from tests.strategies.test_dp_strategy import Task, ZeroGrad  # noqa: E402
 
 
@@ -283,4 +283,4 @@ def main(strategy: str, mode: str, out: Path) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], Path(sys.argv[3]))
-    close_process_group()
+    exit_worker()

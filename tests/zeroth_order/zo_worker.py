@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import lightning_dpzero as dpz  # noqa: E402
-from tests._torchrun import close_process_group  # noqa: E402
+from tests._torchrun import exit_worker  # noqa: E402
 from tests.zeroth_order.test_step import Task, _zo_privacy  # noqa: E402
 
 ZO = dict(
@@ -160,4 +160,4 @@ def main(strategy: str, out: Path) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], Path(sys.argv[2]))
-    close_process_group()
+    exit_worker()
