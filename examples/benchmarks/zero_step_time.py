@@ -5,7 +5,8 @@ Command::
     python examples/benchmarks/zero_step_time.py                         # all 5 pairs, ~6-8 min on 2 cores
     python examples/benchmarks/zero_step_time.py --pairs zero3,ddp --steps 20 --burn-in 5
     python examples/benchmarks/zero_step_time.py --physical 24           # DP physical batch size per rank
-    python examples/benchmarks/zero_step_time.py --accumulate --batch 512 --physical 32 --T 128 --steps 10 --burn-in 2
+    python examples/benchmarks/zero_step_time.py --accumulate --batch 512 --physical 32 --T 128 --steps 8 --burn-in 2 \
+        --rounds 2                                                       # the README's table (~13 min)
 
 The launcher runs every configuration as ``torchrun --standalone --nproc_per_node 2`` of this file with
 ``--worker`` (one fresh pair of processes per configuration, ``OMP_NUM_THREADS=1``, one torch thread per rank) and
