@@ -47,7 +47,7 @@ from enum import Enum
 from typing import Any
 
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.strategies import StrategyRegistry
 from typing_extensions import override
 
@@ -99,6 +99,25 @@ def _is_private(strategy: Any) -> bool:
     return isinstance(strategy, DPStrategyMixin)
 
 
+class _SaveConfigWithoutSeed(SaveConfigCallback):
+    """Lightning's ``config.yaml`` in the log directory, with ``privacy.seed`` removed.
+
+    Privacy:
+        ``PrivacyConfig.seed`` rebuilds the run's secret key, from which every noise draw derives; log directories
+        get shared, so it is written as null (the saved config then trains with a fresh OS key).
+    """
+
+    def __init__(self, parser: LightningArgumentParser, config: Any, *args: Any, **kwargs: Any) -> None:
+        config = config.clone()
+        for path in ("privacy.seed", "trainer.strategy.init_args.privacy.seed"):
+            try:
+                if config.get(path) is not None:
+                    config[path] = None
+            except (KeyError, TypeError):
+                continue
+        super().__init__(parser, config, *args, **kwargs)
+
+
 class DPLightningCLI(LightningCLI):
     """``LightningCLI`` with a top-level ``privacy`` section and ``PrivacyBudget`` added for DP strategies.
 
@@ -113,6 +132,7 @@ class DPLightningCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("auto_configure_optimizers", False)  # the tasks configure their own optimizer
+        kwargs.setdefault("save_config_callback", _SaveConfigWithoutSeed)
         if not args and "model_class" not in kwargs:
             args = (LightningModule, LightningDataModule)
         parser_kwargs = kwargs.pop("parser_kwargs", None) or {}

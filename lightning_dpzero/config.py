@@ -209,11 +209,13 @@ class PrivacyConfig:
             ``torch.func`` (slower, instantiates them) instead of being refused. BatchNorm is refused regardless.
         non_finite: per-example gradients whose norm is inf or NaN (fp16 overflow, log(0), ...): ``zero`` (the
             default) drops that example's contribution to the clipping group and counts it; ``raise`` stops.
-        seed: seeds Poisson sampling and noise. ``None`` (the default) draws it from the OS entropy pool: sampling
-            and noise must be unpredictable to an adversary; fix it only for reproducible research runs.
-        secure_rng: draw the noise from the OS's cryptographically secure generator instead of a seeded torch
-            generator (slower: ~5x the cost of drawing the noise, which is small next to a step; not
-            reproducible, nothing to checkpoint). Poisson sampling stays on seeded generators drawn from OS entropy.
+        seed: rebuilds the run's secret key (SHA-256 of the integer) for a reproducible research run: a resumed run
+            then continues bit-identically. ``None`` (the default): 256 bits from the OS, a new key on every start
+            (a resumed run draws fresh noise and samples, which is valid DP). Whoever knows the seed can regenerate
+            all noise; the library never writes it to checkpoints, logs or Hydra/CLI outputs.
+        secure_rng: draw the noise from the OS's cryptographically secure generator instead of the key's Philox
+            streams (~70 ns instead of ~13 ns per coordinate on a 2-core CPU; not reproducible, needs no key).
+            Poisson sampling stays on the key's streams.
         method: ``first_order`` (DP-SGD) or ``zeroth_order`` (forward passes only, at inference memory; see
             ``ZerothOrderConfig``). Zeroth-order clips the vector of an example's P finite differences with
             ``clipping_function`` (``abadi`` is the literature's min(1, C/|g|)); it needs ``all-layer`` style.
@@ -300,6 +302,8 @@ class PrivacyConfig:
                 raise ValueError(f"PrivacyConfig: `{name}` must be a positive integer, got {value!r}.")
         if self.sample_rate is not None and not 0.0 < self.sample_rate <= 1.0:
             raise ValueError(f"PrivacyConfig: `sample_rate` must be in (0, 1], got {self.sample_rate!r}.")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"PrivacyConfig: `seed` must be an integer or None, got {self.seed!r}.")
         if self.secure_rng and self.seed is not None:
             raise ValueError(
                 "PrivacyConfig: secure_rng=True draws the noise from the OS and cannot be seeded; got "

@@ -8,11 +8,9 @@ Strategies only decide where the clipped sums are reduced and which coordinates 
 from __future__ import annotations
 
 import math
-import secrets
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import numpy as np
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
@@ -22,11 +20,10 @@ from lightning_dpzero.accounting import PrivacyAccountant, calibrate_noise_multi
 from lightning_dpzero.clipping.engine import ClippingEngine
 from lightning_dpzero.config import PrivacyConfig
 from lightning_dpzero.noise import GaussianNoise, SecureGaussianNoise
+from lightning_dpzero.randomness import SecretKey
 from lightning_dpzero.sampling.poisson import PoissonBatchSampler, check_replaceable, make_dp_dataloader
 
 __all__ = ["DPStep", "PrivacyBudgetExhausted"]
-
-_SEED_PURPOSES = {"noise": 1, "sample": 2, "size": 3}
 
 
 def training_step_loss(output: Any) -> Tensor:
@@ -54,12 +51,6 @@ class PrivacyBudgetExhausted(RuntimeError):
     """Raised when asked to take a logical step that would spend more than the privacy budget."""
 
 
-def derive_seed(base: int, purpose: str, rank: int = 0) -> int:
-    """An independent 63-bit seed for ``purpose`` on ``rank`` from the run's secret base seed."""
-    words = np.random.SeedSequence([base, _SEED_PURPOSES[purpose], rank]).generate_state(2, dtype=np.uint32)
-    return int(words[0]) << 31 | int(words[1]) >> 1
-
-
 class DPStep:
     """The DP-SGD step for one LightningModule, with its sampler, noise stream and accountant.
 
@@ -83,26 +74,30 @@ class DPStep:
         self.calibrated_steps: int | None = None  # the steps sigma was calibrated for (target_epsilon only)
         self.epsilon_limit: float | None = config.target_epsilon
         self.accountant: PrivacyAccountant | None = None
+        self.calibrated_epsilon: float | None = None  # the target sigma was calibrated for
         self.rank, self.world_size = 0, 1
-        self.base_seed = config.seed if config.seed is not None else secrets.randbits(62)
+        # 256 secret bits from the OS (or the user's seed), in memory only: every noise and sampling draw derives
+        # from it, and nothing that would reproduce them is ever checkpointed (lightning_dpzero.randomness).
+        self.key = SecretKey.from_seed(config.seed) if config.seed is not None else SecretKey.from_os()
         self.noise = self._make_noise(self.rank)
         self.sampler: PoissonBatchSampler | None = None
-        self._pending_sampler_state: dict[str, Any] | None = None
+        self._sample_position = 0  # the Poisson draw the next logical step uses (public counter, checkpointed)
+        self._step_sample_rate: float | None = None  # the q the sampler drew this logical step's batch with
         self._restored: dict[str, Any] | None = None
         self._checked_coverage = False
 
     # --------------------------------------------------------------------------------------------- set-up
-    def set_rank(self, rank: int, world_size: int, base_seed: int | None = None) -> None:
-        """Use rank-specific streams; ``base_seed`` must be the same on every rank (broadcast from rank 0)."""
+    def set_rank(self, rank: int, world_size: int, key: bytes | None = None) -> None:
+        """Use rank-specific streams; ``key`` (rank 0's, shared in memory) must be the same on every rank."""
         self.rank, self.world_size = rank, world_size
-        if base_seed is not None:
-            self.base_seed = base_seed
+        if key is not None:
+            self.key = SecretKey(key, seeded=self.key.seeded)
         self.noise = self._make_noise(rank)
 
     def _make_noise(self, rank: int) -> GaussianNoise | SecureGaussianNoise:
         if self.config.secure_rng:
             return SecureGaussianNoise()
-        return GaussianNoise(derive_seed(self.base_seed, "noise", rank))
+        return GaussianNoise(self.key, rank)
 
     def attach(self, model: nn.Module) -> None:
         """Validate ``model`` (every trainable layer has a clipping rule) and hook it."""
@@ -144,7 +139,16 @@ class DPStep:
             if expected > n:
                 raise ValueError(f"{owner}: expected_batch_size={expected} is larger than the dataset ({n} examples).")
             q = expected / n
-        p = cfg.physical_batch_size or dataloader.batch_size or 1
+        if self.sample_rate is not None and not math.isclose(q, self.sample_rate, rel_tol=1e-12):
+            # A reloaded dataloader (reload_dataloaders_every_n_epochs) with another batch_size: the sampler and the
+            # accountant must keep agreeing on one q, so the change is refused rather than half applied.
+            raise ValueError(
+                f"{owner}: the training DataLoader now gives q={q:.6g} (B = qN = {q * n:.1f}), but this run samples "
+                f"with q={self.sample_rate:.6g} (B = {self.sample_rate * n:.1f}); q is fixed when training starts "
+                "and every step is accounted with it. Keep the DataLoader's batch_size, or fix B with "
+                "PrivacyConfig(expected_batch_size=...)."
+            )
+        p = self.physical_batch_size or cfg.physical_batch_size or dataloader.batch_size or 1
         delta = cfg.delta if cfg.delta is not None else n**-1.1
         if delta >= 1.0 / n:
             raise ValueError(
@@ -164,12 +168,12 @@ class DPStep:
             self.noise_multiplier = calibrate_noise_multiplier(
                 target_epsilon=cfg.target_epsilon, delta=delta, sample_rate=q, steps=planned, accountant=cfg.accountant
             )
-            self.calibrated_steps = planned
+            self.calibrated_steps, self.calibrated_epsilon = planned, cfg.target_epsilon
         elif self.calibrated_steps is not None and (planned is None or planned > self.calibrated_steps):
             rank_zero_warn(
                 f"{owner}: sigma was calibrated for {self.calibrated_steps} logical steps (target_epsilon="
-                f"{cfg.target_epsilon}); this run plans {planned or 'unbounded'} steps, so it will stop when one more "
-                "step would exceed the budget."
+                f"{self.calibrated_epsilon}); this run plans {planned or 'unbounded'} steps, so it will stop when one "
+                "more step would exceed the budget."
             )
         self.dataset_size, self.sample_rate, self.physical_batch_size = n, q, p
         self.expected_batch_size = q * n
@@ -181,25 +185,43 @@ class DPStep:
                 sample_rate=q,
                 physical_batch_size=p,
                 steps_per_epoch=steps_per_epoch,
-                sample_seed=derive_seed(self.base_seed, "sample", self.rank),
-                size_seed=derive_seed(self.base_seed, "size"),
+                key=self.key,
                 rank=self.rank,
                 world_size=self.world_size,
             )
-            if self._pending_sampler_state is not None:
-                self.sampler.load_state_dict(self._pending_sampler_state)
-                self._pending_sampler_state = None
+        self.sampler.position = self._sample_position  # continue after the last draw a step used
         rank_zero_info(
-            f"DP-SGD: N={n}, q={q:.4g}, B=qN={q * n:.1f}, physical batch p={p}, sigma={self.noise_multiplier:.4g}"
+            f"{self.method_name}: N={n}, q={q:.4g}, B=qN={q * n:.1f}, physical batch p={p}, "
+            f"sigma={self.noise_multiplier:.4g}"
             + (
-                f" (calibrated for epsilon={cfg.target_epsilon} over {self.calibrated_steps} steps)"
+                f" (calibrated for epsilon={self.calibrated_epsilon} over {self.calibrated_steps} steps)"
                 if self.calibrated_steps is not None
                 else ""
             )
-            + f", delta={delta:.3g}, C={cfg.clip_norm}, {cfg.clipping_style.value} {cfg.clipping_function} "
-            f"clipping, {cfg.accountant.value} accountant"
+            + f", delta={delta:.3g}, C={cfg.clip_norm}, {self.clipping_description}, {cfg.accountant.value} accountant"
         )
         return make_dp_dataloader(dataloader, self.sampler)
+
+    @property
+    def method_name(self) -> str:
+        """What this step runs, for messages."""
+        return "DP-SGD"
+
+    @property
+    def clipping_description(self) -> str:
+        cfg = self.config
+        return f"{cfg.clipping_style.value} {cfg.clipping_function} clipping"
+
+    def use_sample(self, sample_index: int, sample_rate: float | None) -> None:
+        """Record that the logical step about to run trains on Poisson draw ``sample_index``, drawn with q =
+        ``sample_rate``; the accountant records exactly that q (checked against the run's q)."""
+        if sample_rate is not None and (self.sample_rate is None or sample_rate != self.sample_rate):
+            raise RuntimeError(
+                f"the logical batch was sampled with q={sample_rate}, but the accountant would record "
+                f"q={self.sample_rate}; refusing a step whose accounting would not match its sampling."
+            )
+        self._step_sample_rate = sample_rate
+        self._sample_position = sample_index + 1
 
     # ------------------------------------------------------------------------------------------ the step
     def may_step(self) -> bool:
@@ -209,11 +231,13 @@ class DPStep:
         assert self.noise_multiplier is not None and self.sample_rate is not None
         if (
             self.calibrated_steps is not None
+            and self.calibrated_epsilon is not None
             and self.accountant.steps < self.calibrated_steps
-            and (self.config.target_epsilon is not None and self.epsilon_limit >= self.config.target_epsilon)
+            and self.epsilon_limit >= self.calibrated_epsilon
         ):
-            # sigma was calibrated so that epsilon(calibrated_steps) <= target, and epsilon grows with the steps.
-            # Not the run's current plan: a resumed run may plan more steps than sigma was calibrated for.
+            # sigma was calibrated so that epsilon(calibrated_steps) <= calibrated_epsilon, and epsilon grows with
+            # the steps. Only while the limit in force is no tighter than that target: a resumed run or a
+            # PrivacyBudget may have lowered it, and a resumed run may plan more steps than sigma was calibrated for.
             return True
         return (
             self.accountant.epsilon_after_next(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
@@ -298,6 +322,7 @@ class DPStep:
                 f"(epsilon now {self.epsilon():.4g} after {self.accountant.steps} steps)."
             )
         self._check_coverage(names)
+        self.noise.start_step(self.accountant.steps)  # this step's noise streams, whoever draws them and when
         return self.engine.pop_summed()
 
     def _add_noise(self, values: Tensor) -> None:
@@ -318,9 +343,12 @@ class DPStep:
         grad /= self.expected_batch_size
 
     def account_step(self) -> None:
-        """Record one logical step with the accountant."""
+        """Record one logical step with the accountant: the q its batch was sampled with (``use_sample``)."""
         assert self.accountant is not None and self.noise_multiplier is not None and self.sample_rate is not None
-        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        q = self._step_sample_rate if self._step_sample_rate is not None else self.sample_rate
+        assert q == self.sample_rate, f"the step was sampled with q={q}, the run accounts q={self.sample_rate}"
+        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=q)
+        self._step_sample_rate = None
 
     def _check_coverage(self, names: list[str]) -> None:
         if self._checked_coverage:
@@ -345,19 +373,26 @@ class DPStep:
 
     # -------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
+        """The run's public ledger: what a resumed run needs to continue the accounting, and nothing secret.
+
+        Privacy:
+            No key, seed or generator state: a resumed run draws from a new OS key (or rebuilds the user's seeded
+            key); the counters (steps accounted, Poisson draws used) are not secret.
+        """
         return {
             "noise_multiplier": self.noise_multiplier,
             "sample_rate": self.sample_rate,
             "clip_norm": self.config.clip_norm,
             "dataset_size": self.dataset_size,
             "calibrated_steps": self.calibrated_steps,
+            "calibrated_epsilon": self.calibrated_epsilon,
+            "epsilon_limit": self.epsilon_limit,
             "accountant": None if self.accountant is None else self.accountant.state_dict(),
-            "noise": self.noise.state_dict(),
-            "sampler": self.sampler.state_dict() if self.sampler is not None else self._pending_sampler_state,
+            "sample_position": self._sample_position,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a checkpointed run: its accountant history, sigma and generator streams continue."""
+        """Restore a checkpointed run: its accountant history and sigma continue, and its budget can only tighten."""
         cfg = self.config
         if not math.isclose(state["clip_norm"], cfg.clip_norm):
             raise ValueError(
@@ -375,15 +410,21 @@ class DPStep:
             )
         self.noise_multiplier = state["noise_multiplier"]
         self.calibrated_steps = state["calibrated_steps"]
+        self.calibrated_epsilon = state.get("calibrated_epsilon")
+        stored_limit = state.get("epsilon_limit")
+        if stored_limit is not None:  # the tightest budget in force: the checkpointed run's and this run's
+            self.epsilon_limit = stored_limit if self.epsilon_limit is None else min(self.epsilon_limit, stored_limit)
         if state["accountant"] is not None:
             self.accountant = PrivacyAccountant(cfg.accountant, delta=state["accountant"]["delta"])
             self.accountant.load_state_dict(state["accountant"])
-        self.noise.load_state_dict(state["noise"])
-        if self.sampler is not None and state["sampler"] is not None:
-            self.sampler.load_state_dict(state["sampler"])
-        else:
-            self._pending_sampler_state = state["sampler"]
+        self._sample_position = int(state.get("sample_position", 0))
+        if self.sampler is not None:
+            self.sampler.position = self._sample_position
         self._restored = state
+
+    def tighten_budget(self, max_epsilon: float) -> None:
+        """Lower the epsilon limit to ``max_epsilon`` if that is tighter (``PrivacyBudget``); never raises it."""
+        self.epsilon_limit = max_epsilon if self.epsilon_limit is None else min(self.epsilon_limit, max_epsilon)
 
     def _check_restored(self, *, q: float, n: int) -> None:
         state = self._restored

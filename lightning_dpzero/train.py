@@ -29,6 +29,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -149,14 +150,47 @@ def _loggers(node: Any, root: Path) -> list[Logger] | bool:
     return loggers or False
 
 
+_SEED_OVERRIDE = re.compile(r"((?:\+\+?)?privacy\.seed=)([^\s,'\"\]]+)")
+_REDACTED = "<secret: not recorded>"
+
+
+def redact_privacy_seed(text: str) -> str:
+    """``text`` with the value of every ``privacy.seed=...`` override replaced (Hydra's override lists)."""
+    return _SEED_OVERRIDE.sub(lambda m: m.group(1) + _REDACTED, text)
+
+
+def _redact_hydra_outputs(out: Path, hydra_cfg: Any) -> None:
+    """Remove ``privacy.seed`` from what Hydra wrote before the job started (``.hydra/*.yaml``, ``multirun.yaml``).
+
+    Privacy:
+        ``PrivacyConfig.seed`` rebuilds the run's secret key: whoever has it regenerates every noise draw. Output
+        directories get shared (logs, checkpoints), so the seed is never left in them; the user keeps it where
+        they wrote it (a command line, an experiment file).
+    """
+    subdir = hydra_cfg.output_subdir  # None: Hydra wrote no .hydra directory
+    files = [] if subdir is None else [out / subdir / n for n in ("config.yaml", "hydra.yaml", "overrides.yaml")]
+    files.append(Path(hydra_cfg.sweep.dir) / "multirun.yaml")
+    for file in files:
+        if not file.is_file():
+            continue
+        text = redact_privacy_seed(file.read_text())
+        if file.name == "config.yaml":
+            config = OmegaConf.create(text)
+            if OmegaConf.select(config, "privacy.seed") is not None:
+                config.privacy.seed = _REDACTED
+                text = OmegaConf.to_yaml(config)
+        file.write_text(text)
+
+
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float:
     """Hydra's entry: run, then (on rank 0) write ``summary.json`` and print the summary line."""
     hydra_cfg = HydraConfig.get()
     out = Path(hydra_cfg.runtime.output_dir)
+    _redact_hydra_outputs(out, hydra_cfg)
     summary = run(cfg, root_dir=out)
     summary["job"] = hydra_cfg.job.get("num")
-    summary["overrides"] = list(hydra_cfg.overrides.task)
+    summary["overrides"] = [redact_privacy_seed(o) for o in hydra_cfg.overrides.task]
     summary.update({group: hydra_cfg.runtime.choices.get(group) for group in ("task", "strategy", "privacy")})
     value = summary["value"]
     if summary["rank"] == 0:  # processes started by Lightning or torchrun share the output directory

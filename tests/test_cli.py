@@ -58,6 +58,27 @@ def test_fit_from_yaml_config_with_a_privacy_section(tmp_path) -> None:
     assert float(trainer.progress_bar_metrics["epsilon"]) == pytest.approx(epsilon)
 
 
+def test_saved_config_holds_no_privacy_seed(tmp_path) -> None:
+    """Reference: PrivacyConfig.seed rebuilds the run's key; Lightning's saved config.yaml (log directory) must not
+    hold it: the run uses the seed, the file says null."""
+    seed = 12345678901234567
+    config = {
+        "trainer": {**QUIET, "strategy": "dp", "max_steps": 1, "limit_val_batches": 1, "enable_checkpointing": False},
+        "privacy": {"noise_multiplier": 1.0, "seed": seed},
+        **TASK,
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = main(["fit", "--config", str(path), f"--trainer.default_root_dir={tmp_path / 'out'}"])
+    assert cli.trainer.strategy.dp.key == dpz.DPStep(dpz.PrivacyConfig(noise_multiplier=1.0, seed=seed)).key
+    saved = tmp_path / "out" / "config.yaml"
+    text = saved.read_text()
+    assert str(seed) not in text
+    loaded = yaml.safe_load(text)
+    assert loaded["privacy"]["seed"] is None
+    assert loaded["trainer"]["strategy"]["init_args"]["privacy"]["seed"] is None
+
+
 def test_class_path_strategy_with_its_own_privacy_argument() -> None:
     """Reference: --trainer.strategy=<class path> with --trainer.strategy.privacy.* builds that PrivacyConfig."""
     cli = _parse(

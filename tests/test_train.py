@@ -14,7 +14,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import lightning_dpzero
+from lightning_dpzero.randomness import SecretKey
 from lightning_dpzero.train import run
+from tests.privacy.leaks import assert_no_secrets, secret_needles
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = Path(lightning_dpzero.__file__).resolve().parent / "configs"
@@ -51,10 +53,15 @@ def test_run_nonprivate_baseline(tmp_path) -> None:
     assert not summary["private"] and "epsilon" not in summary
 
 
+SEED = 98765432109876543
+
+
 def test_module_entry_point_prints_summary(tmp_path) -> None:
-    """Reference: `python -m lightning_dpzero.train` prints the metric and epsilon and writes summary.json."""
+    """Reference: `python -m lightning_dpzero.train` prints the metric and epsilon and writes summary.json. With an
+    explicit privacy.seed, no file of the output directory (Hydra's .hydra/, the summary, logs, plot) holds the seed
+    or the key it builds (tests/privacy/leaks.py)."""
     out = subprocess.run(
-        [sys.executable, "-m", "lightning_dpzero.train", *SMALL, f"hydra.run.dir={tmp_path}"],
+        [sys.executable, "-m", "lightning_dpzero.train", *SMALL, f"privacy.seed={SEED}", f"hydra.run.dir={tmp_path}"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -73,6 +80,9 @@ def test_module_entry_point_prints_summary(tmp_path) -> None:
         rows = list(csv.DictReader(f))
     logged = [float(r["epsilon"]) for r in rows if r.get("epsilon")]
     assert logged and logged[-1] == pytest.approx(summary["epsilon"])  # the last step's epsilon
+    assert "privacy.seed=<secret: not recorded>" in summary["overrides"]
+    key = SecretKey.from_seed(SEED).to_bytes()
+    assert_no_secrets([tmp_path], [str(SEED).encode(), *secret_needles(key, rank=0)])
 
 
 def test_plot_records_logged_epsilon_and_metric_by_step(tmp_path) -> None:

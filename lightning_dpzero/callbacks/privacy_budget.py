@@ -52,7 +52,12 @@ class PrivacyBudget(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         dp = self._dp(trainer)
         if self.max_epsilon is not None:
-            dp.epsilon_limit = self.max_epsilon if dp.epsilon_limit is None else min(dp.epsilon_limit, self.max_epsilon)
+            dp.tighten_budget(self.max_epsilon)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.max_epsilon is not None:  # again after a resume restored this callback's and the run's budgets
+            self._dp(trainer).tighten_budget(self.max_epsilon)
 
     @override
     def on_train_batch_end(
@@ -83,5 +88,7 @@ class PrivacyBudget(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("max_epsilon") is not None:
-            self.max_epsilon = state_dict["max_epsilon"]
+        """A resumed budget can only tighten: the smaller of the checkpointed and the current ``max_epsilon``."""
+        stored = state_dict.get("max_epsilon")
+        if stored is not None:
+            self.max_epsilon = stored if self.max_epsilon is None else min(self.max_epsilon, stored)

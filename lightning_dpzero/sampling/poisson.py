@@ -2,25 +2,27 @@
 
 Each logical step, every example of the rank's shard is included independently with probability q. The draw is
 done as L ~ Binomial(|shard|, q) followed by a uniform L-subset, which has exactly the Poisson distribution
-(Beltran et al. 2406.17298, Lemma 1) at the cost of one permutation. With W ranks, rank r owns the disjoint
+(Beltran et al. 2406.17298, Lemma 1) at the cost of O(L) random numbers. With W ranks, rank r owns the disjoint
 shard r, r+W, r+2W, ...; the union of the W per-rank samples is a Poisson sample of the whole dataset.
 
 All ranks must run the same number of physical batches per logical step. The per-rank sizes are drawn from a
-generator that every rank seeds identically, so each rank knows all W sizes and the maximum without any
-communication; which examples are drawn comes from each rank's own generator.
+stream of the run's key that every rank shares, so each rank knows all W sizes and the maximum without any
+communication; which examples are drawn comes from each rank's own stream.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
+
+from lightning_dpzero.randomness import SecretKey
 
 __all__ = ["LogicalBatch", "PoissonBatchSampler", "make_dp_dataloader"]
 
@@ -31,14 +33,20 @@ class LogicalBatch:
 
     ``physical_batches[j]`` is whatever the user's ``collate_fn`` makes of p examples; ``masks[j]`` has shape
     [p], 1 for sampled examples and 0 for padding rows, which are copies of a real example and contribute
-    exactly zero to the gradient.
+    exactly zero to the gradient. ``indices[j]`` are the dataset indices of its p rows (the per-example self-check
+    fetches them again); ``sample_index`` numbers the Poisson draw (0, 1, 2, ...) and ``sample_rate`` is the q it
+    was drawn with, which the accountant must record.
 
     Privacy:
-        The number of real rows is the realised (private) batch size: it is used to mask, never logged.
+        The number of real rows is the realised (private) batch size, and ``indices`` the sampled examples: both are
+        used in memory only, never logged.
     """
 
     physical_batches: list[Any]
     masks: list[Tensor]
+    indices: list[list[int]] = field(default_factory=list)
+    sample_index: int = 0
+    sample_rate: float | None = None
 
     def __len__(self) -> int:
         return len(self.physical_batches)
@@ -47,24 +55,33 @@ class LogicalBatch:
         return iter(zip(self.physical_batches, self.masks))
 
 
+@dataclass(frozen=True)
+class _StepHeader:
+    """The first key of a logical step's key list: which Poisson draw it is and its q (read by the collate)."""
+
+    sample_index: int
+    sample_rate: float
+
+
 class PoissonBatchSampler:
     """Yields, per logical step, the rank's sampled indices padded to ``num_physical * p`` entries.
 
-    Each entry is ``(dataset_index, is_real)``. Always yields, also for an empty sample (then one fully masked
-    physical batch), so every rank takes the same number of logical steps.
+    Each entry is ``(dataset_index, is_real)``, after a header naming the draw. Always yields, also for an empty
+    sample (then one fully masked physical batch), so every rank takes the same number of logical steps.
 
     Args:
         num_examples: N, the size of the whole dataset.
         sample_rate: q.
         physical_batch_size: p.
         steps_per_epoch: logical steps per ``len()``: what Lightning calls the number of training batches.
-        sample_seed: seeds this rank's choice of examples (must differ across ranks and stay secret).
-        size_seed: seeds the per-rank sample sizes (must be equal on every rank).
+        key: the run's secret key (the same on every rank).
         rank, world_size: this rank's shard is ``range(rank, N, world_size)``.
 
     Privacy:
-        Sampling is Poisson with rate q over the whole dataset, as the accountant assumes; the seeds must be
-        unpredictable to an adversary (they are drawn from the OS unless the user fixes ``PrivacyConfig.seed``).
+        Sampling is Poisson with rate q over the whole dataset, as the accountant assumes. Draw s comes from the
+        key's streams ("size", s) (the per-rank sizes, identical on every rank) and ("sample", rank, s) (which
+        examples): nothing but the public counter ``position`` is kept, so nothing about past or future samples is
+        checkpointed.
     """
 
     def __init__(
@@ -74,8 +91,7 @@ class PoissonBatchSampler:
         sample_rate: float,
         physical_batch_size: int,
         steps_per_epoch: int,
-        sample_seed: int,
-        size_seed: int,
+        key: SecretKey,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
@@ -87,9 +103,9 @@ class PoissonBatchSampler:
         self.steps_per_epoch = steps_per_epoch
         self.rank, self.world_size = rank, world_size
         self.shard_sizes = [len(range(r, num_examples, world_size)) for r in range(world_size)]
-        self._sample_gen = torch.Generator().manual_seed(sample_seed)
-        self._size_gen = torch.Generator().manual_seed(size_seed)
-        # Lightning calls set_epoch on `batch_sampler.sampler`; the stream simply continues across epochs.
+        self._key = key
+        self.position = 0  # the index of the next draw: a public counter
+        # Lightning calls set_epoch on `batch_sampler.sampler`; the draws simply continue across epochs.
         self.sampler = self
 
     def set_epoch(self, epoch: int) -> None:
@@ -98,29 +114,30 @@ class PoissonBatchSampler:
     def __len__(self) -> int:
         return self.steps_per_epoch
 
-    def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
+    def __iter__(self) -> Iterator[list[Any]]:
         for _ in range(self.steps_per_epoch):
-            yield self.sample_step()
+            index = self.position
+            keys = self.sample_step()
+            yield [_StepHeader(index, self.sample_rate), *keys]
 
     def sample_step(self) -> list[tuple[int, bool]]:
         """The next logical step's padded index list for this rank."""
-        shard_sizes = torch.tensor(self.shard_sizes, dtype=torch.float64)
-        sizes = torch.binomial(shard_sizes, torch.full_like(shard_sizes, self.sample_rate), generator=self._size_gen)
-        sizes = sizes.long().tolist()
+        position, self.position = self.position, self.position + 1
+        sizes = self._key.numpy_generator("size", position).binomial(self.shard_sizes, self.sample_rate).tolist()
         num_physical = max(1, max(math.ceil(s / self.physical_batch_size) for s in sizes))
         own = sizes[self.rank]
-        chosen = torch.randperm(self.shard_sizes[self.rank], generator=self._sample_gen)[:own]
-        indices = (chosen * self.world_size + self.rank).tolist()
+        picker = self._key.numpy_generator("sample", self.rank, position)
+        chosen = picker.choice(self.shard_sizes[self.rank], size=own, replace=False)  # a uniform own-subset
+        indices = [int(i) * self.world_size + self.rank for i in chosen]
         filler = indices[0] if indices else 0  # any valid index: padding rows are masked out
         padding = num_physical * self.physical_batch_size - own
         return [(i, True) for i in indices] + [(filler, False)] * padding
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sample": self._sample_gen.get_state(), "size": self._size_gen.get_state()}
+        return {"position": self.position}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._sample_gen.set_state(state["sample"])
-        self._size_gen.set_state(state["size"])
+        self.position = int(state["position"])
 
 
 class _IndexedDataset(Dataset):
@@ -129,9 +146,11 @@ class _IndexedDataset(Dataset):
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
 
-    def __getitem__(self, key: tuple[int, bool]) -> tuple[Any, bool]:
+    def __getitem__(self, key: tuple[int, bool] | _StepHeader) -> Any:
+        if isinstance(key, _StepHeader):
+            return key
         index, real = key
-        return self.dataset[index], real
+        return (index, self.dataset[index]), real
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -144,14 +163,17 @@ class _LogicalCollate:
         self.collate_fn = collate_fn
         self.physical_batch_size = physical_batch_size
 
-    def __call__(self, items: Sequence[tuple[Any, bool]]) -> LogicalBatch:
+    def __call__(self, items: Sequence[Any]) -> LogicalBatch:
+        header, rows = items[0], items[1:]
+        assert isinstance(header, _StepHeader), "the Poisson sampler's key list starts with its header"
         p = self.physical_batch_size
-        batches, masks = [], []
-        for start in range(0, len(items), p):
-            chunk = items[start : start + p]
-            batches.append(self.collate_fn([example for example, _ in chunk]))
+        batches, masks, indices = [], [], []
+        for start in range(0, len(rows), p):
+            chunk = rows[start : start + p]
+            batches.append(self.collate_fn([example for (_, example), _ in chunk]))
             masks.append(torch.tensor([real for _, real in chunk], dtype=torch.bool))
-        return LogicalBatch(batches, masks)
+            indices.append([index for (index, _), _ in chunk])
+        return LogicalBatch(batches, masks, indices, header.sample_index, header.sample_rate)
 
 
 _REPLACEABLE_SAMPLERS = (RandomSampler, SequentialSampler, DistributedSampler)

@@ -8,6 +8,7 @@ wrapping and communication.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -29,6 +30,9 @@ from lightning_dpzero.zeroth_order.step import ZOStep
 __all__ = ["DPStrategyMixin"]
 
 _CHECKPOINT_KEY = "lightning_dpzero"
+# LightningModule -> the DP step that last trained it in this process: a new Trainer (a new ledger at epsilon 0) must
+# not silently train a module whose weights already spent budget under another one.
+_LEDGERS: weakref.WeakKeyDictionary[Any, DPStep] = weakref.WeakKeyDictionary()
 
 
 class DPStrategyMixin:
@@ -77,11 +81,12 @@ class DPStrategyMixin:
             self._check_optimizers()
 
     def _share_seed_and_set_rank(self) -> None:
-        """One secret base seed for the run, from rank 0 (size draws must agree); each rank derives its streams."""
-        seed = [self.dp.base_seed]
+        """One secret key for the run, rank 0's, shared in memory over the process group (the ranks' Poisson sample
+        sizes must agree); each rank derives its own streams from it."""
+        key = [self.dp.key.to_bytes()]
         if dist.is_available() and dist.is_initialized():
-            dist.broadcast_object_list(seed, src=0)
-        self.dp.set_rank(self.global_rank, self.world_size, base_seed=int(seed[0]))  # type: ignore[attr-defined]
+            dist.broadcast_object_list(key, src=0)
+        self.dp.set_rank(self.global_rank, self.world_size, key=key[0])  # type: ignore[attr-defined]
 
     def _check_trainer(self, trainer: pl.Trainer) -> None:
         name = type(self).__name__
@@ -165,6 +170,8 @@ class DPStrategyMixin:
             )
             trainer.should_stop = True
             return None  # Lightning skips the backward and the optimizer step
+        self._check_ledger(module)
+        self.dp.use_sample(batch.sample_index, batch.sample_rate)
         zeroth_order = isinstance(self.dp, ZOStep)
         assert zeroth_order or self.dp.engine is not None
         losses: list[Tensor] = []
@@ -200,6 +207,21 @@ class DPStrategyMixin:
         if isinstance(output, Mapping):
             return {**{k: v for k, v in output.items() if k != "loss"}, "loss": loss}
         return loss
+
+    def _check_ledger(self, module: Any) -> None:
+        """Refuse to start a new ledger (epsilon 0) on a module another DP run of this process already trained."""
+        previous = _LEDGERS.get(module)
+        if previous is not None and previous is not self.dp and self.dp.accountant.steps == 0:
+            steps = previous.accountant.steps if previous.accountant is not None else 0
+            raise RuntimeError(
+                f"{type(self).__name__}: this {type(module).__name__} was already trained privately by another "
+                f"Trainer ({steps} logical steps, epsilon={previous.epsilon():.4g}); a new Trainer starts a new ledger "
+                "at epsilon 0, which would not count what its weights already spent. Continue the same run "
+                "(trainer.fit again with the same Trainer, or Trainer(...).fit(model, ckpt_path=...) from its "
+                "checkpoint), or, for a deliberately separate run whose guarantee you compose yourself, train a fresh "
+                "instance (model = type(model)(...); model.load_state_dict(trained.state_dict()))."
+            )
+        _LEDGERS[module] = self.dp
 
     @override
     def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:

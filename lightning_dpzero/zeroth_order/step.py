@@ -28,6 +28,7 @@ from torch.optim import Optimizer
 
 from lightning_dpzero.clipping.functions import _FUNCTIONS
 from lightning_dpzero.config import NonFinitePolicy, PrivacyConfig
+from lightning_dpzero.randomness import SecretKey
 from lightning_dpzero.step import DPStep, PrivacyBudgetExhausted, training_step_loss
 from lightning_dpzero.zeroth_order.perturbation import BLOCK, DirectionSampler, Perturber, _flat
 from lightning_dpzero.zeroth_order.pruning import select_coordinates, synflow_scores
@@ -36,14 +37,14 @@ from lightning_dpzero.zeroth_order.schedule import StageSchedule
 __all__ = ["ZOStep", "public_direction_seed"]
 
 
-def public_direction_seed(base_seed: int) -> int:
-    """The run's public direction seed: a one-way hash of the secret base seed.
+def public_direction_seed(key: SecretKey) -> int:
+    """The run's public direction seed: 64 bits of a one-way hash of the secret key.
 
     Privacy:
         z is public (it does not depend on the data), and its seed may be published; SHA-256 makes sure that
-        publishing it reveals nothing about the base seed, from which the noise and sampling streams derive.
+        publishing it reveals nothing about the key, from which the noise and sampling streams derive.
     """
-    return int.from_bytes(hashlib.sha256(f"lightning_dpzero/zo-directions/{base_seed}".encode()).digest()[:8], "big")
+    return int.from_bytes(key.derive("zo-directions")[:8], "big")
 
 
 @contextlib.contextmanager
@@ -91,7 +92,7 @@ class ZOStep(DPStep):
         super().__init__(config)
         self.zo = config.zeroth_order
         self.schedule = StageSchedule(self.zo)
-        self.directions = DirectionSampler(public_direction_seed(self.base_seed))
+        self.directions = DirectionSampler(public_direction_seed(self.key))
         self.model: nn.Module | None = None
         self.params: dict[str, nn.Parameter] = {}  # canonical name -> trainable parameter with kept coordinates
         self.kept: dict[str, Tensor | None] = {}  # name -> sorted flat indices of its kept coordinates, or all
@@ -104,10 +105,18 @@ class ZOStep(DPStep):
         self._pending_kept: dict[str, Tensor | None] | None = None
         self._warned_optimizer = False
 
+    @property
+    def method_name(self) -> str:
+        return f"DP zeroth-order ({self.zo.num_directions} direction(s), {self.zo.num_stages} stage(s))"
+
+    @property
+    def clipping_description(self) -> str:
+        return f"{self.config.clipping_function} clipping of each example's finite differences"
+
     # --------------------------------------------------------------------------------------------- set-up
-    def set_rank(self, rank: int, world_size: int, base_seed: int | None = None) -> None:
-        super().set_rank(rank, world_size, base_seed)
-        self.directions.direction_seed = public_direction_seed(self.base_seed)  # the same on every rank
+    def set_rank(self, rank: int, world_size: int, key: bytes | None = None) -> None:
+        super().set_rank(rank, world_size, key)
+        self.directions.direction_seed = public_direction_seed(self.key)  # the same on every rank
 
     def attach(self, model: nn.Module) -> None:
         """Select the trainable coordinates (SynFlow when pruning) and install the perturbation hooks."""
@@ -263,6 +272,7 @@ class ZOStep(DPStep):
         num_dirs = self.zo.num_directions
         sums = self._sums if self._sums is not None else torch.zeros(num_dirs, dtype=torch.float64)
         self._sums = None
+        self.noise.start_step(step)
         if self.rank == 0:
             std = self.noise_multiplier * self.config.clip_norm
             device = next(iter(self.params.values())).device

@@ -70,7 +70,8 @@ def shuffled_batches() -> contextlib.AbstractContextManager[None]:
         size = max(1, round(self.sample_rate * shard))
         queue = getattr(self, "_shuffle_queue", [])
         if len(queue) < size:
-            queue = torch.randperm(shard, generator=self._sample_gen).tolist()
+            queue = self._key.numpy_generator("shuffle", self.rank, self.position).permutation(shard).tolist()
+        self.position += 1
         chosen, self._shuffle_queue = queue[:size], queue[size:]
         num_physical = max(1, math.ceil(size / self.physical_batch_size))
         indices = [i * self.world_size + self.rank for i in chosen]

@@ -20,18 +20,24 @@ from torch.utils.data import (
 )
 from torch.utils.data.distributed import DistributedSampler
 
+from lightning_dpzero.randomness import SecretKey
 from lightning_dpzero.sampling.poisson import LogicalBatch, PoissonBatchSampler, check_replaceable, make_dp_dataloader
 
 Z = 5.0  # tolerance in standard deviations of the statistic's sampling distribution
 N, Q, STEPS, P = 2000, 0.05, 2000, 32
 
 
-def make_sampler(**overrides) -> PoissonBatchSampler:
+def make_sampler(seed: int = 1234, **overrides) -> PoissonBatchSampler:
     kwargs = dict(
-        num_examples=N, sample_rate=Q, physical_batch_size=P, steps_per_epoch=STEPS, sample_seed=1234, size_seed=99
+        num_examples=N, sample_rate=Q, physical_batch_size=P, steps_per_epoch=STEPS, key=SecretKey.from_seed(seed)
     )
     kwargs.update(overrides)
     return PoissonBatchSampler(**kwargs)
+
+
+def epoch(sampler: PoissonBatchSampler) -> list[list[tuple[int, bool]]]:
+    """One epoch of the sampler's key lists, without the header each starts with."""
+    return [keys[1:] for keys in sampler]
 
 
 def real_indices(step: list[tuple[int, bool]]) -> list[int]:
@@ -42,7 +48,7 @@ def real_indices(step: list[tuple[int, bool]]) -> list[int]:
 def draws() -> tuple[list[list[tuple[int, bool]]], torch.Tensor]:
     """STEPS logical steps of one rank (world size 1), and the [STEPS, N] inclusion matrix."""
     sampler = make_sampler()
-    steps = list(sampler)
+    steps = epoch(sampler)
     included = torch.zeros(STEPS, N, dtype=torch.bool)
     for t, step in enumerate(steps):
         included[t, real_indices(step)] = True
@@ -116,7 +122,7 @@ def test_padding_layout(draws):
 def test_empty_sample_yields_one_fully_masked_physical_batch():
     """Reference: DESIGN.md section 2.2 (an empty sample is a valid step: one physical batch of padding)."""
     sampler = make_sampler(num_examples=5, sample_rate=1e-12, physical_batch_size=4, steps_per_epoch=3)
-    for step in sampler:
+    for step in epoch(sampler):
         assert len(step) == 4 and not any(flag for _, flag in step)
         assert all(0 <= i < 5 for i, _ in step)
     dataset = TensorDataset(torch.arange(5.0).unsqueeze(1))
@@ -132,7 +138,7 @@ def test_rank_with_empty_shard_pads_with_a_valid_index():
     sampler = make_sampler(
         num_examples=1, sample_rate=0.5, physical_batch_size=2, steps_per_epoch=3, rank=1, world_size=2
     )
-    for step in sampler:
+    for step in epoch(sampler):
         assert not any(flag for _, flag in step)
         assert all(0 <= i < 1 for i, _ in step), step
 
@@ -148,14 +154,13 @@ def test_two_ranks_have_disjoint_shards_and_equal_physical_batches():
             steps_per_epoch=steps,
             rank=r,
             world_size=2,
-            sample_seed=1000 + r,
-            size_seed=7,
+            seed=7,  # the run's key is shared; each rank draws from its own streams of it
         )
         for r in range(2)
     ]
     seen = torch.zeros(n, dtype=torch.long)
     union_sizes = []
-    for step0, step1 in zip(*ranks):
+    for step0, step1 in zip(*map(epoch, ranks)):
         assert len(step0) == len(step1)
         assert len(step0) == max(1, math.ceil(max(len(real_indices(step0)), len(real_indices(step1))) / p)) * p
         r0, r1 = real_indices(step0), real_indices(step1)
@@ -172,28 +177,34 @@ def test_two_ranks_have_disjoint_shards_and_equal_physical_batches():
     assert abs(seen.sum().item() / (steps * n) - q) <= Z * math.sqrt(q * (1 - q) / (steps * n))
 
 
-def test_state_dict_round_trip_continues_the_stream():
-    """Reference: the uninterrupted sampler's next steps (resumed through torch.save / torch.load)."""
-    original = make_sampler(num_examples=300, steps_per_epoch=5, sample_seed=3, size_seed=4)
+def test_state_dict_is_a_public_counter_that_continues_a_seeded_stream():
+    """Reference: the uninterrupted sampler's next steps (resumed through torch.save / torch.load, same seed). The
+    state is the draw counter alone: a sampler with another key continues from it with different draws."""
+    original = make_sampler(num_examples=300, steps_per_epoch=5, seed=3)
     for _ in range(5):
         original.sample_step()
+    assert original.state_dict() == {"position": 5}
     buffer = io.BytesIO()
     torch.save(original.state_dict(), buffer)
     expected = [original.sample_step() for _ in range(7)]
 
-    resumed = make_sampler(num_examples=300, steps_per_epoch=5, sample_seed=77, size_seed=78)
+    resumed = make_sampler(num_examples=300, steps_per_epoch=5, seed=3)
     buffer.seek(0)
     resumed.load_state_dict(torch.load(buffer))
     assert [resumed.sample_step() for _ in range(7)] == expected
+
+    fresh = make_sampler(num_examples=300, steps_per_epoch=5, key=SecretKey.from_os())
+    fresh.load_state_dict({"position": 5})
+    assert [fresh.sample_step() for _ in range(7)] != expected
 
 
 def test_epochs_continue_the_stream():
     """Reference: PoissonBatchSampler.set_epoch docstring (every step a fresh draw; len is steps_per_epoch)."""
     sampler = make_sampler(num_examples=300, steps_per_epoch=4)
     assert len(sampler) == 4
-    first = list(sampler)
+    first = epoch(sampler)
     sampler.set_epoch(1)
-    second = list(sampler)
+    second = epoch(sampler)
     assert len(first) == len(second) == 4 and first != second
     assert sampler.sampler is sampler
 
@@ -213,16 +224,16 @@ def test_make_dp_dataloader_yields_fixed_shape_masked_physical_batches():
     dataset = TensorDataset(torch.randn(n, 3), torch.arange(n))
     calls: list[int] = []
     user = DataLoader(dataset, batch_size=8, shuffle=True, collate_fn=_tagging_collate(calls))
-    kwargs = dict(
-        num_examples=n, sample_rate=q, physical_batch_size=p, steps_per_epoch=steps, sample_seed=5, size_seed=6
-    )
+    kwargs = dict(num_examples=n, sample_rate=q, physical_batch_size=p, steps_per_epoch=steps, seed=5)
     loader = make_dp_dataloader(user, make_sampler(**kwargs))
     twin = make_sampler(**kwargs)
     assert len(loader) == steps
     logical_steps = 0
-    for logical, keys in zip(loader, twin):
+    for t, (logical, keys) in enumerate(zip(loader, epoch(twin))):
         logical_steps += 1
         assert isinstance(logical, LogicalBatch) and len(logical) == len(keys) // p
+        assert logical.sample_index == t and logical.sample_rate == q
+        assert logical.indices == [[i for i, _ in keys[j * p : (j + 1) * p]] for j in range(len(logical))]
         for j, (batch, mask) in enumerate(logical):
             chunk = keys[j * p : (j + 1) * p]
             assert batch["tag"] == "user-collate"

@@ -4,7 +4,8 @@
 
 STRATEGY is ddp, zero1, zero2, zero3, fsdp or fsdp_own (zero3_buffered, fsdp_buffered: the clipped sums reduced once
 per logical step); MODE is oracle (sigma = 0, gradients vs the reference),
-bf16 (the same under DPPrecision("bf16-mixed")), noise (a zero-gradient model), resume, or straight / crash / recover
+bf16 (the same under DPPrecision("bf16-mixed")), noise (a zero-gradient model), resume (checkpoint secrets and
+the ledger across a resume), or straight / crash / recover
 (the fault test). Recorded per step: the
 reduced gradient before the optimizer step (DDP: ``p.grad``, which is already (sum + noise) / B; ZeRO: DeepSpeed's
 reduced gradient times W / B via ``safe_get_full_grad``, i.e. what the noise wrapper turns into the update at
@@ -114,19 +115,60 @@ def _trainer(strategy: str, privacy: dpz.PrivacyConfig, steps: int, callbacks: l
     )
 
 
+class NoiseRecorder(Callback):
+    """Records the first 64 values of every noise draw, by (logical step, draw number), on this rank."""
+
+    def __init__(self) -> None:
+        self.draws: dict[tuple[int, int], torch.Tensor] = {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        noise = trainer.strategy.dp.noise
+        sample = noise.sample
+
+        def recorded(*args, **kwargs):
+            values = sample(*args, **kwargs)
+            self.draws[(noise._step, noise._draws - 1)] = values.flatten()[:64].clone()
+            return values
+
+        noise.sample = recorded
+
+
 def resume(strategy: str, out: Path) -> None:
-    """Train 3 steps, checkpoint, resume to 6 in a new Trainer; record the streams' states around the resume."""
-    privacy = dpz.PrivacyConfig(noise_multiplier=1.0, expected_batch_size=8, physical_batch_size=4, seed=5)
-    first = _trainer(strategy, privacy, 3, [])
+    """A default run (OS key, no seed) of 3 steps, checkpointed after every step (full and weights-only); then a new
+    Trainer resumes from the checkpoint after step 1 and trains to step 6, as someone holding that file would.
+    Recorded: each rank's key material (for the test to search every written file for), the noise both runs drew,
+    and the ledger after the resume."""
+    privacy = dpz.PrivacyConfig(noise_multiplier=1.0, expected_batch_size=8, physical_batch_size=4)
+    full = ModelCheckpoint(dirpath=out / "full", every_n_train_steps=1, save_top_k=-1)
+    # mode="max" only makes its Lightning state key differ from the other's (no metric is monitored)
+    weights = ModelCheckpoint(
+        dirpath=out / "weights", every_n_train_steps=1, save_top_k=-1, save_weights_only=True, mode="max"
+    )
+    original = NoiseRecorder()
+    first = _trainer(strategy, privacy, 3, [original, full, weights])
     first.fit(Task(lr=LR))
-    saved = first.strategy.dp.state_dict()
-    first.save_checkpoint(out / "ckpt")
-    second = _trainer(strategy, privacy, 6, [])
-    second.fit(Task(lr=LR), ckpt_path=out / "ckpt")
+    key = first.strategy.dp.key.to_bytes()
+    rank = first.global_rank
+    if rank == 0:
+        after_step_1 = [p for p in (out / "full").iterdir() if "step=1" in p.name]
+        assert len(after_step_1) == 1, sorted(p.name for p in (out / "full").iterdir())
+        (out / "resume_from.txt").write_text(str(after_step_1[0]))
+    first.strategy.barrier()
+    resumed = NoiseRecorder()
+    second = _trainer(strategy, privacy, 6, [resumed])
+    second.fit(Task(lr=LR), ckpt_path=(out / "resume_from.txt").read_text())
     dp = second.strategy.dp
     torch.save(
-        {"saved": saved, "history": dp.accountant.history, "rank": dp.rank, "noise_seed": dp.noise.seed},
-        out / f"resume{second.global_rank}.pt",
+        {
+            "history": dp.accountant.history,
+            "rank": dp.rank,
+            "noise_rank": dp.noise.rank,
+            "key": key,
+            "resumed_key": dp.key.to_bytes(),
+            "original_noise": original.draws,
+            "resumed_noise": resumed.draws,
+        },
+        out.parent / f"{out.name}-resume{rank}.pt",  # outside the scanned directory: it holds the key on purpose
     )
 
 

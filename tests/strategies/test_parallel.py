@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from lightning_dpzero.config import _ZERO_NOISE_ENV
+from tests.privacy.leaks import assert_no_secrets, secret_needles
 from tests.reference import reference_clipped_sum
 from tests.strategies.test_dp_strategy import Net, per_example_loss
 
@@ -126,16 +127,33 @@ def test_noise_is_drawn_once_per_coordinate(strategy: str, tmp_path) -> None:
     assert abs(corr) < 6 / math.sqrt(half)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "zero3", "fsdp"])
-def test_resume_continues_each_ranks_accountant_and_streams(strategy: str, tmp_path) -> None:
-    """Reference: the accountant continues (3 + 3 steps) and each rank resumes its own noise stream, not rank 0's."""
-    _torchrun(strategy, "resume", tmp_path)
-    ranks = [torch.load(tmp_path / f"resume{r}.pt", weights_only=False) for r in range(2)]
+@pytest.mark.parametrize("strategy", ["ddp", "zero1", "zero2", "zero3", "fsdp"])
+def test_checkpoints_hold_no_secret_and_resume_draws_fresh_noise(strategy: str, tmp_path) -> None:
+    """Reference: tests/privacy/leaks.py. Every file of every checkpoint (full and weights-only, every step, each
+    rank's DeepSpeed / FSDP shards) is read for the run's key and its streams' key material and walked for generator
+    states; then whoever resumes from the checkpoint after step 1 (here: a new Trainer, as the file's holder would)
+    must draw other noise for steps 1 and 2 than the run did. The accountant continues (1 + 5 steps) on each rank's
+    own streams of one shared key."""
+    out = tmp_path / "run"
+    out.mkdir()
+    _torchrun(strategy, "resume", out)
+    ranks = [torch.load(tmp_path / f"run-resume{r}.pt", weights_only=False) for r in range(2)]
+    needles = [n for record in ranks for n in secret_needles(record["key"], record["rank"])]
+    scanned = assert_no_secrets([out / "full", out / "weights"], needles)
+    print(f"{scanned} files scanned")
     for rank, record in enumerate(ranks):
         assert record["history"] == [(1.0, 0.2, 6)]
-        assert record["rank"] == rank
-        assert record["noise_seed"] == record["saved"]["noise"]["seed"]  # its own stream came back
-    assert ranks[0]["noise_seed"] != ranks[1]["noise_seed"]
+        assert record["rank"] == record["noise_rank"] == rank
+        assert record["resumed_key"] != record["key"]  # a fresh key on resume: new, independent noise
+        for step in (1, 2):
+            draws = sorted(d for (t, d) in record["original_noise"] if t == step)
+            assert draws, record["original_noise"].keys()
+            a = torch.cat([record["original_noise"][(step, d)] for d in draws])
+            b = torch.cat([record["resumed_noise"][(step, d)] for d in draws])
+            assert not torch.equal(a, b)
+            if a.numel() >= 16:
+                assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 6 / math.sqrt(a.numel())
+    assert ranks[0]["key"] == ranks[1]["key"] and ranks[0]["resumed_key"] == ranks[1]["resumed_key"]
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "zero1", "zero2", "zero3", "fsdp"])

@@ -145,6 +145,7 @@ def main(strategy: str, out: Path) -> None:
             "after": record.after,
             "batches": record.batches,
             "direction_seed": dp.directions.direction_seed,
+            "key": dp.key.to_bytes(),  # seed 7's: phase 3's checkpoint must not hold it
             "steps": dp.accountant.steps,
             "world": dp.world_size,
             "wrapped": type(trainer.strategy.model).__name__,
@@ -152,7 +153,7 @@ def main(strategy: str, out: Path) -> None:
             "sharded": sorted(n for n, p in task.named_parameters() if hasattr(p, "full_tensor")),
             "local_numel": sum(getattr(p, "_local_tensor", p).numel() for p in task.parameters()),
             "ghats": released.ghats,
-            "drew_noise": bool(noisy.strategy.dp.noise._generators),
+            "drew_noise": noisy.strategy.dp.noise._draws > 0,
         },
         out / f"rank{trainer.global_rank}.pt",
     )
