@@ -12,6 +12,12 @@ A parameter's per-example gradient is the sum of its uses' G_i (a module called 
 squared norm is sum_u ||G_u,i||^2 + 2 sum_{u<v} <G_u,i, G_v,i>. Everything here computes those inner products
 and the clipped sum sum_i c_i G_i without building a per-example gradient unless that is the cheaper way
 (``instantiate``), in fp32 whatever the compute dtype.
+
+Privacy: a Gram-matrix ("ghost") norm is a sum of terms of both signs, which fp32 can cancel down to nothing while
+the gradient that is summed stays large (opposite inputs at two positions). So every squared norm comes with its
+*mass*, the sum of the absolute values of its terms; its fp32 error is below ~1e-7 x mass (measured), and the engine
+recomputes exactly (float64, from the instantiated block) every one whose mass exceeds ``CANCELLATION_LIMIT`` times
+its value, where that error could exceed ~6e-6 of the squared norm (3e-6 of the norm).
 """
 
 from __future__ import annotations
@@ -26,7 +32,17 @@ from torch import Tensor
 
 from lightning_dpzero.config import NormMode
 
-__all__ = ["Contribution", "Kind", "clipped_sum", "full_shape", "inner", "self_inner", "zero_rows"]
+__all__ = [
+    "CANCELLATION_LIMIT",
+    "Contribution",
+    "Kind",
+    "clipped_sum",
+    "exact_per_example",
+    "full_shape",
+    "inner",
+    "self_inner",
+    "zero_rows",
+]
 
 
 def full_shape(param: Tensor) -> torch.Size:
@@ -107,77 +123,176 @@ def _f32(t: Tensor | None) -> Tensor:
     return t.float()
 
 
-def _sq_norms(x: Tensor) -> Tensor:
-    """Squared L2 norm of each example's slice: [n, ...] -> [n] (one fused pass)."""
-    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1).square()
+# ------------------------------------------------------------------------------------------- squared norms
+# Every function below returns (value, mass), both [n] float64: ``value`` is the quantity (a squared norm or an
+# inner product), ``mass`` the sum of the absolute values of the terms it was summed from. mass / value measures
+# cancellation: fp32 rounding errors scale with the mass, not the value, so the engine recomputes an example's
+# squared norm exactly (float64, from its instantiated gradient) where the ratio is large (``CANCELLATION_LIMIT``).
+# Gram matrices are formed from rows scaled by powers of two (exact) to max-abs 1, so that no product of four
+# activations or gradients can overflow or underflow fp32; the scales are put back in float64.
+
+CANCELLATION_LIMIT = 64.0  # mass / value above which a squared norm is recomputed exactly (float64)
 
 
-def self_inner(c: Contribution) -> Tensor:
-    """||G_i||^2 for every example: shape [n], fp32."""
+def _sq_norms(x: Tensor) -> tuple[Tensor, Tensor]:
+    """||x_i||^2 for x [n, ...]: no cancellation possible (value = mass). An overflow of the fp32 squares shows as a
+    non-finite value, which the engine recomputes exactly; an underflow only affects norms far below any C."""
+    out = torch.linalg.vector_norm(x.reshape(x.shape[0], -1).float(), dim=1).double().square()
+    return out, out
+
+
+def _row_scaled(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x [n, T, F] -> (x with each row divided by a power of two to max-abs in [0.5, 1), fp32; exponents [n, T])."""
+    x = x.float()
+    amax = x.abs().amax(-1)  # [n, T]
+    _, exponent = torch.frexp(amax)  # amax = m 2^e, m in [0.5, 1); zero rows: e = 0
+    scaled = torch.ldexp(x, -exponent.unsqueeze(-1).to(x.dtype))
+    return scaled, exponent
+
+
+def _scaled_gram_sum(
+    ga: Tensor, gb: Tensor, ea: tuple[Tensor, Tensor], eb: tuple[Tensor, Tensor]
+) -> tuple[Tensor, Tensor]:
+    """sum_{s,t} ga[s,t] gb[s,t] 2^(ea0[s] + eb0[s] + ea1[t] + eb1[t]) and the same over |terms|, float64 [n].
+
+    ga, gb: [n, Ts, Tt] Gram matrices of scaled rows; ea = (row exponents of the left factors of the two uses),
+    eb = (the same for the right factors). The per-example largest exponent is factored out exactly.
+    """
+    ws, wt = ea[0] + eb[0], ea[1] + eb[1]  # [n, Ts], [n, Tt] int
+    top_s, top_t = ws.amax(1, keepdim=True), wt.amax(1, keepdim=True)
+    scale_s = torch.ldexp(torch.ones_like(ga[:, :, 0]), (ws - top_s).to(ga.dtype))  # <= 1; tiny rows underflow to 0
+    scale_t = torch.ldexp(torch.ones_like(ga[:, 0, :]), (wt - top_t).to(ga.dtype))
+    terms = ga * gb * scale_s.unsqueeze(2) * scale_t.unsqueeze(1)  # [n, Ts, Tt] fp32, bounded by D P
+    one = torch.ones(ga.shape[0], dtype=torch.float64, device=ga.device)
+    scale = torch.ldexp(one, (top_s + top_t).squeeze(1).double())
+    return terms.sum((1, 2)).double() * scale, terms.abs().sum((1, 2)).double() * scale
+
+
+def _gram_terms(left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
+    """sum_{s,t} left[s,t] right[s,t] and sum_{s,t} |left[s,t] right[s,t]|, [n] float64 (``left`` is reused)."""
+    terms = left.mul_(right)
+    return terms.sum((1, 2)).double(), terms.abs_().sum((1, 2)).double()
+
+
+def _in_safe_range(*factors: Tensor) -> bool:
+    """Whether Gram sums of these factors can be formed in plain fp32: for each factor x [n, T, F], the largest
+    possible Gram entry F max|x|^2 is below 2^60 (the products of two entries stay below 2^120) and max|x|^2 is
+    above 2^-60. A row whose own Gram entries underflow is then below 2^-33 times the largest row of any factor,
+    so the gradient terms it carries are negligible; anything that still overflows shows as a non-finite value."""
+    for x in factors:
+        low, high = torch.aminmax(x)  # one fused pass (20x faster than vector_norm(ord=inf) on CPU)
+        top2 = max(-float(low), float(high)) ** 2
+        if not 2.0**-60 < top2 < 2.0**60 / max(1, x.shape[-1]):
+            return False
+    return True
+
+
+def _dense_gram(la: Tensor, ra: Tensor, lb: Tensor, rb: Tensor) -> tuple[Tensor, Tensor]:
+    """sum_{s,t} <la_s, lb_t> <ra_s, rb_t> and its mass: the inner product of two DENSE per-example gradients."""
+    same = lb is la and rb is ra
+    if _in_safe_range(la, ra) and (same or _in_safe_range(lb, rb)):  # ordinary values: no rescaling needed
+        left = torch.bmm(_f32(la), _f32(lb).transpose(1, 2))  # [n, Ta, Tb]
+        return _gram_terms(left, torch.bmm(_f32(ra), _f32(rb).transpose(1, 2)))
+    (la, ela), (ra, era) = _row_scaled(la), _row_scaled(ra)
+    if same:
+        lb, elb, rb, erb = la, ela, ra, era
+    else:
+        (lb, elb), (rb, erb) = _row_scaled(lb), _row_scaled(rb)
+    left = torch.bmm(la, lb.transpose(1, 2))  # [n, Ta, Tb]
+    right = torch.bmm(ra, rb.transpose(1, 2))
+    return _scaled_gram_sum(left, right, (ela, elb), (era, erb))
+
+
+def self_inner(c: Contribution) -> tuple[Tensor, Tensor]:
+    """||G_i||^2 for every example, and its mass: two tensors of shape [n], float64."""
     if c.kind is Kind.SAMPLE:
         return _sq_norms(_f32(c.left))
     if c.instantiated is not None:
         return _sq_norms(c.instantiated)
     if c.kind is Kind.INDEX:
         return _index_self_inner(c)
-    left, right = _f32(c.left), _f32(c.right)
-    if left.shape[1] == 1:
-        return _sq_norms(left) * _sq_norms(right)
-    return (torch.bmm(left, left.transpose(1, 2)) * torch.bmm(right, right.transpose(1, 2))).sum((1, 2))
+    assert c.left is not None and c.right is not None
+    if c.left.shape[1] == 1:  # one position: ||b a^T||^2 = ||a||^2 ||b||^2, no sum that could cancel
+        value = _sq_norms(c.left)[0] * _sq_norms(c.right)[0]
+        return value, value
+    return _dense_gram(c.left, c.right, c.left, c.right)
 
 
-def _index_self_inner(c: Contribution) -> Tensor:
-    """Embedding: rows of G_i are sums of output-gradient rows per distinct token; O(n T D), no T^2 term."""
+def _index_self_inner(c: Contribution) -> tuple[Tensor, Tensor]:
+    """Embedding: rows of G_i are sums of output-gradient rows per distinct token; O(n T D), no T^2 term. The mass
+    is sum over (example, token) of (sum of ||b_t|| over the positions of that token)^2: opposite gradients at two
+    positions of one token cancel in G_i, and the mass bounds what fp32 rounding can do to that sum."""
     ids, right = c.left, _f32(c.right)
     assert ids is not None
     n, t = ids.shape
     valid = ids >= 0
     # One key per (example, token): the distinct keys are exactly the non-zero rows of the per-example gradients.
     keys = torch.arange(n, device=ids.device).unsqueeze(1) * c.num_rows + ids
+    rows = right[valid]  # [m, D]
+    norms = torch.linalg.vector_norm(rows, dim=1).double()  # [m]
     if c.num_rows <= 4 * t:
         # Small vocabulary (or positions): scatter straight into [n * V, D], cheaper than sorting keys.
         summed = torch.zeros(n * c.num_rows, right.shape[-1], device=right.device, dtype=right.dtype)
-        summed.index_add_(0, keys[valid], right[valid])
-        return summed.view(n, -1).square().sum(1)
-    keys, rows = keys[valid], right[valid]
-    unique, inverse = torch.unique(keys, return_inverse=True)
+        summed.index_add_(0, keys[valid], rows)
+        magnitude = torch.zeros(n * c.num_rows, device=right.device, dtype=torch.float64)
+        magnitude.index_add_(0, keys[valid], norms)
+        return _sq_norms(summed.view(n, -1))[0], magnitude.view(n, -1).square().sum(1)
+    unique, inverse = torch.unique(keys[valid], return_inverse=True)
     summed = torch.zeros(unique.numel(), right.shape[-1], device=right.device, dtype=right.dtype)
     summed.index_add_(0, inverse, rows)
-    out = torch.zeros(n, device=right.device, dtype=right.dtype)
-    return out.index_add_(0, torch.div(unique, c.num_rows, rounding_mode="floor"), summed.square().sum(1))
+    magnitude = torch.zeros(unique.numel(), device=right.device, dtype=torch.float64).index_add_(0, inverse, norms)
+    owner = torch.div(unique, c.num_rows, rounding_mode="floor")
+    value = torch.zeros(n, device=right.device, dtype=torch.float64)
+    value.index_add_(0, owner, torch.linalg.vector_norm(summed, dim=1).double().square())
+    mass = torch.zeros(n, device=right.device, dtype=torch.float64).index_add_(0, owner, magnitude.square())
+    return value, mass
 
 
-def inner(a: Contribution, b: Contribution) -> Tensor:
-    """<G_a,i, G_b,i> for every example, for two uses of the same parameter block: shape [n], fp32."""
-    if a.kind is Kind.SAMPLE or b.kind is Kind.SAMPLE:
-        return (_per_example(a) * _per_example(b)).flatten(1).sum(1)
-    if a.matrix_shape() != b.matrix_shape():
-        return (_per_example(a) * _per_example(b)).flatten(1).sum(1)
+def inner(a: Contribution, b: Contribution) -> tuple[Tensor, Tensor]:
+    """<G_a,i, G_b,i> for every example, for two uses of the same parameter block, and its mass: [n], float64."""
+    if a.kind is Kind.SAMPLE or b.kind is Kind.SAMPLE or a.matrix_shape() != b.matrix_shape():
+        return _elementwise_inner(_per_example(a), _per_example(b))
     if a.kind is Kind.INDEX and b.kind is Kind.DENSE:
         a, b = b, a
     if a.instantiated is not None and b.instantiated is not None:
-        return (a.instantiated * b.instantiated).flatten(1).sum(1)
+        return _elementwise_inner(a.instantiated, b.instantiated)
     if a.instantiated is not None:
         a, b = b, a  # a is factored from here on
     if b.instantiated is not None:
         # <sum_t l_t r_t^T, G> = sum_t l_t^T G r_t
         if a.kind is Kind.INDEX:
             rows = _gather_rows(b.instantiated, a.left)  # [n, T, D]
-            return (rows * _f32(a.right)).sum((1, 2))
-        return torch.einsum("ntp,npd,ntd->n", _f32(a.left), b.instantiated, _f32(a.right))
-    right_gram = torch.bmm(_f32(a.right), _f32(b.right).transpose(1, 2))  # [n, Ta, Tb]
+            return _elementwise_inner(rows, _f32(a.right))
+        left, right = _f32(a.left), _f32(a.right)
+        value = torch.einsum("ntp,npd,ntd->n", left, b.instantiated, right)
+        mass = torch.einsum("ntp,npd,ntd->n", left.abs(), b.instantiated.abs(), right.abs())
+        return value.double(), mass.double()
     if a.kind is Kind.DENSE and b.kind is Kind.DENSE:
-        left_gram = torch.bmm(_f32(a.left), _f32(b.left).transpose(1, 2))
-    elif a.kind is Kind.DENSE:  # b is INDEX: <l_s, e_{x_t}> = l_s[x_t]
-        ids = b.left
-        assert ids is not None
-        left_gram = torch.gather(_f32(a.left), 2, ids.clamp(min=0).unsqueeze(1).expand(-1, a.left.shape[1], -1))
+        assert a.left is not None and a.right is not None and b.left is not None and b.right is not None
+        return _dense_gram(a.left, a.right, b.left, b.right)
+    assert a.left is not None and a.right is not None and b.left is not None and b.right is not None
+    ids = b.left  # b is INDEX; a is DENSE (<l_s, e_{x_t}> = l_s[x_t]) or INDEX (1 where the tokens agree)
+    dense = [a.left] if a.kind is Kind.DENSE else []
+    safe = _in_safe_range(*dense, a.right, b.right)
+    (ra, era), (rb, erb) = ((a.right, None), (b.right, None)) if safe else (_row_scaled(a.right), _row_scaled(b.right))
+    right_gram = torch.bmm(_f32(ra), _f32(rb).transpose(1, 2))  # [n, Ta, Tb]
+    if a.kind is Kind.DENSE:
+        la, ela = (a.left, None) if safe else _row_scaled(a.left)
+        left_gram = torch.gather(_f32(la), 2, ids.clamp(min=0).unsqueeze(1).expand(-1, la.shape[1], -1))
         left_gram = left_gram * (ids >= 0).unsqueeze(1)
-    else:  # both INDEX
-        ia, ib = a.left, b.left
-        assert ia is not None and ib is not None
-        left_gram = ((ia.unsqueeze(2) == ib.unsqueeze(1)) & (ia >= 0).unsqueeze(2)).float()
-    return (left_gram * right_gram).sum((1, 2))
+    else:
+        ela = torch.zeros_like(a.left)
+        left_gram = ((a.left.unsqueeze(2) == ids.unsqueeze(1)) & (a.left >= 0).unsqueeze(2)).float()
+    if safe:
+        return _gram_terms(left_gram, right_gram)
+    assert ela is not None and era is not None and erb is not None
+    return _scaled_gram_sum(left_gram, right_gram, (ela, torch.zeros_like(ids)), (era, erb))
+
+
+def _elementwise_inner(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """sum over all but dim 0 of x * y, and of |x * y|: [n] float64 (an fp32 overflow shows as non-finite)."""
+    product = x.reshape(x.shape[0], -1).float() * y.reshape(y.shape[0], -1).float()
+    return product.sum(1).double(), product.abs_().sum(1).double()
 
 
 def _gather_rows(matrix: Tensor, ids: Tensor | None) -> Tensor:
@@ -187,22 +302,35 @@ def _gather_rows(matrix: Tensor, ids: Tensor | None) -> Tensor:
     return rows * (ids >= 0).unsqueeze(-1)
 
 
-def _per_example(c: Contribution) -> Tensor:
-    """The per-example gradient block, [n, *shape], fp32 (fallback for unusual parameter sharing)."""
-    n = c.num_examples
+def _per_example(c: Contribution, rows: Tensor | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The per-example gradient block [n, *shape] (or of the examples ``rows`` only), in ``dtype``."""
+    pick = (lambda t: t) if rows is None else (lambda t: t[rows])
     if c.kind is Kind.SAMPLE:
-        return _f32(c.left)
+        assert c.left is not None
+        return pick(c.left).to(dtype)
     if c.instantiated is not None:
-        matrices = c.instantiated
+        matrices = pick(c.instantiated).to(dtype)
     elif c.kind is Kind.DENSE:
-        matrices = torch.einsum("ntp,ntd->npd", _f32(c.left), _f32(c.right))
+        assert c.left is not None and c.right is not None
+        matrices = torch.einsum("ntp,ntd->npd", pick(c.left).to(dtype), pick(c.right).to(dtype))
     else:
-        ids, right = c.left, _f32(c.right)
-        assert ids is not None
-        matrices = torch.zeros(n, c.num_rows, right.shape[-1], device=right.device)
+        assert c.left is not None and c.right is not None
+        ids, right = pick(c.left), pick(c.right).to(dtype)
+        matrices = torch.zeros(ids.shape[0], c.num_rows, right.shape[-1], device=right.device, dtype=dtype)
         valid = (ids >= 0).unsqueeze(-1)
         matrices.scatter_add_(1, ids.clamp(min=0).unsqueeze(-1).expand_as(right), right * valid)
-    return torch.stack([_to_param(c, m) for m in matrices]) if n else matrices.new_zeros(0, *c.shape)
+    if not len(matrices):
+        return matrices.new_zeros(0, *c.shape)
+    return torch.stack([_to_param(c, m) for m in matrices])
+
+
+def exact_per_example(contributions: list[Contribution], rows: Tensor) -> Tensor:
+    """The per-example gradient block of the examples ``rows`` ([k] indices), summed over the block's uses, in
+    float64 from the recorded factors: the exact value the fp32 factored computations approximate. [k, *shape]."""
+    total = _per_example(contributions[0], rows, torch.float64)
+    for c in contributions[1:]:
+        total = total + _per_example(c, rows, torch.float64)
+    return total
 
 
 def _to_param(c: Contribution, matrix: Tensor) -> Tensor:

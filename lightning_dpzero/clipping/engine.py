@@ -27,8 +27,10 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_dpzero.clipping import rules as _rules  # noqa: F401  (registers the built-in rules)
 from lightning_dpzero.clipping.contributions import (
+    CANCELLATION_LIMIT,
     Contribution,
     clipped_sum,
+    exact_per_example,
     full_shape,
     inner,
     self_inner,
@@ -40,7 +42,7 @@ from lightning_dpzero.clipping.registry import ClippingRule, UnsupportedLayerErr
 from lightning_dpzero.clipping.styles import ClippingGroups, make_groups
 from lightning_dpzero.config import NonFinitePolicy, PrivacyConfig
 
-__all__ = ["ClippingEngine", "validate_model"]
+__all__ = ["ClippingEngine", "Probe", "TapRecord", "validate_model"]
 
 
 @dataclass(eq=False)
@@ -91,25 +93,57 @@ def validate_model(
     return layers, trainable, owner
 
 
+@dataclass(eq=False)
+class TapRecord:
+    """One call of a hooked module seen by a probe: its input, its output and the loss's gradient w.r.t. the output
+    (all detached; dim 0 should be the example)."""
+
+    path: str
+    activation: Tensor
+    output: Tensor
+    grad: Tensor | None = None
+
+
+@dataclass(eq=False)
+class Probe:
+    """What one probed physical batch showed (``ClippingEngine.probing``): every tap call in forward order, and per
+    trainable parameter the squared norm of each row's gradient ([n] float64, as clipping would have used it) and
+    the unclipped sum of the rows' gradients (fp32)."""
+
+    taps: list[TapRecord] = field(default_factory=list)
+    norms: dict[str, Tensor] = field(default_factory=dict)
+    sums: dict[str, Tensor] = field(default_factory=dict)
+
+
 class _Tap(torch.autograd.Function):
     """Identity on a module's output that hands the output gradient to the engine."""
 
     @staticmethod
-    def forward(ctx: Any, output: Tensor, anchor: Tensor, engine: ClippingEngine, layer: _Layer, act: Tensor) -> Tensor:
-        ctx.engine, ctx.layer, ctx.activation, ctx.version = engine, layer, act, act._version
+    def forward(
+        ctx: Any,
+        output: Tensor,
+        anchor: Tensor,
+        engine: ClippingEngine,
+        layer: _Layer,
+        act: Tensor,
+        record: TapRecord | None,
+    ) -> Tensor:
+        ctx.engine, ctx.layer, ctx.activation, ctx.version, ctx.record = engine, layer, act, act._version, record
         # A fresh tensor, not a view: downstream in-place ops (ReLU(inplace=True), x += ...) must stay legal.
         return output.clone()
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None, None]:
         if ctx.activation._version != ctx.version:
             raise RuntimeError(
                 f"the input of module '{ctx.layer.path}' was modified in place after the module used it; "
                 "per-example gradients need the value it saw. Avoid the in-place operation."
             )
+        if ctx.record is not None:
+            ctx.record.grad = grad.detach()
         ctx.engine._receive(ctx.layer, ctx.activation, grad)
         ctx.activation = None
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 _BROADCASTING_OPS = {
@@ -162,6 +196,7 @@ class ClippingEngine:
     def __init__(self, model: nn.Module, config: PrivacyConfig) -> None:
         self.config = config
         self.layers, self.params, owner = validate_model(model, functorch_fallback=config.functorch_fallback)
+        self.owner = owner  # parameter name -> the path of the module that owns it
         # Frozen BatchNorm still mixes the examples of a batch through its statistics in training mode.
         self._mixing = [(p, m) for p, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         if not self.params:
@@ -178,8 +213,11 @@ class ClippingEngine:
         self._handles: list[RemovableHandle] = []
         self._anchor: Tensor | None = None  # the scalar every tap of the physical batch being recorded takes
         self._recorded: Tensor | None = None  # the anchor of the last recorded physical batch, until its backward
+        # Per parameter block (name, first row): its contributions in this physical batch, and the squared norm and
+        # mass ([n] float64, contributions.py) of each example's gradient block, cross terms of shared uses included.
         self._contributions: dict[tuple[str, int | None], list[Contribution]] = defaultdict(list)
-        self._norm2: Tensor | None = None  # [K, n] squared per-group norms of the current physical batch
+        self._norm2: dict[tuple[str, int | None], Tensor] = {}
+        self._mass: dict[tuple[str, int | None], Tensor] = {}
         self._mask: Tensor | None = None  # [n] of the physical batch being differentiated
         self._pending_taps: dict[int, int] = defaultdict(int)  # group -> taps recorded but not yet reported
         for layer in self.layers:
@@ -190,6 +228,10 @@ class ClippingEngine:
         # the data owner's examples, for diagnostics; it is never logged by the library.
         self.non_finite_examples = 0
         self._dropped: Tensor | None = None  # [n] of the physical batch being differentiated
+        # (example, block) squared norms recomputed exactly because fp32 cancellation could have under-estimated them
+        # (adversarial or extreme inputs; 0 on ordinary data). Not private either; never logged by the library.
+        self.exact_recomputations = 0
+        self._probe: Probe | None = None
 
     # ----------------------------------------------------------------------------------------------- hooks
     def attach(self) -> None:
@@ -223,7 +265,11 @@ class ClippingEngine:
                 raise UnsupportedLayerError(
                     layer.path, module, "its input must be passed positionally as a tensor (e.g. layer(x))"
                 )
-            tapped = _Tap.apply(output, self._anchor, self, layer, args[0].detach())
+            record = None
+            if self._probe is not None:
+                record = TapRecord(layer.path, args[0].detach(), output.detach())
+                self._probe.taps.append(record)
+            tapped = _Tap.apply(output, self._anchor, self, layer, args[0].detach(), record)
             for k in layer.groups:
                 self._pending_taps[k] += 1
             if self._guard is not None:
@@ -251,6 +297,16 @@ class ClippingEngine:
         finally:
             self._recorded, self._anchor, self._guard = self._anchor, None, None
 
+    @contextlib.contextmanager
+    def probing(self) -> Iterator[Probe]:
+        """Physical batches recorded and differentiated in this block are examined, not clipped: nothing is added
+        to the step's clipped sums, the sink or the counters (the per-example self-check, ``selfcheck.py``)."""
+        self._probe = Probe()
+        try:
+            yield self._probe
+        finally:
+            self._probe = None
+
     # -------------------------------------------------------------------------------------------- backward
     def backward(self, loss: Tensor, mask: Tensor) -> None:
         """Add this physical batch's clipped per-example gradients to ``summed``.
@@ -265,7 +321,7 @@ class ClippingEngine:
             if anchor is not None and loss.requires_grad:
                 torch.autograd.grad(loss, [anchor], allow_unused=True)
             self._finalize(range(len(self.groups)))  # groups whose taps did not all report (or all-layer)
-            if self.sink is not None:
+            if self.sink is not None and self._probe is None:
                 for name in self.params:  # the same calls in the same order on every rank, whatever was reached
                     if name not in self._emitted:
                         self.sink(name, None)
@@ -277,7 +333,8 @@ class ClippingEngine:
             self._mask = None
             self._contributions.clear()
             self._pending_taps.clear()
-            self._norm2 = None
+            self._norm2.clear()
+            self._mass.clear()
 
     def _receive(self, layer: _Layer, activation: Tensor, grad_output: Tensor) -> None:
         """Called from a tap's backward: this call's contributions and their squared norms."""
@@ -300,14 +357,15 @@ class ClippingEngine:
                     self.last_norm_modes.setdefault(layer.path, "ghost")
                 else:
                     self.last_norm_modes.setdefault(layer.path, "direct")
-                norm2 = self_inner(c)
+                norm2, mass = self_inner(c)
                 key = (c.param, None if c.rows is None else c.rows.start)
                 for previous in self._contributions[key]:  # the same parameter used again: cross terms
-                    norm2 = norm2 + 2.0 * inner(previous, c)
+                    cross, cross_mass = inner(previous, c)
+                    norm2, mass = norm2 + 2.0 * cross, mass + 2.0 * cross_mass
                 self._contributions[key].append(c)
-                if self._norm2 is None:
-                    self._norm2 = torch.zeros(len(self.groups), norm2.shape[0], device=norm2.device)
-                self._norm2[self.groups.group_of[c.param]] += norm2
+                if key in self._norm2:
+                    norm2, mass = norm2 + self._norm2[key], mass + self._mass[key]
+                self._norm2[key], self._mass[key] = norm2, mass
             # A group is final once every tap that feeds it has reported: clip it now and free its activations
             # and output gradients (layer-, param- and group-wise clipping peak lower than all-layer; 2310.19215).
             if len(self.groups) > 1:
@@ -318,15 +376,57 @@ class ClippingEngine:
                         done.append(k)
                 self._finalize(done)
 
+    def _exact_rows(
+        self, keys: list[tuple[str, int | None]], norm2: Tensor, mass: Tensor
+    ) -> dict[tuple[str, int | None], Tensor]:
+        """Recompute, exactly, the squared norms that fp32 could have got wrong.
+
+        Where an example's squared norm of a block is small next to the mass it was summed from (cancellation:
+        opposite rows of an adversarial input; values near the ends of fp32's range), its gradient block is
+        instantiated in float64 from the recorded factors and its squared norm replaces the fp32 one in ``norm2``
+        ([blocks, n], in place). ``_finalize`` then adds that same instantiated block (times its clip factor) to the
+        clipped sum instead of the factored one, so that the norm which sets the clip factor is the norm of exactly
+        what is summed.
+
+        Returns:
+            block key -> the indices [k] of its examples recomputed, for blocks with any.
+        """
+        # One vectorised test for every block (most steps find nothing): cancellation, or an fp32 overflow
+        risky = (mass > CANCELLATION_LIMIT * norm2) & (mass > 0) | ~torch.isfinite(norm2) | ~torch.isfinite(mass)
+        risky |= norm2 < 0
+        exact = {}
+        if not bool(risky.any()):
+            return exact
+        for index, key in enumerate(keys):
+            rows = torch.nonzero(risky[index]).flatten()
+            if not rows.numel():
+                continue
+            for chunk, blocks in _exact_chunks(self._contributions[key], rows):
+                norm2[index, chunk] = blocks.reshape(chunk.numel(), -1).square().sum(1)
+            exact[key] = rows
+            self.exact_recomputations += rows.numel()
+        return exact
+
     def _finalize(self, groups: Iterable[int]) -> None:
         """Clip factors of ``groups`` from their norms; add their clipped sums to ``summed``; free them."""
         groups = set(groups)
-        if self._norm2 is None or not groups:
+        keys = [key for key in self._contributions if self.groups.group_of[key[0]] in groups]
+        if not keys:
             return
         assert self._mask is not None
         with torch.no_grad():
-            mask = self._mask.to(self._norm2.device)
-            norms = self._norm2.clamp(min=0).sqrt()  # [K, n]; cross terms can round a hair below zero
+            block_norm2 = torch.stack([self._norm2.pop(key) for key in keys])  # [blocks, n] float64
+            exact = self._exact_rows(keys, block_norm2, torch.stack([self._mass.pop(key) for key in keys]))
+            if self._probe is not None:
+                self._examine(keys, block_norm2)
+                return
+            device = block_norm2.device
+            owner = torch.tensor([self.groups.group_of[key[0]] for key in keys], device=device)
+            norm2 = torch.zeros(len(self.groups), block_norm2.shape[1], dtype=torch.float64, device=device)
+            norm2.index_add_(0, owner, block_norm2)  # [K, n]
+            mask = self._mask.to(device)
+            # float64 norms, then fp32 for the clipping function: a norm beyond fp32's range counts as non-finite
+            norms = norm2.clamp(min=0).sqrt().float()  # [K, n]
             factors, dropped = {}, {}
             for k in groups:
                 bad = ~torch.isfinite(norms[k])  # padding rows copy a real example: they may be non-finite too
@@ -340,7 +440,6 @@ class ClippingEngine:
                     fn=self.config.clipping_function,
                     stability_constant=self.config.stability_constant,
                 )
-            keys = [key for key in self._contributions if self.groups.group_of[key[0]] in groups]
             for name in dict.fromkeys(key[0] for key in keys):  # each parameter once, in the order reached
                 param = self.params[name]
                 target = self.summed.get(name) if self.sink is None else None
@@ -350,19 +449,44 @@ class ClippingEngine:
                         self.summed[name] = target
                 k = self.groups.group_of[name]
                 for key in [key for key in keys if key[0] == name]:
-                    for c in self._contributions.pop(key):
+                    contributions = self._contributions.pop(key)
+                    f = factors[k]
+                    if key in exact:  # these examples' blocks are added from their exact instantiation instead
+                        rows = exact[key]
+                        f = f.clone()
+                        f[rows] = 0.0
+                        kept = rows[factors[k][rows] != 0]  # padding, dropped examples: their blocks may be inf
+                        for chunk, blocks in _exact_chunks(contributions, kept):
+                            block = torch.einsum("k,k...->...", factors[k][chunk].double(), blocks).float()
+                            self._add_block(target, contributions[0].rows, block)
+                    for c in contributions:
                         if k in dropped:
                             c = zero_rows(c, dropped[k])  # 0 * inf would still be NaN
-                        block = clipped_sum(c, factors[k])
-                        if c.rows is None:
-                            target += block
-                        else:
-                            target[c.rows] += block
+                        self._add_block(target, c.rows, clipped_sum(c, f))
                 self.seen.add(name)
                 if self.sink is not None:
                     self._emitted.add(name)
                     self.sink(name, target)
                 del target
+
+    def _examine(self, keys: list[tuple[str, int | None]], block_norm2: Tensor) -> None:
+        """Probe: per parameter, each row's squared gradient norm and the rows' unclipped sum; then forget them."""
+        assert self._probe is not None and self._mask is not None
+        ones = torch.ones(self._mask.numel(), device=block_norm2.device)
+        for key, norm2 in zip(keys, block_norm2):
+            name = key[0]
+            self._probe.norms[name] = norm2 + self._probe.norms[name] if name in self._probe.norms else norm2
+            if name not in self._probe.sums:
+                self._probe.sums[name] = torch.zeros(full_shape(self.params[name]), device=ones.device)
+            for c in self._contributions.pop(key):
+                self._add_block(self._probe.sums[name], c.rows, clipped_sum(c, ones))
+
+    @staticmethod
+    def _add_block(target: Tensor, rows: slice | None, block: Tensor) -> None:
+        if rows is None:
+            target += block
+        else:
+            target[rows] += block
 
     def _non_finite(self, bad: Tensor, mask: Tensor, group: int) -> None:
         """Apply ``config.non_finite`` to the examples whose norm in ``group`` is inf or NaN."""
@@ -384,3 +508,11 @@ class ClippingEngine:
         """The clipped sums of the logical step so far (fp32, parameter-shaped), and reset."""
         summed, self.summed = self.summed, {}
         return summed
+
+
+def _exact_chunks(contributions: list[Contribution], rows: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+    """The float64 gradient blocks of the examples ``rows`` of one block, a few examples at a time (~64 MB)."""
+    size = max(1, (1 << 23) // max(1, contributions[0].shape.numel()))
+    for start in range(0, rows.numel(), size):
+        chunk = rows[start : start + size]
+        yield chunk, exact_per_example(contributions, chunk)
