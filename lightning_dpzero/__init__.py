@@ -22,6 +22,7 @@ from lightning_dpzero.config import (
 from lightning_dpzero.layers import DPMultiheadAttention, replace_multihead_attention
 from lightning_dpzero.precision import DPPrecision
 from lightning_dpzero.sampling.poisson import LogicalBatch, PoissonBatchSampler
+from lightning_dpzero.selfcheck import PerExampleCheckError
 from lightning_dpzero.step import DPStep, PrivacyBudgetExhausted
 from lightning_dpzero.strategies import DPDDPStrategy, DPFSDPStrategy, DPStrategy, DPZeroStrategy
 from lightning_dpzero.zeroth_order import ZOStep
@@ -41,6 +42,7 @@ __all__ = [
     "Method",
     "NonFinitePolicy",
     "NormMode",
+    "PerExampleCheckError",
     "PoissonBatchSampler",
     "PrivacyAccountant",
     "PrivacyBudget",

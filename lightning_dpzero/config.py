@@ -221,6 +221,9 @@ class PrivacyConfig:
             ``clipping_function`` (``abadi`` is the literature's min(1, C/|g|)); it needs ``all-layer`` style.
         zeroth_order: the zeroth-order settings (a ``ZerothOrderConfig`` or a dict of its fields); ``None`` with
             ``method="zeroth_order"`` uses its defaults.
+        self_check_every: the per-example self-check (``lightning_dpzero.selfcheck``) runs on the first physical
+            batch of every run and again every this many logical steps (``None``: the first only). It refuses models
+            and losses that are not per-example; it cannot be switched off.
 
     Privacy:
         The guarantee is example-level (add/remove one example) (epsilon, delta)-DP for the Poisson-sampled
@@ -251,6 +254,7 @@ class PrivacyConfig:
     secure_rng: bool = False
     method: Method = Method.FIRST_ORDER
     zeroth_order: ZerothOrderConfig | None = None
+    self_check_every: int | None = 100
 
     def __post_init__(self) -> None:
         self._check_method()
@@ -302,6 +306,12 @@ class PrivacyConfig:
                 raise ValueError(f"PrivacyConfig: `{name}` must be a positive integer, got {value!r}.")
         if self.sample_rate is not None and not 0.0 < self.sample_rate <= 1.0:
             raise ValueError(f"PrivacyConfig: `sample_rate` must be in (0, 1], got {self.sample_rate!r}.")
+        every = self.self_check_every
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise ValueError(
+                f"PrivacyConfig: `self_check_every` must be a positive integer (logical steps) or None (the first "
+                f"step only), got {every!r}; the first-step check cannot be switched off."
+            )
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"PrivacyConfig: `seed` must be an integer or None, got {self.seed!r}.")
         if self.secure_rng and self.seed is not None:

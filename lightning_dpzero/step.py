@@ -8,7 +8,7 @@ Strategies only decide where the clipped sums are reduced and which coordinates 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -19,25 +19,13 @@ from torch.utils.data import DataLoader
 from lightning_dpzero.accounting import PrivacyAccountant, calibrate_noise_multiplier
 from lightning_dpzero.clipping.engine import ClippingEngine
 from lightning_dpzero.config import PrivacyConfig
+from lightning_dpzero.loss import summed_loss, training_step_loss
 from lightning_dpzero.noise import GaussianNoise, SecureGaussianNoise
 from lightning_dpzero.randomness import SecretKey
 from lightning_dpzero.sampling.poisson import PoissonBatchSampler, check_replaceable, make_dp_dataloader
+from lightning_dpzero.selfcheck import SelfCheck
 
 __all__ = ["DPStep", "PrivacyBudgetExhausted"]
-
-
-def training_step_loss(output: Any) -> Tensor:
-    """The loss in ``training_step``'s output: a tensor, or a dict's ``per_example_loss`` (preferred) or ``loss``."""
-    if isinstance(output, Mapping):
-        loss = output["per_example_loss"] if "per_example_loss" in output else output.get("loss")
-    else:
-        loss = output
-    if not isinstance(loss, Tensor):
-        raise TypeError(
-            "training_step must return the loss as a Tensor (or a dict with 'per_example_loss' or 'loss'), got "
-            f"{type(loss).__name__}."
-        )
-    return loss
 
 
 def _shard_bounds(size: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -85,6 +73,9 @@ class DPStep:
         self._step_sample_rate: float | None = None  # the q the sampler drew this logical step's batch with
         self._restored: dict[str, Any] | None = None
         self._checked_coverage = False
+        self.self_check = SelfCheck(config.self_check_every)
+        self.dataset: Any = None  # the training dataset and collate function, for the self-check to fetch rows
+        self.collate: Callable[[list[Any]], Any] | None = None
 
     # --------------------------------------------------------------------------------------------- set-up
     def set_rank(self, rank: int, world_size: int, key: bytes | None = None) -> None:
@@ -190,6 +181,7 @@ class DPStep:
                 world_size=self.world_size,
             )
         self.sampler.position = self._sample_position  # continue after the last draw a step used
+        self.dataset, self.collate = dataloader.dataset, dataloader.collate_fn
         rank_zero_info(
             f"{self.method_name}: N={n}, q={q:.4g}, B=qN={q * n:.1f}, physical batch p={p}, "
             f"sigma={self.noise_multiplier:.4g}"
@@ -258,18 +250,12 @@ class DPStep:
         """
         assert self.engine is not None, "DPStep.attach() was not called"
         loss = training_step_loss(output)
-        p = mask.numel()
+        total = summed_loss(loss, mask.numel())
         if loss.dim() == 0:
-            total, shown = loss * p, loss.detach()
-        elif loss.shape == (p,):
-            total = loss.sum()
+            shown = loss.detach()
+        else:
             real = mask.to(loss.device, loss.dtype)
             shown = (loss.detach() * real).sum() / real.sum().clamp(min=1)
-        else:
-            raise ValueError(
-                f"training_step returned a loss of shape {tuple(loss.shape)}; under DP it must be a scalar mean over "
-                f"the physical batch or per-example losses of shape [{p}]."
-            )
         self.engine.backward(total, mask)
         return shown
 

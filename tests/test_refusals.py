@@ -99,7 +99,7 @@ class RootParameter(L.LightningModule):
         (TwoOptimizers, None, {}, RuntimeError, "multiple optimizers is only supported with manual optimization"),
         (ForeignParameter, None, {}, ValueError, r"shape \(3,\) that is not a trainable parameter"),
         (UnusedParameter, None, {}, RuntimeError, r"\['spare\.weight', 'spare\.bias'\].*requires_grad_\(False\)"),
-        (OutsideItsModule, None, {}, RuntimeError, r"'net\.head\.weight'.*call the module"),
+        (OutsideItsModule, None, {}, dpz.PerExampleCheckError, r"'net\.head\.weight'.*call the module"),
         (TokenLosses, None, {}, ValueError, r"shape \(8, 5\).*per-example losses of shape \[8\]"),
         (EmptyData, None, {}, ValueError, "training dataset is empty"),
         (

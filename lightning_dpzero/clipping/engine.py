@@ -139,6 +139,8 @@ class _Tap(torch.autograd.Function):
                 f"the input of module '{ctx.layer.path}' was modified in place after the module used it; "
                 "per-example gradients need the value it saw. Avoid the in-place operation."
             )
+        if ctx.engine._passive:  # another backward through the same graph (the self-check's autograd reference)
+            return grad, None, None, None, None, None
         if ctx.record is not None:
             ctx.record.grad = grad.detach()
         ctx.engine._receive(ctx.layer, ctx.activation, grad)
@@ -232,6 +234,7 @@ class ClippingEngine:
         # (adversarial or extreme inputs; 0 on ordinary data). Not private either; never logged by the library.
         self.exact_recomputations = 0
         self._probe: Probe | None = None
+        self._passive = False  # taps pass gradients through without reporting them
 
     # ----------------------------------------------------------------------------------------------- hooks
     def attach(self) -> None:
@@ -306,6 +309,15 @@ class ClippingEngine:
             yield self._probe
         finally:
             self._probe = None
+
+    @contextlib.contextmanager
+    def passive(self) -> Iterator[None]:
+        """Backward passes in this block go through the taps as through identities (nothing is reported)."""
+        self._passive = True
+        try:
+            yield
+        finally:
+            self._passive = False
 
     # -------------------------------------------------------------------------------------------- backward
     def backward(self, loss: Tensor, mask: Tensor) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -22,8 +22,10 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_dpzero.config import PrivacyConfig
+from lightning_dpzero.loss import training_step_loss
 from lightning_dpzero.precision import DPPrecision, dp_precision_for, refuse_loss_scaler
 from lightning_dpzero.sampling.poisson import LogicalBatch
+from lightning_dpzero.selfcheck import PerExampleCheckError
 from lightning_dpzero.step import DPStep
 from lightning_dpzero.zeroth_order.step import ZOStep
 
@@ -174,13 +176,15 @@ class DPStrategyMixin:
         self.dp.use_sample(batch.sample_index, batch.sample_rate)
         zeroth_order = isinstance(self.dp, ZOStep)
         assert zeroth_order or self.dp.engine is not None
+        if self.dp.self_check.due(self.dp.accountant.steps):
+            with self._out_of_memory_hint(batch.masks[0].numel()):
+                self._self_check(batch, args, kwargs)
         losses: list[Tensor] = []
         output: Any = None
         for index, (physical, mask) in enumerate(batch):
             self._physical_index = index  # read by _physical_batch_context (e.g. ZeRO-3's accumulation)
-            physical = module.on_before_batch_transfer(physical, 0)
-            physical = super().batch_to_device(physical)  # type: ignore[misc]
-            try:
+            physical = self._physical_to_device(physical)
+            with self._out_of_memory_hint(mask.numel()):
                 if zeroth_order:  # 2P forward passes at theta +- beta z, no backward
                     with self._physical_batch_context():
                         output, shown = self.dp.forward_differences(  # type: ignore[attr-defined]
@@ -193,20 +197,74 @@ class DPStrategyMixin:
                     with self.dp.engine.recording(self.root_device):  # type: ignore[attr-defined]
                         output = self._physical_training_step(physical, *args[1:], **kwargs)
                     losses.append(self.dp.backward(output, mask))
-            except RuntimeError as err:
-                if not _is_out_of_memory(err):
-                    raise
-                raise torch.OutOfMemoryError(
-                    f"{type(self).__name__}: out of memory in a physical batch of {mask.numel()} examples. Lower "
-                    "PrivacyConfig(physical_batch_size=...): it sets memory and speed only, not the privacy "
-                    f"guarantee (the logical batch stays B = qN = {self.dp.expected_batch_size:.0f}, split into more "
-                    "physical batches). Original error: " + str(err).split("\n")[0]
-                ) from err
         self._dp_step_pending = True
         loss = torch.stack(losses).mean()
         if isinstance(output, Mapping):
             return {**{k: v for k, v in output.items() if k != "loss"}, "loss": loss}
         return loss
+
+    @contextlib.contextmanager
+    def _out_of_memory_hint(self, rows: int) -> Iterator[None]:
+        """An out-of-memory error in a physical batch, re-raised with the setting that fixes it."""
+        try:
+            yield
+        except RuntimeError as err:
+            if not _is_out_of_memory(err):
+                raise
+            raise torch.OutOfMemoryError(
+                f"{type(self).__name__}: out of memory in a physical batch of {rows} examples. Lower "
+                "PrivacyConfig(physical_batch_size=...): it sets memory and speed only, not the privacy "
+                f"guarantee (the logical batch stays B = qN = {self.dp.expected_batch_size:.0f}, split into more "
+                "physical batches). Original error: " + str(err).split("\n")[0]
+            ) from err
+
+    def _physical_to_device(self, physical: Any) -> Any:
+        physical = self.lightning_module.on_before_batch_transfer(physical, 0)  # type: ignore[attr-defined]
+        return super().batch_to_device(physical)  # type: ignore[misc]
+
+    def _self_check(self, batch: LogicalBatch, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """The per-example self-check (``lightning_dpzero.selfcheck``) on this step's first physical batch, the same
+        on every rank; a failure on any rank refuses the run on all of them."""
+        dataset, collate, indices = self.dp.dataset, self.dp.collate, batch.indices[0]
+        assert dataset is not None and collate is not None
+        replacement = _replacement_index(len(dataset), indices)
+        items = [dataset[i] for i in indices]
+        other = dataset[replacement]
+
+        def batches(row: int | None) -> Any:
+            chosen = list(items)
+            if row is not None:
+                chosen[row] = other
+            # as Lightning's loop treats the logical batch: precision's input conversion, then the transfer hooks
+            return self._physical_to_device(self.precision_plugin.convert_input(collate(chosen)))
+
+        failure = self.dp.self_check.run(
+            module=self.lightning_module,  # type: ignore[attr-defined]
+            engine=None if isinstance(self.dp, ZOStep) else self.dp.engine,
+            batches=batches,
+            forward=lambda physical: self._physical_training_step(physical, *args[1:], **kwargs),
+            context=self._probe_context,
+            device=self.root_device,  # type: ignore[attr-defined]
+            loss_of=training_step_loss,
+            parameter_reference=self._whole_parameters,
+            rows=len(indices),
+            step=self.dp.accountant.steps,
+        )
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            failures: list[str | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(failures, failure)
+            failure = next((f for f in failures if f), None)
+        if failure:
+            raise PerExampleCheckError(f"{type(self).__name__}: the per-example self-check refused the run: {failure}")
+
+    @property
+    def _whole_parameters(self) -> bool:
+        """Whether every trainable parameter is whole on this rank (the self-check compares autograd's gradients)."""
+        return True
+
+    def _probe_context(self) -> contextlib.AbstractContextManager[Any]:
+        """Entered around each physical batch of the self-check (no gradient is produced or reduced)."""
+        return self._physical_batch_context()
 
     def _check_ledger(self, module: Any) -> None:
         """Refuse to start a new ledger (epsilon 0) on a module another DP run of this process already trained."""
@@ -337,6 +395,15 @@ class DPStrategyMixin:
     def teardown(self) -> None:
         self.dp.detach()
         super().teardown()  # type: ignore[misc]
+
+
+def _replacement_index(size: int, used: list[int]) -> int:
+    """A dataset index that is not among ``used`` (the example the self-check swaps in), or any other one."""
+    taken = set(used)
+    for index in range(size):
+        if index not in taken:
+            return index
+    return (used[0] + 1) % size
 
 
 def _is_out_of_memory(err: RuntimeError) -> bool:

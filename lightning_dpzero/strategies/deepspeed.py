@@ -344,6 +344,20 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
             # lowest tap, so the lowest modules' backward never runs: release their parameters here.
             offload.partition_all_parameters()
 
+    @property
+    @override
+    def _whole_parameters(self) -> bool:
+        return not self.zero_stage_3
+
+    @override
+    @contextlib.contextmanager
+    def _probe_context(self) -> Iterator[None]:
+        # No gradient accumulation state to set and nothing to flush; ZeRO-3's gathered parameters are released.
+        yield
+        offload = getattr(getattr(self.model, "optimizer", None), "parameter_offload", None)
+        if offload is not None:
+            offload.partition_all_parameters()
+
     @override
     def _privatize(self, optimizer: Optimizer) -> None:
         """Feed the clipped sums into DeepSpeed's reduction; noise is added in the client optimizer's step."""

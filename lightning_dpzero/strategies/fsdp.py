@@ -145,6 +145,11 @@ class DPFSDPStrategy(DPStrategyMixin, ModelParallelStrategy):
             param.grad = grad
         self.dp.account_step()
 
+    @property
+    @override
+    def _whole_parameters(self) -> bool:
+        return False  # DTensor shards
+
     @override
     @contextlib.contextmanager
     def _physical_batch_context(self) -> Iterator[None]:

@@ -28,8 +28,9 @@ from torch.optim import Optimizer
 
 from lightning_dpzero.clipping.functions import _FUNCTIONS
 from lightning_dpzero.config import NonFinitePolicy, PrivacyConfig
+from lightning_dpzero.loss import training_step_loss
 from lightning_dpzero.randomness import SecretKey
-from lightning_dpzero.step import DPStep, PrivacyBudgetExhausted, training_step_loss
+from lightning_dpzero.step import DPStep, PrivacyBudgetExhausted
 from lightning_dpzero.zeroth_order.perturbation import BLOCK, DirectionSampler, Perturber, _flat
 from lightning_dpzero.zeroth_order.pruning import select_coordinates, synflow_scores
 from lightning_dpzero.zeroth_order.schedule import StageSchedule
