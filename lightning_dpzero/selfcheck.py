@@ -154,7 +154,7 @@ class SelfCheck:
         p: int,
     ) -> _Observation:
         if engine is None:  # zeroth-order: forward passes only, in eval mode as its differences are taken
-            with torch.no_grad(), _eval_mode(module), context():
+            with torch.no_grad(), eval_mode(module), context():
                 loss = loss_of(forward(batch)).detach()
             buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
             return _Observation(None, loss if loss.dim() == 1 else None, None, buffers)
@@ -367,11 +367,13 @@ def _quiet(module: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Every module in eval mode (dropout off) inside the block; each module's own mode restored after (zeroth-order
+    takes its +- differences this way, and its check runs the same way)."""
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
         yield
     finally:
-        for m, mode in modes.items():
-            m.training = mode
+        for module, mode in modes.items():
+            module.training = mode

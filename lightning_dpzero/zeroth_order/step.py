@@ -15,10 +15,9 @@ Per logical step t:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,6 +29,7 @@ from lightning_dpzero.clipping.functions import _FUNCTIONS
 from lightning_dpzero.config import NonFinitePolicy, PrivacyConfig
 from lightning_dpzero.loss import training_step_loss
 from lightning_dpzero.randomness import SecretKey
+from lightning_dpzero.selfcheck import eval_mode
 from lightning_dpzero.step import DPStep, PrivacyBudgetExhausted
 from lightning_dpzero.zeroth_order.perturbation import BLOCK, DirectionSampler, Perturber, _flat
 from lightning_dpzero.zeroth_order.pruning import select_coordinates, synflow_scores
@@ -46,18 +46,6 @@ def public_direction_seed(key: SecretKey) -> int:
         publishing it reveals nothing about the key, from which the noise and sampling streams derive.
     """
     return int.from_bytes(key.derive("zo-directions")[:8], "big")
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Dropout off during the +- forward passes (both must evaluate the same function); modes restored after."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, mode in modes.items():
-            module.training = mode
 
 
 def per_example_losses(output: Any, physical_batch_size: int) -> Tensor:
@@ -210,7 +198,7 @@ class ZOStep(DPStep):
         diffs = torch.zeros(p, num_dirs, dtype=torch.float64)  # [p, P]
         centre = torch.zeros(p, dtype=torch.float64)
         output: Any = None
-        with torch.no_grad(), _eval_mode(self.model):
+        with torch.no_grad(), eval_mode(self.model):
             for j in range(num_dirs):
                 losses = []
                 for sign in (1.0, -1.0):

@@ -4,27 +4,13 @@ tightest budget in force; a module trained privately cannot start a second ledge
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
 import lightning_dpzero as dpz
 from lightning_dpzero.accounting import epsilon_for
-from tests.strategies.test_dp_strategy import Task
-
-
-def _trainer(privacy: dpz.PrivacyConfig, max_steps: int = -1, callbacks=(), **kwargs) -> L.Trainer:
-    return L.Trainer(
-        strategy=dpz.DPStrategy(privacy),
-        max_steps=max_steps,
-        callbacks=list(callbacks),
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
+from tests.strategies.test_dp_strategy import Task, _trainer
 
 
 class ReloadedTask(Task):
@@ -52,7 +38,7 @@ class SampledRates(Callback):
 def test_a_reloaded_dataloader_cannot_change_q() -> None:
     """Reference: the first epoch's q = 8/40. The second epoch's DataLoader asks for B = 16: refused, with the fix,
     instead of accounting q = 16/40 while the sampler keeps drawing 8/40 (or the reverse)."""
-    trainer = _trainer(dpz.PrivacyConfig(noise_multiplier=1.0), max_epochs=2, reload_dataloaders_every_n_epochs=1)
+    trainer = _trainer(dpz.PrivacyConfig(noise_multiplier=1.0), -1, max_epochs=2, reload_dataloaders_every_n_epochs=1)
     with pytest.raises(ValueError, match=r"q=0\.4.*this run samples with q=0\.2.*expected_batch_size"):
         trainer.fit(ReloadedTask())
 
@@ -62,7 +48,7 @@ def test_the_accountant_records_the_q_each_batch_was_drawn_with() -> None:
     step's recorded q is its batch's, and epsilon equals dp-accounting's for (q, sigma, steps)."""
     rates = SampledRates()
     privacy = dpz.PrivacyConfig(noise_multiplier=1.0, expected_batch_size=8)
-    trainer = _trainer(privacy, max_epochs=2, reload_dataloaders_every_n_epochs=1, callbacks=[rates])
+    trainer = _trainer(privacy, -1, [rates], max_epochs=2, reload_dataloaders_every_n_epochs=1)
     trainer.fit(ReloadedTask())
     dp = trainer.strategy.dp
     assert len(rates.drawn) == dp.accountant.steps == 10
