@@ -58,7 +58,7 @@ from lightning_dpzero.callbacks import PrivacyBudget
 from lightning_dpzero.config import PrivacyConfig
 from lightning_dpzero.strategies._mixin import DPStrategyMixin
 
-__all__ = ["DPLightningCLI", "main"]
+__all__ = ["DPLightningCLI", "main", "run"]
 
 
 _DESCRIPTION = (
@@ -228,9 +228,15 @@ def _import(class_path: str) -> type | None:
         return None
 
 
-def main(args: Sequence[str] | None = None) -> DPLightningCLI:
-    """The ``lightning-dpzero`` console script. ``args``: the command line without the program (tests)."""
+def run(args: Sequence[str] | None = None) -> DPLightningCLI:
+    """Parse ``args`` (the command line without the program; ``None``: ``sys.argv``), run the subcommand and return
+    the CLI (its ``trainer``, ``model`` and ``datamodule``)."""
     return DPLightningCLI(args=list(args) if args is not None else None)
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """The ``lightning-dpzero`` console script: exit status 0 when the subcommand finishes."""
+    run(args)
 
 
 if __name__ == "__main__":

@@ -159,7 +159,7 @@ def redact_privacy_seed(text: str) -> str:
     return _SEED_OVERRIDE.sub(lambda m: m.group(1) + _REDACTED, text)
 
 
-def _redact_hydra_outputs(out: Path, hydra_cfg: Any) -> None:
+def redact_hydra_outputs(out: Path, hydra_cfg: Any) -> None:
     """Remove ``privacy.seed`` from what Hydra wrote before the job started (``.hydra/*.yaml``, ``multirun.yaml``).
 
     Privacy:
@@ -182,12 +182,17 @@ def _redact_hydra_outputs(out: Path, hydra_cfg: Any) -> None:
         file.write_text(text)
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+# An absolute path: Hydra resolves a relative one against the caller's package, which fails when the function is
+# called from a console script (lightning-dpzero-train) instead of `python -m lightning_dpzero.train`.
+CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float:
     """Hydra's entry: run, then (on rank 0) write ``summary.json`` and print the summary line."""
     hydra_cfg = HydraConfig.get()
     out = Path(hydra_cfg.runtime.output_dir)
-    _redact_hydra_outputs(out, hydra_cfg)
+    redact_hydra_outputs(out, hydra_cfg)
     summary = run(cfg, root_dir=out)
     summary["job"] = hydra_cfg.job.get("num")
     summary["overrides"] = [redact_privacy_seed(o) for o in hydra_cfg.overrides.task]
@@ -205,9 +210,9 @@ def summary_line(summary: dict[str, Any]) -> str:
     """One line: the metric, the steps, the privacy guarantee (or "non-private"), strategy, precision, processes."""
     if summary["private"]:
         target = summary.get("target_epsilon")
-        privacy = (
-            f"epsilon={summary['epsilon']:.3f}{f' (target {target:g})' if target is not None else ''} "
-            f"delta={summary['delta']:.2e} sigma={summary['noise_multiplier']:.3f}"
+        delta, sigma = summary.get("delta"), summary.get("noise_multiplier")
+        privacy = f"epsilon={summary['epsilon']:.3f}{f' (target {target:g})' if target is not None else ''} " + (
+            f"delta={delta:.2e} sigma={sigma:.3f}" if sigma is not None else "(no training step taken)"
         )
     else:
         privacy = "non-private"

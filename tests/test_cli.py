@@ -12,7 +12,7 @@ pytest.importorskip(
 )
 
 import lightning_dpzero as dpz  # noqa: E402
-from lightning_dpzero.cli import DPLightningCLI, main  # noqa: E402
+from lightning_dpzero.cli import DPLightningCLI, main, run  # noqa: E402
 
 TASK = {
     "model": {
@@ -47,7 +47,7 @@ def test_fit_from_yaml_config_with_a_privacy_section(tmp_path) -> None:
     }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
-    cli = main(["fit", "--config", str(path), f"--trainer.default_root_dir={tmp_path}"])
+    cli = run(["fit", "--config", str(path), f"--trainer.default_root_dir={tmp_path}"])
     trainer = cli.trainer
     assert isinstance(trainer.strategy, dpz.DPStrategy) and trainer.global_step == 2
     assert trainer.strategy.privacy.clipping_style is dpz.ClippingStyle.LAYER_WISE
@@ -69,7 +69,7 @@ def test_saved_config_holds_no_privacy_seed(tmp_path) -> None:
     }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
-    cli = main(["fit", "--config", str(path), f"--trainer.default_root_dir={tmp_path / 'out'}"])
+    cli = run(["fit", "--config", str(path), f"--trainer.default_root_dir={tmp_path / 'out'}"])
     assert cli.trainer.strategy.dp.key == dpz.DPStep(dpz.PrivacyConfig(noise_multiplier=1.0, seed=seed)).key
     saved = tmp_path / "out" / "config.yaml"
     text = saved.read_text()

@@ -205,3 +205,17 @@ def test_two_process_dp_zero3_through_lightnings_launcher(tmp_path) -> None:
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 2 and summary["strategy"] == "dp_zero3"
     assert proc.stdout.count("[lightning_dpzero] val_loss=") == 1, proc.stdout
+
+
+@pytest.mark.distributed
+def test_two_processes_log_the_same_val_loss_as_one(tmp_path) -> None:
+    """Reference: the same initial weights (seed 0) validated in one process. Under 2 processes each rank sees half of
+    the validation set; the logged val_loss (sync_dist) is the mean over all of it, not rank 0's half."""
+    untrained = [o for o in TINY if not o.startswith("task.data.num_val")]
+    untrained += ["task.data.num_val=32", "+trainer.limit_train_batches=0"]
+    one = run(_compose(["strategy=dp", *untrained, "trainer.logger=null"]), root_dir=tmp_path / "one")
+    proc = _train(["strategy=dp_ddp", "trainer.devices=2", *untrained, f"hydra.run.dir={tmp_path / 'two'}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert two["world_size"] == 2 and one["world_size"] == 1 and two["steps"] == one["steps"] == 0
+    assert math.isclose(two["value"], one["value"], rel_tol=1e-5), (two["value"], one["value"])

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_dpzero.audit.canaries import AuditConfig
 from lightning_dpzero.audit.runner import AuditResult, plot_scores, run_audit
+from lightning_dpzero.train import redact_hydra_outputs, redact_privacy_seed
 
 
 def audit_from_config(cfg: DictConfig) -> tuple[AuditResult, L.Trainer]:
@@ -64,14 +65,15 @@ def audit_from_config(cfg: DictConfig) -> tuple[AuditResult, L.Trainer]:
     return run_audit(model, datamodule.train_dataloader(), trainer=trainer, config=config), trainer
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="audit")
+@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "configs"), config_name="audit")
 def main(cfg: DictConfig) -> float:
     """Run the audit; on rank 0 print the result and write ``audit.json`` and ``canary_scores.png``."""
     out = Path(HydraConfig.get().runtime.output_dir)
+    redact_hydra_outputs(out, HydraConfig.get())  # no privacy.seed in what Hydra wrote
     result, trainer = audit_from_config(cfg)
     if trainer.global_rank == 0:
         summary: dict[str, Any] = result.summary()
-        summary["overrides"] = list(HydraConfig.get().overrides.task)
+        summary["overrides"] = [redact_privacy_seed(o) for o in HydraConfig.get().overrides.task]
         (out / "audit.json").write_text(json.dumps(summary, indent=2, default=float))
         written = ["audit.json"]
         try:

@@ -131,13 +131,13 @@ class ClassifierTask(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
         losses, _ = self.per_example_loss(batch)
-        self.log("train_loss", losses.mean(), prog_bar=True)
+        self.log("train_loss", losses.mean(), prog_bar=True, sync_dist=True)
         return {"loss": losses.mean(), "per_example_loss": losses}
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         losses, logits = self.per_example_loss(batch)
         self.val_acc(logits, batch[1])
-        self.log("val_loss", losses.mean(), prog_bar=True)
+        self.log("val_loss", losses.mean(), prog_bar=True, sync_dist=True)
         self.log("val_acc", self.val_acc, prog_bar=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

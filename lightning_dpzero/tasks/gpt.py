@@ -291,11 +291,11 @@ class GPTTask(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
         losses = self.per_example_loss(batch)
-        self.log("train_loss", losses.mean(), prog_bar=True)
+        self.log("train_loss", losses.mean(), prog_bar=True, sync_dist=True)
         return {"loss": losses.mean(), "per_example_loss": losses}
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self.log("val_loss", self.per_example_loss(batch).mean(), prog_bar=True)
+        self.log("val_loss", self.per_example_loss(batch).mean(), prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
