@@ -196,7 +196,9 @@ def main(cfg: DictConfig) -> float:
     summary = run(cfg, root_dir=out)
     summary["job"] = hydra_cfg.job.get("num")
     summary["overrides"] = [redact_privacy_seed(o) for o in hydra_cfg.overrides.task]
-    summary.update({group: hydra_cfg.runtime.choices.get(group) for group in ("task", "strategy", "privacy")})
+    for group in ("task", "strategy", "privacy"):  # the group's file, and the fields overridden on top of it
+        fields = [o for o in summary["overrides"] if o.lstrip("+~").startswith(f"{group}.")]
+        summary[group] = " + ".join([hydra_cfg.runtime.choices.get(group) or "?", *fields])
     value = summary["value"]
     if summary["rank"] == 0:  # processes started by Lightning or torchrun share the output directory
         (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -191,6 +191,8 @@ def test_multirun_over_target_epsilon_writes_each_summary_and_the_sweep_table(tm
     with open(tmp_path / "multirun_summary.csv") as f:
         table = list(csv.DictReader(f))
     assert [float(r["privacy.target_epsilon"]) for r in table] == [3.0, 8.0]
+    # the privacy column names the group file and the field overridden on top of it
+    assert [r["privacy"] for r in table] == ["eps8 + privacy.target_epsilon=3", "eps8 + privacy.target_epsilon=8"]
 
 
 @pytest.mark.distributed

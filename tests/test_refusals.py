@@ -102,6 +102,7 @@ class RootParameter(L.LightningModule):
         (OutsideItsModule, None, {}, dpz.PerExampleCheckError, r"'net\.head\.weight'.*call the module"),
         (TokenLosses, None, {}, ValueError, r"shape \(8, 5\).*per-example losses of shape \[8\]"),
         (EmptyData, None, {}, ValueError, "training dataset is empty"),
+        (Task, None, {"devices": 2}, ValueError, r"DPStrategy runs on one device.*devices=2.*'dp_ddp'"),
         (
             Task,
             dpz.PrivacyConfig(noise_multiplier=1.0, delta=0.05),

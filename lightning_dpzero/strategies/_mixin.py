@@ -150,7 +150,24 @@ class DPStrategyMixin:
         trainer = self.lightning_module.trainer  # type: ignore[attr-defined]
         if not trainer.training:
             return dataloader  # validation, test and prediction data are read as given
+        self._route_batch_hooks()
         return self.dp.bind_data(dataloader, planned_steps=self._planned_steps(trainer), owner=type(self).__name__)
+
+    def _route_batch_hooks(self) -> None:
+        """The batch hooks (``on_before_batch_transfer``, ``transfer_batch_to_device``, ``on_after_batch_transfer``,
+        of the LightningModule or, where it overrides them, the DataModule, as Lightning routes them) see each
+        physical batch once, never the ``LogicalBatch`` that holds them: Lightning's loop hands the logical batch to
+        ``on_before_batch_transfer``, which passes it through here; ``training_step`` then sends every physical
+        batch through all three hooks."""
+        module = self.lightning_module  # type: ignore[attr-defined]
+        if "_on_before_batch_transfer" in vars(module):
+            return
+        route = module._on_before_batch_transfer
+
+        def skip_logical(batch: Any, dataloader_idx: int = 0) -> Any:
+            return batch if isinstance(batch, LogicalBatch) else route(batch, dataloader_idx)
+
+        module._on_before_batch_transfer = skip_logical
 
     @override
     def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
@@ -219,7 +236,8 @@ class DPStrategyMixin:
             ) from err
 
     def _physical_to_device(self, physical: Any) -> Any:
-        physical = self.lightning_module.on_before_batch_transfer(physical, 0)  # type: ignore[attr-defined]
+        """One physical batch through the batch hooks, as Lightning routes them, and to the device."""
+        physical = self.lightning_module._on_before_batch_transfer(physical, 0)  # type: ignore[attr-defined]
         return super().batch_to_device(physical)  # type: ignore[misc]
 
     def _self_check(self, batch: LogicalBatch, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -394,6 +412,9 @@ class DPStrategyMixin:
     @override
     def teardown(self) -> None:
         self.dp.detach()
+        module = self.lightning_module  # type: ignore[attr-defined]
+        if module is not None and "_on_before_batch_transfer" in vars(module):
+            del module._on_before_batch_transfer  # Lightning's own routing again (validation, a later fit)
         super().teardown()  # type: ignore[misc]
 
 

@@ -36,6 +36,18 @@ class DPStrategy(DPStrategyMixin, SingleDeviceStrategy):
         self._init_dp(privacy)
 
     @override
+    def setup(self, trainer: Any) -> None:
+        # Lightning's connector silently gives a single-device strategy one of the devices the user asked for.
+        requested = getattr(getattr(trainer, "_accelerator_connector", None), "_devices_flag", 1)
+        if _device_count(requested) > 1:
+            raise ValueError(
+                f"DPStrategy runs on one device, but the Trainer asks for devices={requested!r}; it would train on one "
+                "and ignore the others. Use strategy='dp_ddp' (data parallel), 'dp_zero1/2/3' (DeepSpeed ZeRO) or "
+                "'dp_fsdp' (FSDP2) for several devices, or Trainer(devices=1)."
+            )
+        super().setup(trainer)
+
+    @override
     def setup_environment(self) -> None:
         if not self._device_given and self.accelerator is not None:
             kind = type(self.accelerator).__name__
@@ -51,3 +63,18 @@ class DPStrategy(DPStrategyMixin, SingleDeviceStrategy):
         strategy_registry.register(
             cls.strategy_name, cls, description="DP-SGD on one device (Poisson sampling, clipping, noise)"
         )
+
+
+def _device_count(flag: Any) -> int:
+    """How many devices a Trainer ``devices=`` value asks for (``"auto"``: 1, as far as this strategy cares)."""
+    if isinstance(flag, int):
+        return flag
+    if isinstance(flag, (list, tuple)):
+        return len(flag)
+    if isinstance(flag, str):
+        text = flag.strip()
+        if text.isdigit():
+            return int(text)
+        if "," in text:
+            return len([part for part in text.split(",") if part.strip()])
+    return 1

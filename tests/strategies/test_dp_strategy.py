@@ -334,3 +334,74 @@ def test_registered_name_and_default_privacy() -> None:
     assert dp.config.target_epsilon == 8.0 and dp.config.noise_multiplier is None
     assert dp.delta == pytest.approx(40**-1.1)
     assert dp.epsilon() <= 8.0
+
+
+class _HookLog:
+    """What each batch hook saw: (hook, owner, type of the batch, its number of rows)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, str, int]] = []
+
+    def record(self, hook: str, owner: str, batch) -> None:
+        rows = batch[0].shape[0] if isinstance(batch, (list, tuple)) else -1
+        self.calls.append((hook, owner, type(batch).__name__, rows))
+
+
+class HookTask(Task):
+    def __init__(self, log: _HookLog) -> None:
+        super().__init__()
+        self.hook_log = log
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        self.hook_log.record("on_before_batch_transfer", "module", batch)
+        return batch
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        self.hook_log.record("transfer_batch_to_device", "module", batch)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        self.hook_log.record("on_after_batch_transfer", "module", batch)
+        return batch
+
+
+class HookData(L.LightningDataModule):
+    def __init__(self, task: Task, log: _HookLog) -> None:
+        super().__init__()
+        self.task, self.hook_log = task, log
+
+    def train_dataloader(self) -> DataLoader:
+        return self.task.train_dataloader()
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        self.hook_log.record("on_before_batch_transfer", "datamodule", batch)
+        return batch
+
+
+@pytest.mark.parametrize("with_datamodule", [False, True])
+def test_batch_hooks_see_each_physical_batch_once_through_lightnings_routing(with_datamodule: bool) -> None:
+    """Reference: Lightning's hook routing (a DataModule's on_before_batch_transfer replaces the module's); each of
+    the three batch hooks sees every physical batch exactly once, never the LogicalBatch that holds them."""
+    log = _HookLog()
+    task = HookTask(log)
+    privacy = dpz.PrivacyConfig(noise_multiplier=1.0, expected_batch_size=12, physical_batch_size=4)
+    physical = []
+
+    class Count(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            log.calls.clear()  # the self-check (step 0) sends its own batches through the hooks too
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            physical.append((len(batch), list(log.calls)))
+
+    trainer = _trainer(privacy, 3, [Count()])
+    trainer.fit(task, datamodule=HookData(task, log) if with_datamodule else None)
+    before_owner = "datamodule" if with_datamodule else "module"
+    for count, calls in physical[1:]:
+        assert {c[2] for c in calls} == {"list"}, calls  # never a LogicalBatch
+        assert all(c[3] == 4 for c in calls)  # physical batches of p = 4 rows
+        hooks = [(c[0], c[1]) for c in calls]
+        assert hooks.count(("on_before_batch_transfer", before_owner)) == count
+        assert ("on_before_batch_transfer", "module") not in hooks or not with_datamodule
+        assert hooks.count(("transfer_batch_to_device", "module")) == count
+        assert hooks.count(("on_after_batch_transfer", "module")) == count

@@ -418,3 +418,14 @@ def test_hydra_privacy_config() -> None:
         privacy = instantiate(compose(config_name="train", overrides=overrides).privacy)
     assert privacy.method is dpz.Method.ZEROTH_ORDER and privacy.clipping_function == "abadi"
     assert privacy.zeroth_order.learning_rate == (2e-3, 1e-3) and privacy.zeroth_order.stage_length == 5
+
+
+def test_a_zeroth_order_run_names_its_method(zero_noise: None, capsys: pytest.CaptureFixture[str], caplog) -> None:
+    """Reference: ZOStep.method_name; the start-of-run line describes what runs (not "DP-SGD ... clipping")."""
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        _fit(Task(), _zo_privacy(num_directions=2), 1)
+    text = caplog.text + capsys.readouterr().err
+    assert "DP zeroth-order (2 direction(s), 1 stage(s))" in text and "DP-SGD" not in text
+    assert "abadi clipping of each example's finite differences" in text
