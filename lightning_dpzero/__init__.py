@@ -3,6 +3,8 @@
 Importing the package registers the DP strategy names (``"dp"``) with Lightning's strategy registry.
 """
 
+import warnings
+
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_dpzero.accounting import PrivacyAccountant, calibrate_noise_multiplier, epsilon_for
@@ -60,6 +62,18 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+# Lightning 2.6 builds torch's deprecated ``LeafSpec`` each time it moves a batch (FutureWarning from torch >= 2.10,
+# raised at lightning/pytorch/utilities/_pytree.py): nothing a user can act on, so it is silenced at that source only.
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")
+# DeepSpeed 0.19 and FSDP2 call torch.distributed's all_gather_into_tensor / reduce_scatter_tensor, deprecated aliases
+# since torch 2.13, once per bucket: dozens of identical FutureWarnings per step under dp_zero3 that a user cannot act
+# on (our own code calls the new names). Silenced for those two names only.
+warnings.filterwarnings(
+    "ignore",
+    message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+    category=FutureWarning,
+)
 
 if "dp" not in StrategyRegistry:
     for _strategy in (DPStrategy, DPDDPStrategy, DPZeroStrategy, DPFSDPStrategy):

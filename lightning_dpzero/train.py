@@ -30,6 +30,7 @@ import inspect
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_dpzero.callbacks import PrivacyBudget, PrivacyCurvePlot
@@ -86,7 +87,11 @@ def run(cfg: DictConfig, root_dir: str | Path | None = None) -> dict[str, Any]:
         **precision_kwargs,
     )
     trainer.fit(model, datamodule=datamodule)
-    metrics = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
+    with warnings.catch_warnings():
+        # Lightning advises devices=1 for validate under several processes (DistributedSampler may repeat examples
+        # to even out the ranks' shares); val_loss is synced over the ranks, exact when the shares are equal.
+        warnings.filterwarnings("ignore", message=r"Using `DistributedSampler` with the dataloaders")
+        metrics = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
     summary: dict[str, Any] = {
         "metric": cfg.optimized_metric,
         "value": float(metrics[cfg.optimized_metric]),
@@ -126,7 +131,8 @@ def _progress_bar(cfg: DictConfig) -> list[Callback]:
 def _loggers(node: Any, root: Path) -> list[Logger] | bool:
     """The loggers of ``trainer.logger`` (a dict by name, or a list), each under ``root`` unless it sets save_dir.
 
-    A logger whose package is missing (``TensorBoardLogger`` without tensorboard) is skipped with a warning;
+    A logger whose package is missing (``TensorBoardLogger`` without tensorboard) is skipped: quietly when its entry
+    says ``if_installed: true`` (the default config's TensorBoard), with a warning otherwise.
     ``trainer.logger=null`` or ``false`` disables logging.
     """
     if node is None or node is False:
@@ -139,14 +145,16 @@ def _loggers(node: Any, root: Path) -> list[Logger] | bool:
         if entry is None:
             continue
         kwargs = {} if entry.get("save_dir") else {"save_dir": str(root)}
+        optional = bool(entry.get("if_installed", False))
+        entry = OmegaConf.masked_copy(entry, [k for k in entry if k != "if_installed"])
         try:
             loggers.append(instantiate(entry, **kwargs))
         except (ModuleNotFoundError, InstantiationException) as err:
             missing = err if isinstance(err, ModuleNotFoundError) else err.__cause__
             if not isinstance(missing, ModuleNotFoundError):
                 raise
-            reason = str(missing).splitlines()[0]
-            rank_zero_warn(f"lightning_dpzero.train: skipping logger {entry._target_}: {reason}")
+            reason = f"lightning_dpzero.train: skipping logger {entry._target_}: {str(missing).splitlines()[0]}"
+            (rank_zero_info if optional else rank_zero_warn)(reason)
     return loggers or False
 
 

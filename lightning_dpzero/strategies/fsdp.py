@@ -319,8 +319,15 @@ class _ReduceScatterBucket:
                 chunk = rows[rank * per : (rank + 1) * per]
                 send[rank, start : start + chunk.shape[0] * width] = chunk.reshape(-1)
         out = torch.empty(offset, device=device)
-        dist.reduce_scatter_tensor(out, send.view(-1), op=dist.ReduceOp.SUM)
+        _reduce_scatter(out, send.view(-1), op=dist.ReduceOp.SUM)
         return [
             (name, out[start : start + per * width].view(per, width)[:local_rows].reshape(local_rows, *shape[1:]))
             for (name, _, shape, local_rows), (start, per, width) in zip(entries, layout)
         ]
+
+
+def _reduce_scatter(output: Tensor, input: Tensor, op: Any) -> None:
+    """torch 2.13 renamed reduce_scatter_tensor (now a deprecated alias) to reduce_scatter_single; older releases
+    have only the former."""
+    reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    reduce_scatter(output, input, op=op)

@@ -205,8 +205,9 @@ def fault(strategy: str, mode: str, out: Path) -> None:
 
 _COMMS: list[tuple[str, int]] | None = None  # (collective, bytes) while a training step runs; None: not counting
 _COLLECTIVES = (
-    "all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor", "broadcast",
-    "reduce", "all_to_all_single", "all_gather_object", "broadcast_object_list", "send", "recv", "isend", "irecv",
+    "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "reduce_scatter",
+    "reduce_scatter_tensor", "reduce_scatter_single", "broadcast", "reduce", "all_to_all_single",
+    "all_gather_object", "broadcast_object_list", "send", "recv", "isend", "irecv",
 )  # fmt: skip
 
 

@@ -24,7 +24,8 @@ def test_each_rank_gets_its_torch_chunk_rows_of_every_parameter(world_size: int,
         def reduce_scatter(out, send, op=None, rank=rank):
             out.copy_(world_size * send.view(world_size, -1)[rank])
 
-        monkeypatch.setattr(fsdp.dist, "reduce_scatter_tensor", reduce_scatter)
+        for name in ("reduce_scatter_single", "reduce_scatter_tensor"):  # the new name where torch has it
+            monkeypatch.setattr(fsdp.dist, name, reduce_scatter, raising=False)
         bucket = _ReduceScatterBucket()
         expected = {}
         for i, (shape, full) in enumerate(zip(shapes, fulls)):
