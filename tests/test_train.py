@@ -74,6 +74,7 @@ def test_module_entry_point_prints_summary(tmp_path) -> None:
     # the plot (matplotlib is optional: without it the run warns and writes no PNG) and the CSV log of the same run
     if _HAS_MATPLOTLIB:
         assert (tmp_path / "privacy_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert "Warning" not in out.stderr, out.stderr  # nothing a user cannot act on (e.g. a missing TensorBoard)
     else:
         assert "matplotlib is not installed" in out.stderr and not (tmp_path / "privacy_curve.png").exists()
     with open(tmp_path / "csv" / "metrics.csv") as f:
