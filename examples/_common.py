@@ -17,7 +17,9 @@ def fit_and_validate(
 
     Args:
         args: the script's ``epsilon``, ``clip_norm``, ``batch_size`` (the expected logical batch B),
-            ``physical_batch_size``, ``steps``, ``accelerator`` and ``non_private``.
+            ``physical_batch_size``, ``steps``, ``accelerator``, ``non_private`` and ``privacy_seed`` (the DP noise
+            and sampling; ``None``: a fresh secret key from the OS, so only ``--seed`` plus ``--privacy-seed``
+            repeat a run bit for bit).
         **privacy: further ``PrivacyConfig`` settings (e.g. ``delta=1e-5``).
     Returns:
         The trainer, the validation metrics and "epsilon=... delta=..." (or "non-private").
@@ -29,6 +31,7 @@ def fit_and_validate(
             clip_norm=args.clip_norm,
             expected_batch_size=args.batch_size,
             physical_batch_size=args.physical_batch_size,
+            seed=getattr(args, "privacy_seed", None),
             **privacy,
         )
         extra = {"strategy": dpz.DPStrategy(config), "callbacks": [dpz.PrivacyBudget()]}

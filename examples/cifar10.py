@@ -41,7 +41,10 @@ def main() -> None:
     parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument("--non-private", action="store_true")
     parser.add_argument("--accelerator", default="cpu")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="model initialisation, augmentation, dropout")
+    parser.add_argument(
+        "--privacy-seed", type=int, default=None, help="DP noise and sampling (default: fresh OS entropy each run)"
+    )
     args = parser.parse_args()
 
     L.seed_everything(args.seed)
