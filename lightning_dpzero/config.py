@@ -205,8 +205,10 @@ class PrivacyConfig:
         accountant: ``rdp`` (default: fast, a slightly loose upper bound) or ``pld`` (tight; calibration takes
             seconds to tens of seconds, and per-step epsilon costs ~0.2-0.8 s).
         norm_mode: per-example norm computation for layers with a sequence dimension (``auto`` picks the cheaper).
-        functorch_fallback: trainable modules without a clipping rule get per-example gradients from
-            ``torch.func`` (slower, instantiates them) instead of being refused. BatchNorm is refused regardless.
+        functorch_fallback: the parameters that a module without a clipping rule owns directly (custom norms such as
+            ``LlamaRMSNorm``, raw parameters such as a ViT's class token) get per-example gradients from
+            ``torch.func`` (slower: instantiates them), while registered layers inside keep their rules. ``False``
+            refuses such modules instead. BatchNorm and ``nn.MultiheadAttention`` are refused regardless.
         non_finite: per-example gradients whose norm is inf or NaN (fp16 overflow, log(0), ...): ``zero`` (the
             default) drops that example's contribution to the clipping group and counts it; ``raise`` stops.
         seed: rebuilds the run's secret key (SHA-256 of the integer) for a reproducible research run: a resumed run
@@ -248,7 +250,7 @@ class PrivacyConfig:
     physical_batch_size: int | None = None
     accountant: Accountant = Accountant.RDP
     norm_mode: NormMode = NormMode.AUTO
-    functorch_fallback: bool = False
+    functorch_fallback: bool = True
     non_finite: NonFinitePolicy = NonFinitePolicy.ZERO
     seed: int | None = None
     secure_rng: bool = False

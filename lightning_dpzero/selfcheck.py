@@ -101,7 +101,7 @@ class SelfCheck:
             module: the LightningModule.
             engine: the clipping engine (first-order), or ``None`` (zeroth-order: losses and buffers only).
             batches: ``batches(None)`` is the physical batch on the device; ``batches(j)`` the same batch with row j
-                replaced by another example of the dataset.
+                (``rows // 2``) replaced by another example of the dataset.
             forward: runs ``training_step`` on a physical batch (in the strategy's own way) and returns its output.
             context: the strategy's context around one probed physical batch.
             device: where the probes record.
@@ -120,7 +120,8 @@ class SelfCheck:
             with _quiet(module), _fixed_randomness(device) as reset:
                 snapshot = {name: b.detach().clone() for name, b in module.named_buffers()}
                 observations = []
-                for row, reference in ((None, parameter_reference), (0, False)):  # as sampled; row 0 replaced
+                changed = rows // 2  # a middle row: code that reads one fixed row (e.g. [0]) of a batch shows up too
+                for row, reference in ((None, parameter_reference), (changed, False)):  # as sampled; one replaced
                     reset()
                     try:
                         observations.append(
@@ -136,7 +137,7 @@ class SelfCheck:
             self.seconds.append(time.perf_counter() - start)
         original, replaced = observations
         return (
-            _compare_rows(original, replaced, changed=0, rows=rows)
+            _compare_rows(original, replaced, changed=changed, rows=rows)
             or _compare_reference(original, engine)
             or _compare_buffers(snapshot, original, replaced)
         )
@@ -159,7 +160,7 @@ class SelfCheck:
             buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
             return _Observation(None, loss if loss.dim() == 1 else None, None, buffers)
         with context(), engine.probing() as probe:
-            with engine.recording(device):
+            with engine.recording(device, rows=p):
                 loss = loss_of(forward(batch))
             total = summed_loss(loss, p)
             losses = loss if loss.dim() == 1 else None
@@ -253,6 +254,8 @@ def _compare_rows(original: _Observation, replaced: _Observation, *, changed: in
             ):
                 if x is None or y is None:
                     continue
+                if x.shape == y.shape and x.dim() > 0 and x.shape[0] != rows and x.shape[0] % rows == 0:
+                    x, y = x.reshape(rows, -1), y.reshape(rows, -1)  # rows flattened to [p * k, ...], as the engine
                 if x.shape != y.shape or x.dim() == 0 or x.shape[0] != rows:
                     return (
                         f"module '{first.path}': its {what} has shape {tuple(x.shape)} (and {tuple(y.shape)} when "

@@ -204,9 +204,10 @@ def main(cfg: DictConfig) -> float:
     summary = run(cfg, root_dir=out)
     summary["job"] = hydra_cfg.job.get("num")
     summary["overrides"] = [redact_privacy_seed(o) for o in hydra_cfg.overrides.task]
-    for group in ("task", "strategy", "privacy"):  # the group's file, and the fields overridden on top of it
-        fields = [o for o in summary["overrides"] if o.lstrip("+~").startswith(f"{group}.")]
-        summary[group] = " + ".join([hydra_cfg.runtime.choices.get(group) or "?", *fields])
+    summary.update({group: hydra_cfg.runtime.choices.get(group) for group in ("task", "strategy")})
+    # the privacy group's file and the fields overridden on top of it: "eps8" alone would misname a run at epsilon 3
+    fields = [o for o in summary["overrides"] if o.lstrip("+~").startswith("privacy.")]
+    summary["privacy"] = " + ".join([hydra_cfg.runtime.choices.get("privacy") or "?", *fields])
     value = summary["value"]
     if summary["rank"] == 0:  # processes started by Lightning or torchrun share the output directory
         (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -55,14 +55,16 @@ class _Layer:
 
 
 def validate_model(
-    model: nn.Module, *, functorch_fallback: bool = False
+    model: nn.Module, *, functorch_fallback: bool = True
 ) -> tuple[list[_Layer], dict[str, nn.Parameter], dict[str, str]]:
-    """Check that every trainable parameter belongs to a module with a clipping rule.
+    """Check that every trainable parameter belongs to a module with a clipping rule (or the fallback).
 
     Args:
         model: the module to privatise.
-        functorch_fallback: modules without a rule get per-example gradients from ``torch.func`` instead of an
-            error (never modules that mix examples, such as BatchNorm).
+        functorch_fallback: the parameters a module without a rule owns directly get per-example gradients from
+            ``torch.func`` (``fallback.py``) instead of an error; never BatchNorm (it mixes examples) nor
+            ``nn.MultiheadAttention`` and recurrent layers (sequence-first by default; ``DPMultiheadAttention`` is a
+            drop-in for the former).
 
     Returns:
         The layers to hook, the trainable parameters by canonical name, and each parameter's owning module path.
@@ -78,9 +80,9 @@ def validate_model(
             continue
         try:
             rule = rule_for(module, path)
-        except UnsupportedLayerError:
-            if not functorch_fallback or isinstance(module, nn.modules.batchnorm._BatchNorm):
-                raise
+        except UnsupportedLayerError as err:
+            if not (err.no_rule and functorch_fallback) or isinstance(module, _NO_FALLBACK):
+                raise  # a setting its rule refuses (Embedding(max_norm=...)) is not the fallback's to take either
             rule = functorch_rule
         unknown = sorted(set(own) - {"weight", "bias"})
         if unknown and rule is not functorch_rule:
@@ -91,6 +93,14 @@ def validate_model(
         layers.append(_Layer(path, module, rule, params))
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     return layers, trainable, owner
+
+
+@dataclass(eq=False)
+class _Call:
+    """All inputs of one call of a module without a rule (the torch.func fallback re-runs it per example)."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
 
 
 @dataclass(eq=False)
@@ -115,6 +125,10 @@ class Probe:
     sums: dict[str, Tensor] = field(default_factory=dict)
 
 
+# Modules the fallback must not take: they mix the examples of a batch, or their usual layout is not examples-first.
+_NO_FALLBACK = (nn.modules.batchnorm._BatchNorm, nn.MultiheadAttention, nn.RNNBase)
+
+
 class _Tap(torch.autograd.Function):
     """Identity on a module's output that hands the output gradient to the engine."""
 
@@ -127,25 +141,27 @@ class _Tap(torch.autograd.Function):
         layer: _Layer,
         act: Tensor,
         record: TapRecord | None,
+        call: _Call | None,
     ) -> Tensor:
         ctx.engine, ctx.layer, ctx.activation, ctx.version, ctx.record = engine, layer, act, act._version, record
+        ctx.call = call
         # A fresh tensor, not a view: downstream in-place ops (ReLU(inplace=True), x += ...) must stay legal.
         return output.clone()
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None, None, None]:
         if ctx.activation._version != ctx.version:
             raise RuntimeError(
                 f"the input of module '{ctx.layer.path}' was modified in place after the module used it; "
                 "per-example gradients need the value it saw. Avoid the in-place operation."
             )
         if ctx.engine._passive:  # another backward through the same graph (the self-check's autograd reference)
-            return grad, None, None, None, None, None
+            return grad, None, None, None, None, None, None
         if ctx.record is not None:
             ctx.record.grad = grad.detach()
-        ctx.engine._receive(ctx.layer, ctx.activation, grad)
-        ctx.activation = None
-        return grad, None, None, None, None, None
+        ctx.engine._receive(ctx.layer, ctx.activation, grad, ctx.call)
+        ctx.activation = ctx.call = None
+        return grad, None, None, None, None, None, None
 
 
 _BROADCASTING_OPS = {
@@ -235,6 +251,7 @@ class ClippingEngine:
         self.exact_recomputations = 0
         self._probe: Probe | None = None
         self._passive = False  # taps pass gradients through without reporting them
+        self._rows: int | None = None  # p while a physical batch is recorded, when the strategy says it
 
     # ----------------------------------------------------------------------------------------------- hooks
     def attach(self) -> None:
@@ -242,7 +259,7 @@ class ClippingEngine:
         if self._handles:
             return
         for layer in self.layers:
-            self._handles.append(layer.module.register_forward_hook(self._forward_hook(layer)))
+            self._handles.append(layer.module.register_forward_hook(self._forward_hook(layer), with_kwargs=True))
         for path, module in self._mixing:
             self._handles.append(module.register_forward_pre_hook(self._mixing_hook(path)))
 
@@ -259,20 +276,42 @@ class ClippingEngine:
         return hook
 
     def _forward_hook(self, layer: _Layer):
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
             if self._anchor is None or not torch.is_grad_enabled():
                 return None
+            if layer.rule is functorch_rule and not isinstance(output, Tensor):
+                raise UnsupportedLayerError(
+                    layer.path,
+                    module,
+                    f"it has no clipping rule and returns a {type(output).__name__}, not a tensor, so the torch.func "
+                    "fallback cannot take it: register a rule (lightning_dpzero.clipping.register_rule) or freeze its "
+                    "own parameters (requires_grad_(False))",
+                )
             if not isinstance(output, Tensor) or not output.requires_grad:
                 return None
             if not args or not isinstance(args[0], Tensor):
-                raise UnsupportedLayerError(
-                    layer.path, module, "its input must be passed positionally as a tensor (e.g. layer(x))"
-                )
+                if layer.rule is not functorch_rule:
+                    raise UnsupportedLayerError(
+                        layer.path, module, "its input must be passed positionally as a tensor (e.g. layer(x))"
+                    )
+            rows = self._rows
+            activation = args[0] if args and isinstance(args[0], Tensor) else output
+            if rows is not None and rows > 1 and output.dim() > 0 and output.shape[0] == 1:
+                # Computed once for the whole batch, with a batch dim of 1 (positions: wpe(arange(T)[None])): its
+                # output would be broadcast over the examples, and autograd would hand the tap their summed
+                # gradient. Expanded here (a view), each example's row gets its own gradient.
+                output = output.expand(rows, *output.shape[1:])
+                args = tuple(_expand_rows(a, rows) for a in args)
+                kwargs = {k: _expand_rows(v, rows) for k, v in kwargs.items()}
+                activation = _expand_rows(activation, rows)
+            call = None
+            if layer.rule is functorch_rule:
+                call = _Call(tuple(_detached(a) for a in args), {k: _detached(v) for k, v in kwargs.items()})
             record = None
             if self._probe is not None:
-                record = TapRecord(layer.path, args[0].detach(), output.detach())
+                record = TapRecord(layer.path, activation.detach(), output.detach())
                 self._probe.taps.append(record)
-            tapped = _Tap.apply(output, self._anchor, self, layer, args[0].detach(), record)
+            tapped = _Tap.apply(output, self._anchor, self, layer, activation.detach(), record, call)
             for k in layer.groups:
                 self._pending_taps[k] += 1
             if self._guard is not None:
@@ -283,8 +322,15 @@ class ClippingEngine:
         return hook
 
     @contextlib.contextmanager
-    def recording(self, device: torch.device) -> Iterator[None]:
-        """Within this block, forward passes of hooked modules are recorded for one physical batch."""
+    def recording(self, device: torch.device, rows: int | None = None) -> Iterator[None]:
+        """Within this block, forward passes of hooked modules are recorded for one physical batch.
+
+        Args:
+            device: where the anchor lives.
+            rows: p, the physical batch's rows: a hooked module whose output has a batch dim of 1 (computed once
+                for every example) gets it expanded to p rows, so that each example gets its own gradient.
+        """
+        self._rows = rows
         self._anchor = torch.zeros((), device=device, requires_grad=True)
         self._recorded = None
         guard = contextlib.nullcontext()
@@ -298,7 +344,7 @@ class ClippingEngine:
                 raise self._guard.error
             self._guarded_once = True
         finally:
-            self._recorded, self._anchor, self._guard = self._anchor, None, None
+            self._recorded, self._anchor, self._guard, self._rows = self._anchor, None, None, None
 
     @contextlib.contextmanager
     def probing(self) -> Iterator[Probe]:
@@ -348,9 +394,23 @@ class ClippingEngine:
             self._norm2.clear()
             self._mass.clear()
 
-    def _receive(self, layer: _Layer, activation: Tensor, grad_output: Tensor) -> None:
+    def _receive(self, layer: _Layer, activation: Tensor, grad_output: Tensor, call: _Call | None = None) -> None:
         """Called from a tap's backward: this call's contributions and their squared norms."""
         n = None if self._mask is None else self._mask.numel()
+        if (
+            n is not None
+            and grad_output.dim() > 0
+            and grad_output.shape[0] != n
+            and grad_output.shape[0] % n == 0
+            and activation.dim() > 0
+            and activation.shape[0] == grad_output.shape[0]
+        ):
+            # Rows flattened to [n * k, ...] between layers (OPT's feed-forward sees [n * T, D]): example i's rows are
+            # i * k .. (i + 1) * k - 1, as torch's row-major flatten lays them out. The per-example self-check
+            # verifies that no row of another example moves with example i.
+            k = grad_output.shape[0] // n
+            grad_output = grad_output.reshape(n, k, *grad_output.shape[1:])
+            activation = activation.reshape(n, k, *activation.shape[1:])
         if n is not None and (grad_output.dim() == 0 or grad_output.shape[0] != n):
             raise UnsupportedLayerError(
                 layer.path,
@@ -361,7 +421,11 @@ class ClippingEngine:
                 "see it expanded per example (wpe(pos.expand(n, T)))",
             )
         with torch.no_grad():
-            for c in layer.rule(layer.module, activation, grad_output, layer.params):
+            if call is not None:
+                contributions = functorch_rule(layer.module, activation, grad_output, layer.params, call=call)
+            else:
+                contributions = layer.rule(layer.module, activation, grad_output, layer.params)
+            for c in contributions:
                 c.choose_norm_mode(self.config.norm_mode)
                 if c.instantiated is not None:
                     self.last_norm_modes[layer.path] = "instantiate"
@@ -528,3 +592,14 @@ def _exact_chunks(contributions: list[Contribution], rows: Tensor) -> Iterator[t
     for start in range(0, rows.numel(), size):
         chunk = rows[start : start + size]
         yield chunk, exact_per_example(contributions, chunk)
+
+
+def _expand_rows(value: Any, rows: int) -> Any:
+    """A tensor with a batch dim of 1, expanded (a view) to ``rows``; anything else unchanged."""
+    if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == 1:
+        return value.expand(rows, *value.shape[1:])
+    return value
+
+
+def _detached(value: Any) -> Any:
+    return value.detach() if isinstance(value, Tensor) else value

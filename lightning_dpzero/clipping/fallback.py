@@ -1,15 +1,18 @@
-"""Opt-in fallback for trainable modules without a rule: per-example gradients with ``torch.func``.
+"""Per-example gradients with ``torch.func`` for trainable modules that have no rule (custom norms such as
+``LlamaRMSNorm``, modules that own raw parameters such as ``ViTEmbeddings``' class token and position embeddings,
+subclasses that change ``forward``).
 
-For one call of ``module`` on input x [n, ...] with output gradient B [n, ...], example i's gradient with respect
-to the module's own parameters theta is grad_theta <module(theta, x_i), B_i>, computed for every i at once with
-``vmap(grad(...))``. This instantiates per-example gradients ([n, *param.shape] per parameter) and re-runs the
-module's forward in the backward pass, so it is slower than a rule; it is used only when
-``PrivacyConfig(functorch_fallback=True)``.
+For one call of ``module`` on inputs whose dim 0 is the n examples, with output gradient B [n, ...], example i's
+gradient with respect to the module's *own* parameters theta is grad_theta <module(theta, inputs_i), B_i>, computed
+for every i at once with ``vmap(grad(...))``. Submodules keep their own rules: their parameters are constants here.
+This instantiates per-example gradients ([n, *param.shape] per own parameter) and re-runs the module's forward in the
+backward pass, so it costs more than a rule; the parameters such modules own directly are usually small.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -20,13 +23,26 @@ __all__ = ["functorch_rule"]
 
 
 def functorch_rule(
-    module: nn.Module, activation: Tensor, grad_output: Tensor, params: Mapping[str, str]
+    module: nn.Module, activation: Tensor, grad_output: Tensor, params: Mapping[str, str], call: Any = None
 ) -> list[Contribution]:
+    """Args as every ``ClippingRule``; ``call`` holds all positional and keyword inputs of the call (tensors whose
+    dim 0 is the n examples are split per example, the others are shared)."""
+    n = grad_output.shape[0]
+    args, kwargs = (call.args, call.kwargs) if call is not None else ((activation,), {})
     own = {attr: getattr(module, attr).detach() for attr in params}
+    per_example = [isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == n for a in args]
+    keyed = [k for k, v in kwargs.items() if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n]
+    split_args = tuple(a for a, split in zip(args, per_example) if split)
+    split_kwargs = {k: kwargs[k] for k in keyed}
 
-    def weighted_output(theta: dict[str, Tensor], x: Tensor, b: Tensor) -> Tensor:
-        y = torch.func.functional_call(module, theta, (x.unsqueeze(0),), strict=False)
+    def weighted_output(theta: dict[str, Tensor], xs: tuple[Tensor, ...], kws: dict[str, Tensor], b: Tensor) -> Tensor:
+        rows = iter(xs)
+        call_args = tuple(next(rows).unsqueeze(0) if split else a for a, split in zip(args, per_example))
+        call_kwargs = {**kwargs, **{k: v.unsqueeze(0) for k, v in kws.items()}}
+        y = torch.func.functional_call(module, theta, call_args, call_kwargs, strict=False)
         return (y * b.unsqueeze(0)).sum()
 
-    grads = torch.func.vmap(torch.func.grad(weighted_output), in_dims=(None, 0, 0))(own, activation, grad_output)
+    grads = torch.func.vmap(torch.func.grad(weighted_output), in_dims=(None, 0, 0, 0))(
+        own, split_args, split_kwargs, grad_output
+    )
     return [Contribution(params[attr], Kind.SAMPLE, grads[attr], None, own[attr].shape) for attr in params]

@@ -15,7 +15,14 @@ from torch import Tensor, nn
 
 from lightning_dpzero.clipping.contributions import Contribution
 
-__all__ = ["ClippingRule", "UnsupportedLayerError", "register_rule", "registered_layer_types", "rule_for"]
+__all__ = [
+    "ClippingRule",
+    "UnsupportedLayerError",
+    "register_rule",
+    "register_rule_by_name",
+    "registered_layer_types",
+    "rule_for",
+]
 
 
 class ClippingRule(Protocol):
@@ -38,6 +45,8 @@ class ClippingRule(Protocol):
 
 _RULES: dict[type[nn.Module], ClippingRule] = {}
 _CHECKS: dict[type[nn.Module], Callable[[nn.Module, str], None]] = {}
+# Rules for classes of other packages, by "module.QualName", so that the package is not imported to register them.
+_NAMED_RULES: dict[str, ClippingRule] = {}
 
 _ADVICE: dict[str, str] = {
     "BatchNorm": "it mixes the examples of a batch, so per-example gradients do not exist; replace it with "
@@ -52,6 +61,7 @@ class UnsupportedLayerError(TypeError):
     """A trainable module has no clipping rule; the message names its path and the fix."""
 
     def __init__(self, path: str, module: nn.Module, reason: str | None = None) -> None:
+        given = reason
         kind = type(module).__name__
         advice = next((text for prefix, text in _ADVICE.items() if kind.startswith(prefix)), None)
         if reason is None:
@@ -63,6 +73,7 @@ class UnsupportedLayerError(TypeError):
             )
         super().__init__(f"module '{path or '<root>'}' ({kind}): {reason}.")
         self.path = path
+        self.no_rule = given is None  # no rule at all (the fallback may take it), not a setting the rule refuses
 
 
 def register_rule(*types: type[nn.Module], check: Callable[[nn.Module, str], None] | None = None):
@@ -83,6 +94,18 @@ def register_rule(*types: type[nn.Module], check: Callable[[nn.Module, str], Non
     return decorator
 
 
+def register_rule_by_name(*qualified_names: str):
+    """Decorator registering a rule for classes named ``"package.module.ClassName"`` (exact class, as
+    ``register_rule``), without importing their package."""
+
+    def decorator(rule: ClippingRule) -> ClippingRule:
+        for name in qualified_names:
+            _NAMED_RULES[name] = rule
+        return rule
+
+    return decorator
+
+
 def _declared_type(module: nn.Module) -> type[nn.Module]:
     """The module's own class; FSDP2's ``fully_shard`` swaps in ``FSDP<Class>(FSDPModule, <Class>)``, which keeps
     the forward of ``<Class>``, so the rule of ``<Class>`` applies to it."""
@@ -94,10 +117,18 @@ def _declared_type(module: nn.Module) -> type[nn.Module]:
 
 
 def rule_for(module: nn.Module, path: str) -> ClippingRule:
-    """The rule for ``module``'s exact type, after its settings check; raises ``UnsupportedLayerError``."""
+    """The rule for ``module``'s exact type, after its settings check; raises ``UnsupportedLayerError``.
+
+    A subclass that does not override ``forward`` computes what its registered parent does, so it gets the parent's
+    rule (and check); one that overrides it does not.
+    """
     cls = _declared_type(module)
-    if (rule := _RULES.get(cls)) is None:
-        raise UnsupportedLayerError(path, module)
+    rule = _RULES.get(cls) or _NAMED_RULES.get(f"{cls.__module__}.{cls.__qualname__}")
+    if rule is None:
+        parent = next((base for base in cls.__mro__[1:] if base in _RULES and cls.forward is base.forward), None)
+        if parent is None:
+            raise UnsupportedLayerError(path, module)
+        cls, rule = parent, _RULES[parent]
     if (check := _CHECKS.get(cls)) is not None:
         check(module, path)
     return rule

@@ -8,6 +8,7 @@ wrapping and communication.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -211,7 +212,7 @@ class DPStrategyMixin:
                     losses.append(shown)
                     continue
                 with self._physical_batch_context():
-                    with self.dp.engine.recording(self.root_device):  # type: ignore[attr-defined]
+                    with self.dp.engine.recording(self.root_device, rows=mask.numel()):  # type: ignore[attr-defined]
                         output = self._physical_training_step(physical, *args[1:], **kwargs)
                     losses.append(self.dp.backward(output, mask))
         self._dp_step_pending = True
@@ -245,9 +246,9 @@ class DPStrategyMixin:
         on every rank; a failure on any rank refuses the run on all of them."""
         dataset, collate, indices = self.dp.dataset, self.dp.collate, batch.indices[0]
         assert dataset is not None and collate is not None
-        replacement = _replacement_index(len(dataset), indices)
         items = [dataset[i] for i in indices]
-        other = dataset[replacement]
+        changed = len(indices) // 2  # the row the check replaces (SelfCheck.run's choice)
+        other = _replacement(dataset, indices, collate, items[changed])
 
         def batches(row: int | None) -> Any:
             chosen = list(items)
@@ -418,13 +419,35 @@ class DPStrategyMixin:
         super().teardown()  # type: ignore[misc]
 
 
-def _replacement_index(size: int, used: list[int]) -> int:
-    """A dataset index that is not among ``used`` (the example the self-check swaps in), or any other one."""
-    taken = set(used)
-    for index in range(size):
-        if index not in taken:
-            return index
-    return (used[0] + 1) % size
+def _replacement(dataset: Any, used: list[int], collate: Callable[[list[Any]], Any], current: Any) -> Any:
+    """The example the self-check swaps in, whose data differ from the replaced one (a duplicate would test nothing):
+    the first that differs of a few examples outside the physical batch, then of the batch's own rows."""
+    taken, size = set(used), len(dataset)
+    outside = [i for i in range(min(size, len(used) + 8)) if i not in taken][:8]
+    reference = list(_tensors(collate([current])))
+    for index in [*outside, *used]:
+        example = dataset[index]
+        values = list(_tensors(collate([example])))
+        if len(values) != len(reference) or any(
+            a.shape != b.shape or not torch.equal(a, b) for a, b in zip(values, reference)
+        ):
+            return example
+    return current  # every candidate holds the same data: nothing to swap (the check then tests nothing)
+
+
+def _tensors(value: Any) -> Iterator[Tensor]:
+    """Every tensor in a collated batch (tensors, mappings, sequences, dataclasses), in a fixed order."""
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, Mapping):
+        for key in sorted(value, key=str):
+            yield from _tensors(value[key])
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            yield from _tensors(getattr(value, f.name))
 
 
 def _is_out_of_memory(err: RuntimeError) -> bool:

@@ -418,29 +418,48 @@ def test_batchnorm_is_refused_with_groupnorm_advice():
     ids=["PReLU", "MultiheadAttention"],
 )
 def test_unsupported_trainable_module_is_named(module, path):
-    """Reference: DESIGN.md section 6 (unsupported trainable layer -> error naming the module path and the fix)."""
+    """Reference: DESIGN.md section 6 (unsupported trainable layer -> error naming the module path and the fix), with
+    the torch.func fallback switched off (MultiheadAttention: also with it on)."""
     model = nn.Sequential()
     block = nn.Module()
     block.lin = nn.Linear(4, 4)
     block.act = module
     model.add_module("block", block)
     with pytest.raises(UnsupportedLayerError) as info:
-        _engine(model)
+        ClippingEngine(model, PrivacyConfig(noise_multiplier=1.0, functorch_fallback=False))
+    if isinstance(module, nn.MultiheadAttention):
+        with pytest.raises(UnsupportedLayerError, match="replace_multihead_attention"):
+            _engine(model)
     message = str(info.value)
     assert f"'{path}'" in message and type(module).__name__ in message
     assert "requires_grad_(False)" in message or "register_rule" in message or "replace_multihead_attention" in message
 
 
-def test_linear_subclass_is_refused():
-    """Reference: clipping/registry.py docstring (lookup by exact type: a subclass may change forward)."""
+def test_a_subclass_that_changes_forward_gets_no_rule_of_its_parent():
+    """Reference: clipping/registry.py docstring (a subclass that overrides forward is not its parent: no rule; the
+    torch.func fallback takes it, or it is refused without the fallback) and tests/reference.py (a subclass that
+    keeps forward uses its parent's rule; the one that doubles its input matches the reference through the
+    fallback)."""
 
     class MyLinear(nn.Linear):
         def forward(self, x: Tensor) -> Tensor:
             return super().forward(2 * x)
 
-    model = nn.Sequential(nn.Linear(3, 3), MyLinear(3, 2))
-    with pytest.raises(UnsupportedLayerError, match=r"'1' \(MyLinear\)"):
-        _engine(model)
+    class SameLinear(nn.Linear):
+        pass
+
+    torch.manual_seed(0)
+    model = nn.Sequential(SameLinear(3, 3), nn.Tanh(), MyLinear(3, 2))
+    with pytest.raises(UnsupportedLayerError, match=r"'2' \(MyLinear\)"):
+        ClippingEngine(model, PrivacyConfig(noise_multiplier=1.0, functorch_fallback=False))
+    inputs = (torch.randn(5, 3), torch.randn(5, 2))
+    got, engine = run_engine(model, squared_error, [(inputs, torch.ones(5, dtype=torch.bool))], clip_norm=0.3)
+    assert engine.layers[0].rule is not engine.layers[1].rule  # the parent's rule, the fallback
+    expected = reference_clipped_sum(
+        model, squared_error, inputs, torch.ones(5, dtype=torch.bool), clip_norm=0.3, style="all-layer",
+        function="automatic",
+    )  # fmt: skip
+    assert_matches(got, expected, 0.3)
 
 
 @pytest.mark.parametrize(

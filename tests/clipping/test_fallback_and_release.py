@@ -32,13 +32,14 @@ def ce(model: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
 
 @pytest.mark.parametrize("style", ["all-layer", "layer-wise"])
 def test_functorch_fallback_matches_reference(style: str) -> None:
-    """Reference: tests/reference.py; PReLU has no rule and goes through torch.func when opted in."""
+    """Reference: tests/reference.py; PReLU has no rule and goes through torch.func (the default; refused when
+    switched off)."""
     torch.manual_seed(0)
     model = WithPReLU()
     x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
     mask = torch.tensor([1, 1, 0, 1, 1, 1], dtype=torch.bool)
     with pytest.raises(UnsupportedLayerError, match="act"):
-        ClippingEngine(model, PrivacyConfig(noise_multiplier=1.0))
+        ClippingEngine(model, PrivacyConfig(noise_multiplier=1.0, functorch_fallback=False))
     engine = ClippingEngine(
         model, PrivacyConfig(noise_multiplier=1.0, clip_norm=0.2, clipping_style=style, functorch_fallback=True)
     )

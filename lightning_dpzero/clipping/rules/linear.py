@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from torch import Tensor, nn
 
 from lightning_dpzero.clipping.contributions import Contribution, Kind, full_shape
-from lightning_dpzero.clipping.registry import register_rule
+from lightning_dpzero.clipping.registry import register_rule, register_rule_by_name
 
 
 @register_rule(nn.Linear)
@@ -23,3 +23,24 @@ def linear_rule(
     if "bias" in params:
         out.append(Contribution(params["bias"], Kind.SAMPLE, b.sum(1), None, full_shape(module.bias)))
     return out
+
+
+@register_rule_by_name("transformers.pytorch_utils.Conv1D")
+def conv1d_transposed_rule(
+    module: nn.Module, activation: Tensor, grad_output: Tensor, params: Mapping[str, str]
+) -> list[Contribution]:
+    """Hugging Face's GPT-2 ``Conv1D``: a Linear whose weight is stored transposed, [in, out] (y = x W + b)."""
+    n = grad_output.shape[0]
+    b = grad_output.reshape(n, -1, grad_output.shape[-1])  # [n, T, out]
+    out = []
+    if "weight" in params:
+        a = activation.reshape(n, -1, activation.shape[-1])  # [n, T, in]
+        shape = full_shape(module.weight)  # [in, out]
+        out.append(Contribution(params["weight"], Kind.DENSE, b, a, shape, to_param=_transpose))
+    if "bias" in params:
+        out.append(Contribution(params["bias"], Kind.SAMPLE, b.sum(1), None, full_shape(module.bias)))
+    return out
+
+
+def _transpose(matrix: Tensor) -> Tensor:
+    return matrix.transpose(0, 1)

@@ -1,0 +1,180 @@
+"""Hugging Face transformers models, unchanged (tiny configs, no downloads), against the float64 per-example oracle.
+
+GPT-2 (``Conv1D`` with its transposed weight, positions ``wpe(arange(T)[None])`` computed once for the batch, a tied
+head), Llama (``LlamaRMSNorm`` through the torch.func fallback), OPT (learned positions in an ``nn.Embedding``
+subclass; feed-forward layers on rows flattened to [n * T, D]), BERT (positions and token types computed once), ViT
+(raw class token and position embeddings owned by ``ViTEmbeddings``). T5's relative attention bias is shared by the
+examples of a batch in a way the engine cannot split: it is refused by the per-example self-check."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+import lightning_dpzero as dpz
+from lightning_dpzero.clipping import ClippingEngine
+from lightning_dpzero.config import PrivacyConfig
+from tests.reference import reference_clipped_sum
+
+transformers = pytest.importorskip("transformers", reason="the transformers tests need the `hf` extra")
+
+N, T, V = 4, 6, 50
+C = 0.5  # small enough that every example is clipped by Abadi's min(1, C / norm)
+
+
+def _quiet(config):
+    config.bos_token_id = config.eos_token_id = config.pad_token_id = None
+    return config
+
+
+def _gpt2() -> nn.Module:
+    cfg = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=V, n_positions=32, attn_pdrop=0.0,
+                                  embd_pdrop=0.0, resid_pdrop=0.0)  # fmt: skip
+    return transformers.GPT2LMHeadModel(_quiet(cfg))
+
+
+def _llama() -> nn.Module:
+    cfg = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=2, vocab_size=V, max_position_embeddings=32)  # fmt: skip
+    return transformers.LlamaForCausalLM(_quiet(cfg))
+
+
+def _opt() -> nn.Module:
+    cfg = transformers.OPTConfig(hidden_size=16, ffn_dim=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=V,
+                                 max_position_embeddings=32, word_embed_proj_dim=16, dropout=0.0)  # fmt: skip
+    return transformers.OPTForCausalLM(_quiet(cfg))
+
+
+def _bert() -> nn.Module:
+    cfg = transformers.BertConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  vocab_size=V, max_position_embeddings=32, num_labels=3, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0)  # fmt: skip
+    return transformers.BertForSequenceClassification(_quiet(cfg))
+
+
+def _vit() -> nn.Module:
+    cfg = transformers.ViTConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 image_size=8, patch_size=4, num_channels=3, num_labels=3, hidden_dropout_prob=0.0,
+                                 attention_probs_dropout_prob=0.0)  # fmt: skip
+    return transformers.ViTForImageClassification(cfg)
+
+
+def _t5() -> nn.Module:
+    cfg = transformers.T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, vocab_size=V, d_kv=8, dropout_rate=0.0)
+    return transformers.T5ForConditionalGeneration(_quiet(cfg))
+
+
+def lm_loss(model: nn.Module, inputs: tuple[Tensor, ...]) -> Tensor:
+    """Next-token cross-entropy, averaged over each example's tokens: [n]."""
+    (ids,) = inputs
+    logits = model(input_ids=ids).logits
+    return F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
+
+
+def class_loss(model: nn.Module, inputs: tuple[Tensor, ...]) -> Tensor:
+    x, y = inputs
+    key = "pixel_values" if x.is_floating_point() else "input_ids"
+    return F.cross_entropy(model(**{key: x}).logits, y, reduction="none")
+
+
+def seq2seq_loss(model: nn.Module, inputs: tuple[Tensor, ...]) -> Tensor:
+    (ids,) = inputs
+    logits = model(input_ids=ids, decoder_input_ids=ids).logits
+    return F.cross_entropy(logits.transpose(1, 2), ids, reduction="none").mean(1)
+
+
+def _tokens(n: int, length: int = T) -> tuple[Tensor, ...]:
+    return (torch.randint(0, V, (n, length)),)
+
+
+def _labelled_tokens(n: int) -> tuple[Tensor, ...]:
+    return torch.randint(0, V, (n, T)), torch.randint(0, 3, (n,))
+
+
+def _images(n: int) -> tuple[Tensor, ...]:
+    return torch.randn(n, 3, 8, 8), torch.randint(0, 3, (n,))
+
+
+MODELS = {
+    "gpt2": (_gpt2, lm_loss, _tokens),
+    "llama": (_llama, lm_loss, _tokens),
+    "opt": (_opt, lm_loss, _tokens),
+    "bert": (_bert, class_loss, _labelled_tokens),
+    "vit": (_vit, class_loss, _images),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_clipped_sum_matches_the_float64_reference(name: str) -> None:
+    """Reference: tests/reference.py (each example alone through a float64 copy of the model, autograd, Abadi clipping
+    to C, summed). rtol 1e-5 of each parameter's sum, atol 1e-6 C (an attention key bias has a zero gradient)."""
+    torch.manual_seed(0)
+    build, loss_fn, data = MODELS[name]
+    model, inputs = build().train(), data(N)
+    mask = torch.ones(N, dtype=torch.bool)
+    engine = ClippingEngine(model, PrivacyConfig(noise_multiplier=1.0, clip_norm=C, clipping_function="abadi"))
+    engine.attach()
+    with engine.recording(torch.device("cpu"), rows=N):
+        loss = loss_fn(model, inputs).sum()
+    engine.backward(loss, mask)
+    engine.detach()
+    got = engine.pop_summed()
+    expected = reference_clipped_sum(model, loss_fn, inputs, mask, clip_norm=C, style="all-layer", function="abadi")
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key].double(), value, rtol=1e-5, atol=1e-6 * C, msg=key)
+
+
+class HFTask(L.LightningModule):
+    def __init__(self, net: nn.Module, loss_fn, data: tuple[Tensor, ...]) -> None:
+        super().__init__()
+        self.net, self.loss_fn = net, loss_fn
+        self.rows = [tuple(t[i] for t in data) for i in range(data[0].shape[0])]
+
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+        return self.loss_fn(self.net, tuple(batch))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.rows, batch_size=4)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_trains_under_dp_with_no_change_to_the_model(name: str) -> None:
+    """Reference: the per-example self-check (rows, losses, buffers, autograd's per-example norms) passes and two
+    logical steps are taken and accounted."""
+    torch.manual_seed(0)
+    build, loss_fn, data = MODELS[name]
+    trainer = L.Trainer(
+        strategy=dpz.DPStrategy(dpz.PrivacyConfig(noise_multiplier=1.0, expected_batch_size=8, physical_batch_size=4)),
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(HFTask(build(), loss_fn, data(32)))
+    assert trainer.strategy.dp.accountant.steps == 2
+
+
+@pytest.mark.parametrize("length", [6, 8], ids=["T=6", "T=8 (a multiple of p)"])
+def test_t5_relative_attention_bias_is_refused(length: int) -> None:
+    """Reference: T5's relative bias [T, T, heads] is computed once and broadcast over the batch, so its rows are
+    not examples; whether T is a multiple of p or not, the run is refused naming the module."""
+    torch.manual_seed(0)
+    trainer = L.Trainer(
+        strategy=dpz.DPStrategy(dpz.PrivacyConfig(noise_multiplier=1.0, expected_batch_size=8, physical_batch_size=4)),
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with pytest.raises(dpz.PerExampleCheckError, match="relative_attention_bias"):
+        trainer.fit(HFTask(_t5(), seq2seq_loss, _tokens(32, length)))
