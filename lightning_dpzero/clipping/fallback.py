@@ -29,7 +29,8 @@ def functorch_rule(
     dim 0 is the n examples are split per example, the others are shared)."""
     n = grad_output.shape[0]
     args, kwargs = (call.args, call.kwargs) if call is not None else ((activation,), {})
-    own = {attr: getattr(module, attr).detach() for attr in params}
+    wrapper = _Forward(module)
+    own = {f"inner.{attr}": getattr(module, attr).detach() for attr in params}
     per_example = [isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == n for a in args]
     keyed = [k for k, v in kwargs.items() if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n]
     split_args = tuple(a for a, split in zip(args, per_example) if split)
@@ -39,10 +40,25 @@ def functorch_rule(
         rows = iter(xs)
         call_args = tuple(next(rows).unsqueeze(0) if split else a for a, split in zip(args, per_example))
         call_kwargs = {**kwargs, **{k: v.unsqueeze(0) for k, v in kws.items()}}
-        y = torch.func.functional_call(module, theta, call_args, call_kwargs, strict=False)
+        y = torch.func.functional_call(wrapper, theta, call_args, call_kwargs, strict=False)
         return (y * b.unsqueeze(0)).sum()
 
     grads = torch.func.vmap(torch.func.grad(weighted_output), in_dims=(None, 0, 0, 0))(
         own, split_args, split_kwargs, grad_output
     )
-    return [Contribution(params[attr], Kind.SAMPLE, grads[attr], None, own[attr].shape) for attr in params]
+    return [
+        Contribution(params[attr], Kind.SAMPLE, grads[f"inner.{attr}"], None, own[f"inner.{attr}"].shape)
+        for attr in params
+    ]
+
+
+class _Forward(nn.Module):
+    """Calls ``inner.forward`` directly: the module's own hooks (ours; ZeRO-3's or FSDP2's gathering, already done
+    for the backward that is running) must not run again inside torch.func's transforms."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner.forward(*args, **kwargs)

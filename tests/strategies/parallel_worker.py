@@ -274,6 +274,26 @@ def comms(out: Path) -> None:
     torch.save(record, out / f"comms{trainer.global_rank}.pt")
 
 
+def hf(strategy: str, model_name: str, out: Path) -> None:
+    """A transformers model (tests/clipping/test_transformers.py), sigma = 0: 2 logical steps' gradients."""
+    from tests.clipping.test_transformers import MODELS, HFTask
+
+    build, loss_fn, data = MODELS[model_name]
+    torch.manual_seed(0)
+    task = HFTask(build(), loss_fn, data(40))
+    record = Record("net")
+    privacy = dpz.PrivacyConfig(
+        noise_multiplier=0.0, clip_norm=0.3, clipping_function="abadi", expected_batch_size=8, physical_batch_size=3,
+        seed=11,
+    )  # fmt: skip
+    trainer = _trainer(strategy, privacy, 2, [record])
+    trainer.fit(task)
+    torch.save(
+        {"grads": record.grads, "batches": record.batches, "models": record.models, "world": trainer.world_size},
+        out / f"rank{trainer.global_rank}.pt",
+    )
+
+
 def main(strategy: str, mode: str, out: Path) -> None:
     torch.set_num_threads(1)
     if mode == "comms":
@@ -287,6 +307,8 @@ def main(strategy: str, mode: str, out: Path) -> None:
         return comms(out)
     if mode == "resume":
         return resume(strategy, out)
+    if mode.startswith("hf-"):
+        return hf(strategy, mode.removeprefix("hf-"), out)
     if mode in ("straight", "crash", "recover"):
         return fault(strategy, mode, out)
     plugins = None

@@ -221,3 +221,29 @@ def test_dp_zero3_exchanges_the_same_collectives_as_nonprivate_zero3(tmp_path) -
             assert summary(dp_step) == summary(ref_step)
             gathered = summary(ref_step)["all_gather_into_tensor"]
             assert gathered[0] > 0 and gathered[1] > 0 and summary(ref_step)["reduce_scatter_tensor"][1] > 0
+
+
+@pytest.mark.parametrize("strategy", ["zero3", "fsdp"])
+@pytest.mark.parametrize("model_name", ["gpt2", "llama"])
+def test_transformers_models_match_the_reference_on_two_processes(model_name: str, strategy: str, tmp_path) -> None:
+    """Reference: tests/reference.py on the union of both ranks' Poisson samples (Abadi, C = 0.3), divided by
+    B = 8: transformers' GPT-2 (Conv1D, positions computed once, a tied head) and Llama (LlamaRMSNorm through the
+    torch.func fallback, on the parameters ZeRO-3 or FSDP2 gathered for the backward), unchanged."""
+    pytest.importorskip("transformers")
+    from tests.clipping.test_transformers import MODELS
+
+    build, loss_fn, _ = MODELS[model_name]
+    _torchrun(strategy, f"hf-{model_name}", tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    for step in range(2):
+        model = build()
+        model.load_state_dict(ranks[0]["models"][step], strict=False)  # a tied head is stored once
+        physical = [pb for r in ranks for pb in r["batches"][step][0]]
+        masks = torch.cat([m for r in ranks for m in r["batches"][step][1]])
+        inputs = tuple(torch.cat([pb[i] for pb in physical]) for i in range(len(physical[0])))
+        expected = reference_clipped_sum(model, loss_fn, inputs, masks, clip_norm=0.3, style="all-layer",
+                                         function="abadi")  # fmt: skip
+        for name, value in expected.items():
+            for r in ranks:
+                _assert_rel_close(r["grads"][step][name].double(), value / 8.0, f"{model_name} {name}")
