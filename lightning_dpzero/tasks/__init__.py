@@ -4,6 +4,7 @@
 - ``imdb``: IMDb sentiment, a Transformer encoder over hashed words (``IMDBTask``, ``IMDBDataModule``).
 - ``gpt``: GPT-2-style language model, byte/char/GPT-2 tokenizers, checkpoint loading (``GPTTask``,
   ``TextFileDataModule``, ``SyntheticArithmeticDataModule``).
+- ``hf``: any Hugging Face causal LM, unchanged, on the GPT data modules (``HFCausalLMTask``; the ``hf`` extra).
 
 Every data module runs offline on generated data with learnable structure when no ``root`` is given, and reads the
 real data set (or downloads it with ``download=True``) otherwise. Every model is clippable per example by the DP
@@ -29,6 +30,7 @@ from lightning_dpzero.tasks.gpt import (
     TextFileDataModule,
     load_gpt_checkpoint,
 )
+from lightning_dpzero.tasks.hf import HFCausalLMTask
 from lightning_dpzero.tasks.imdb import (
     HashingTokenizer,
     IMDBDataModule,
@@ -46,6 +48,7 @@ __all__ = [
     "GPT2BPETokenizer",
     "GPTConfig",
     "GPTTask",
+    "HFCausalLMTask",
     "HashingTokenizer",
     "IMDBDataModule",
     "IMDBTask",

@@ -39,6 +39,13 @@ TINY = {
         "task.data.batch_size=16",
     ],
     "gpt": ["task.model.n_embd=16", "task.data.num_train=64", "task.data.num_val=8", "task.data.batch_size=16"],
+    "hf_gpt2": [
+        "task.model.config.n_embd=16",
+        "task.model.config.n_layer=1",
+        "task.data.num_train=64",
+        "task.data.num_val=8",
+        "task.data.batch_size=16",
+    ],
 }
 
 
@@ -50,6 +57,8 @@ def _compose(overrides: list[str]):
 @pytest.mark.parametrize("task", sorted(TINY))
 def test_task_config_trains_privately(task: str) -> None:
     """Reference: the config's model and data instantiate and train 2 DP steps; validation reports val_loss."""
+    if task.startswith("hf_"):
+        pytest.importorskip("transformers")
     cfg = _compose([f"task={task}", *TINY[task]])
     model, data = instantiate(cfg.task.model), instantiate(cfg.task.data)
     t = trainer(True, 2, physical_batch_size=8, expected_batch_size=16)
