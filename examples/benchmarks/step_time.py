@@ -7,6 +7,7 @@ Commands::
     python examples/benchmarks/step_time.py --models cnn,mlp --burn-in 5
     python examples/benchmarks/step_time.py --device cuda --steps 50         # GPU (peak memory from the CUDA allocator)
     python examples/benchmarks/step_time.py --precision bf16-mixed           # every mode's forward under bf16 autocast
+    python examples/benchmarks/step_time.py --models hf_gpt2                 # transformers' GPT-2 (the hf extra)
 
 Every mode runs in this one process on a deep copy of the same initial model and on the same physical batch
 (which is also the logical batch: B = p). The optimizer is AdamW in every mode. Modes:
@@ -81,7 +82,7 @@ from lightning_dpzero.tasks.gpt import GPT, GPTConfig
 
 SIGMA, CLIP = 1.0, 1.0
 STYLES = ("all-layer", "layer-wise", "param-wise", "group-wise")
-TARGETS = {"gpt": 1.2, "cnn": 1.6}  # DP / non-DP step time (DESIGN.md section 5)
+TARGETS = {"gpt": 1.2, "cnn": 1.6, "hf_gpt2": 1.2}  # DP / non-DP step time (DESIGN.md section 5)
 MEMORY_TARGET, OPACUS_TARGET, OPACUS_RULE_THRESHOLD = 1.2, 0.5, 2.4
 
 
@@ -159,7 +160,34 @@ def make_mlp(device: torch.device) -> Bench:
     return Bench("mlp", f"mlp (784-512-512-10), p={p}", model.to(device), batch, _class_losses, _class_ghost)
 
 
-MODELS = {"gpt": make_gpt, "cnn": make_cnn, "mlp": make_mlp}
+def _hf_losses(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    x, y = batch  # [p, T]
+    positions = torch.arange(x.shape[1], device=x.device).expand_as(x)  # per example: what Opacus's hooks need
+    logits = model(input_ids=x, position_ids=positions).logits
+    return F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(1)
+
+
+def _hf_ghost(criterion: Callable, model: nn.Module, batch: tuple[Tensor, Tensor]) -> object:
+    x, y = batch
+    positions = torch.arange(x.shape[1], device=x.device).expand_as(x)
+    logits = model(input_ids=x, position_ids=positions).logits
+    return criterion(logits.flatten(0, 1), y.flatten(), shape=logits.shape)
+
+
+def make_hf_gpt2(device: torch.device) -> Bench:
+    """transformers' GPT2LMHeadModel (Conv1D layers, a tied head), the same sizes as ``gpt``; needs the hf extra."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=64, n_positions=128, n_embd=128, n_layer=2, n_head=4, attn_pdrop=0.0, embd_pdrop=0.0,
+                     resid_pdrop=0.0, bos_token_id=None, eos_token_id=None)  # fmt: skip
+    p, gen = 16, torch.Generator().manual_seed(4)
+    tokens = torch.randint(0, cfg.vocab_size, (p, cfg.n_positions + 1), generator=gen)
+    batch = (tokens[:, :-1].contiguous().to(device), tokens[:, 1:].contiguous().to(device))
+    title = f"hf_gpt2 (transformers GPT2LMHeadModel, T=128, D=128, 2 layers, V=64, tied head), p={p}"
+    return Bench("hf_gpt2", title, GPT2LMHeadModel(cfg).to(device), batch, _hf_losses, _hf_ghost)
+
+
+MODELS = {"gpt": make_gpt, "cnn": make_cnn, "mlp": make_mlp, "hf_gpt2": make_hf_gpt2}
 
 
 def tied_names(model: nn.Module) -> list[str]:
@@ -234,7 +262,7 @@ def ours(bench: Bench, model: nn.Module, style: str) -> Mode:
     mask = torch.ones(p, dtype=torch.bool, device=device)
 
     def step() -> None:
-        with engine.recording(device), _autocast(bench):
+        with engine.recording(device, rows=p), _autocast(bench):
             loss = bench.per_example_losses(model, bench.batch).sum()
         engine.backward(loss, mask)
         summed = engine.pop_summed()
