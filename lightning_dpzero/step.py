@@ -1,4 +1,4 @@
-"""``DPStep``: one logical DP-SGD step (DESIGN.md section 2), shared by every strategy.
+"""``DPStep``: one logical DP-SGD step (docs/design.md), shared by every strategy.
 
 sample (Poisson, via the dataloader it builds) -> clip (per physical batch, ``ClippingEngine``) -> sum ->
 noise N(0, sigma^2 C^2) once per coordinate -> divide by the expected batch size B = qN -> account.

@@ -41,7 +41,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_dpzero.callbacks import PrivacyBudget, PrivacyCurvePlot
@@ -153,8 +153,9 @@ def _loggers(node: Any, root: Path) -> list[Logger] | bool:
             missing = err if isinstance(err, ModuleNotFoundError) else err.__cause__
             if not isinstance(missing, ModuleNotFoundError):
                 raise
-            reason = f"lightning_dpzero.train: skipping logger {entry._target_}: {str(missing).splitlines()[0]}"
-            (rank_zero_info if optional else rank_zero_warn)(reason)
+            if not optional:  # the default config's TensorBoard: used when installed, silently left out otherwise
+                reason = str(missing).splitlines()[0]
+                rank_zero_warn(f"lightning_dpzero.train: skipping logger {entry._target_}: {reason}")
     return loggers or False
 
 

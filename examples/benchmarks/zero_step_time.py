@@ -37,7 +37,7 @@ Measures: ``ms`` is the median, over the ``--steps`` timed steps after ``--burn-
 from ``on_train_batch_start`` of a step's first (micro-)batch to ``on_train_batch_end`` of its last (forward,
 backward, reductions, noise and optimizer step; the per-step time is the max over the two ranks). ``peak RSS`` is
 the max over ranks of the process RSS, sampled by psutil every 5 ms from process start (it includes the imported
-libraries, so with this small model it is mostly framework overhead). Targets from DESIGN.md: dp_zero3 /
+libraries, so with this small model it is mostly framework overhead). The project's targets: dp_zero3 /
 deepspeed_stage_3 step time <= 1.25; DP / non-DP peak memory <= 1.2; the general DP / non-DP step-time target (<=
 1.2) is for a GPT with T >= 128, so for the other rows at this T it is shown in parentheses, for information.
 """
@@ -64,7 +64,7 @@ LABELS = {
     "ddp": ("ddp", "dp_ddp"),
 }
 TIME_TARGETS = {"zero3": "<= 1.25"}
-DEFAULT_TIME_TARGET = "<= 1.2"  # DESIGN.md: a GPT with T >= 128; shown in parentheses below that
+DEFAULT_TIME_TARGET = "<= 1.2"  # the project target: a GPT with T >= 128; shown in parentheses below that
 MEMORY_TARGET = 1.2
 
 

@@ -29,7 +29,7 @@ Measures:
   events (every tensor PyTorch allocates; not process RSS, which glibc's retained heap would blur). On CUDA,
   ``max_memory_allocated`` - ``memory_allocated`` at the step's start.
 - ``inference MB``: the same for one ``torch.no_grad()`` forward of one physical batch (parameters + its working
-  memory): the target of DESIGN.md section 5 is ZO peak / inference peak <= 1.15.
+  memory): the target of docs/design.md is ZO peak / inference peak <= 1.15.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Poisson logical batches cut into fixed-shape physical batches with a padding mask (DESIGN.md section 2).
+"""Poisson logical batches cut into fixed-shape physical batches with a padding mask (docs/design.md).
 
 Each logical step, every example of the rank's shard is included independently with probability q. The draw is
 done as L ~ Binomial(|shard|, q) followed by a uniform L-subset, which has exactly the Poisson distribution

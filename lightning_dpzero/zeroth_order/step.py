@@ -1,4 +1,4 @@
-"""``ZOStep``: one logical zeroth-order DP step (DESIGN.md section 3), with ``DPStep``'s sampling and accounting.
+"""``ZOStep``: one logical zeroth-order DP step (docs/design.md), with ``DPStep``'s sampling and accounting.
 
 Notation: P directions z_1..z_P ~ N(0, I) over the trainable (kept) coordinates, regenerated from a public seed;
 beta, eta, lambda of the current stage; C the clip norm, sigma the noise multiplier, B = qN.
