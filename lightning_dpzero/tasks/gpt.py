@@ -229,7 +229,23 @@ class GPT(nn.Module):
         return self.head(self.ln_f(x))
 
 
-class GPTTask(L.LightningModule):
+class LanguageModelSteps(L.LightningModule):
+    """The training and validation steps of a language model whose ``per_example_loss(batch)`` gives [n] losses:
+    per-example losses for the DP strategies (the mean for the others), the losses logged synced over the ranks."""
+
+    def per_example_loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        losses = self.per_example_loss(batch)
+        self.log("train_loss", losses.mean(), prog_bar=True, sync_dist=True)
+        return {"loss": losses.mean(), "per_example_loss": losses}
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self.log("val_loss", self.per_example_loss(batch).mean(), prog_bar=True, sync_dist=True)
+
+
+class GPTTask(LanguageModelSteps):
     """Next-token prediction. ``training_step`` returns the batch mean as ``loss`` and the per-example losses [n]
     (mean over each row's tokens) as ``per_example_loss``, which DP strategies use; other strategies ignore it.
 
@@ -288,14 +304,6 @@ class GPTTask(L.LightningModule):
         x, y = batch  # [n, T] inputs and targets (shifted by one)
         logits = self.model(x)
         return F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(1)  # [n]
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        losses = self.per_example_loss(batch)
-        self.log("train_loss", losses.mean(), prog_bar=True, sync_dist=True)
-        return {"loss": losses.mean(), "per_example_loss": losses}
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self.log("val_loss", self.per_example_loss(batch).mean(), prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

@@ -13,15 +13,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_dpzero.tasks.gpt import LanguageModelSteps
+
 __all__ = ["HFCausalLMTask"]
 
 
-class HFCausalLMTask(L.LightningModule):
+class HFCausalLMTask(LanguageModelSteps):
     """A transformers causal LM as a LightningModule with per-example losses.
 
     Args:
@@ -72,14 +73,6 @@ class HFCausalLMTask(L.LightningModule):
         inputs, targets = batch  # [n, T] each
         logits = self.model(input_ids=inputs).logits  # [n, T, V]
         return F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none").mean(1)
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        losses = self.per_example_loss(batch)
-        self.log("train_loss", losses.mean(), prog_bar=True, sync_dist=True)
-        return {"loss": losses.mean(), "per_example_loss": losses}
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self.log("val_loss", self.per_example_loss(batch).mean(), prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)

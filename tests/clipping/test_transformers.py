@@ -145,20 +145,24 @@ class HFTask(L.LightningModule):
         return DataLoader(self.rows, batch_size=4)
 
 
+def _dp_trainer(steps: int) -> L.Trainer:
+    return L.Trainer(
+        strategy=dpz.DPStrategy(dpz.PrivacyConfig(noise_multiplier=1.0, expected_batch_size=8, physical_batch_size=4)),
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_trains_under_dp_with_no_change_to_the_model(name: str) -> None:
     """Reference: the per-example self-check (rows, losses, buffers, autograd's per-example norms) passes and two
     logical steps are taken and accounted."""
     torch.manual_seed(0)
     build, loss_fn, data = MODELS[name]
-    trainer = L.Trainer(
-        strategy=dpz.DPStrategy(dpz.PrivacyConfig(noise_multiplier=1.0, expected_batch_size=8, physical_batch_size=4)),
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = _dp_trainer(2)
     trainer.fit(HFTask(build(), loss_fn, data(32)))
     assert trainer.strategy.dp.accountant.steps == 2
 
@@ -168,13 +172,6 @@ def test_t5_relative_attention_bias_is_refused(length: int) -> None:
     """Reference: T5's relative bias [T, T, heads] is computed once and broadcast over the batch, so its rows are
     not examples; whether T is a multiple of p or not, the run is refused naming the module."""
     torch.manual_seed(0)
-    trainer = L.Trainer(
-        strategy=dpz.DPStrategy(dpz.PrivacyConfig(noise_multiplier=1.0, expected_batch_size=8, physical_batch_size=4)),
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = _dp_trainer(1)
     with pytest.raises(dpz.PerExampleCheckError, match="relative_attention_bias"):
         trainer.fit(HFTask(_t5(), seq2seq_loss, _tokens(32, length)))
