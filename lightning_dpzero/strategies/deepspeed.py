@@ -254,8 +254,28 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
         if isinstance(self.dp, ZOStep):
             return self._setup_zeroth_order(model, optimizer)
         if optimizer is not None:
+            self._allow_offload_with(optimizer)
             optimizer = _NoisyPartitionOptimizer(optimizer, self.dp, self.world_size)
         return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+
+    def _allow_offload_with(self, optimizer: Optimizer) -> None:
+        """ZeRO-Offload: DeepSpeed refuses a client optimizer that is not its own CPU Adam/Lion, checking the class of
+        what it is handed, which is the noise wrapper. The wrapper steps the user's optimizer on the offloaded fp32
+        partitions after adding their noise, so the check is lifted (``zero_force_ds_cpu_optimizer``), with
+        DeepSpeed's own advice repeated when the user's optimizer is not a DeepSpeed CPU optimizer."""
+        config = self.config
+        assert isinstance(config, dict)
+        offload = config.get("zero_optimization", {}).get("offload_optimizer") or {}
+        if offload.get("device", "none") in (None, "none") or "zero_force_ds_cpu_optimizer" in config:
+            return
+        config["zero_force_ds_cpu_optimizer"] = False
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        if not isinstance(optimizer, DeepSpeedCPUAdam):
+            rank_zero_warn(
+                f"DPZeroStrategy: ZeRO-Offload steps your {type(optimizer).__name__} on the CPU; DeepSpeed's "
+                "DeepSpeedCPUAdam (deepspeed.ops.adam) is much faster there. The noise is added either way."
+            )
 
     def _check_deepspeed_config(self) -> None:
         config = self.config

@@ -90,7 +90,11 @@ class Record(Callback):
 
 
 def _trainer(strategy: str, privacy: dpz.PrivacyConfig, steps: int, callbacks: list, plugins=None) -> L.Trainer:
-    # "<name>_buffered": the clipped sums summed in a full-size buffer, reduce-scattered once per logical step
+    # "<name>_buffered": the clipped sums summed in a full-size buffer, reduce-scattered once per logical step;
+    # "<name>_offload": DeepSpeed's optimizer offload to the CPU (its fp32 partitions and the step live there);
+    # "<name>_offload_params": the parameters' partitions too (ZeRO-3)
+    strategy, offload_params = strategy.removesuffix("_params"), strategy.endswith("_offload_params")
+    strategy, offload = strategy.removesuffix("_offload"), strategy.endswith("_offload")
     strategy, buffered = strategy.removesuffix("_buffered"), strategy.endswith("_buffered")
     if strategy == "ddp":
         strat = dpz.DPDDPStrategy(privacy, process_group_backend="gloo")
@@ -98,8 +102,10 @@ def _trainer(strategy: str, privacy: dpz.PrivacyConfig, steps: int, callbacks: l
         strat = dpz.DPFSDPStrategy(privacy, stream_clipped_sums=not buffered, process_group_backend="gloo")
     else:
         stream = False if buffered else None
+        extra = {"offload_optimizer": True} if offload else {}
+        extra.update({"offload_parameters": True} if offload_params else {})
         strat = dpz.DPZeroStrategy(
-            stage=int(strategy[-1]), privacy=privacy, stream_clipped_sums=stream, process_group_backend="gloo"
+            stage=int(strategy[-1]), privacy=privacy, stream_clipped_sums=stream, process_group_backend="gloo", **extra
         )
     return L.Trainer(
         accelerator="cpu",

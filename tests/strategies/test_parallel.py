@@ -60,11 +60,15 @@ def _torchrun(strategy: str, mode: str, out: Path, expect_failure: bool = False)
     )
 
 
-@pytest.mark.parametrize("strategy", [*STRATEGIES, "zero3_buffered", "fsdp_buffered"])
+OFFLOAD = ["zero2_offload", "zero3_offload", "zero3_offload_params"]
+
+
+@pytest.mark.parametrize("strategy", [*STRATEGIES, "zero3_buffered", "fsdp_buffered", *OFFLOAD])
 def test_gradient_matches_single_process_reference(strategy: str, tmp_path) -> None:
     """Reference: tests/reference.py on the union of both ranks' Poisson samples, divided by B = qN. dp_zero3 and
     dp_fsdp stream each physical batch's clipped sums into the reduce-scatter (default) or, "_buffered", sum them in a
-    full-size buffer and reduce-scatter once per logical step."""
+    full-size buffer and reduce-scatter once per logical step. "_offload": DeepSpeed's optimizer offload (the noise is
+    added to the fp32 partitions on the CPU, where the optimizer steps; "_params": the parameters offloaded too)."""
     ranks = _torchrun(strategy, "oracle", tmp_path)
     assert [r["world"] for r in ranks] == [2, 2]
     assert ranks[0]["steps"] == ranks[1]["steps"] == 8
@@ -110,7 +114,7 @@ def test_gradient_matches_single_process_reference(strategy: str, tmp_path) -> N
                     _assert_rel_close(r["grads"][step][name].double(), value / 4.0, f"{style} {name}")
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", [*STRATEGIES, *OFFLOAD])
 def test_noise_is_drawn_once_per_coordinate(strategy: str, tmp_path) -> None:
     """Reference: noise std sigma*C/B over the whole gradient, identical on both ranks (not W times the draws)."""
     ranks = _torchrun(strategy, "noise", tmp_path)
