@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_dpzero.clipping.engine import ClippingEngine, Probe
+from lightning_dpzero.clipping.engine import ClippingEngine, Probe, explain_reentrant_checkpointing
 from lightning_dpzero.loss import summed_loss
 
 __all__ = ["PerExampleCheckError", "SelfCheck"]
@@ -166,7 +166,7 @@ class SelfCheck:
             losses = loss if loss.dim() == 1 else None
             norms = None
             if reference:
-                with engine.passive():
+                with engine.passive(), explain_reentrant_checkpointing():
                     norms = _reference_gradients(engine, losses, total)
             engine.backward(total, torch.ones(p, dtype=torch.bool, device=loss.device))
         buffers = {name: b.detach().clone() for name, b in module.named_buffers()}

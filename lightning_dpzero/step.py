@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_dpzero.accounting import PrivacyAccountant, calibrate_noise_multiplier
-from lightning_dpzero.clipping.engine import ClippingEngine
+from lightning_dpzero.clipping.engine import REENTRANT_CHECKPOINT, ClippingEngine
 from lightning_dpzero.config import PrivacyConfig
 from lightning_dpzero.loss import summed_loss, training_step_loss
 from lightning_dpzero.noise import GaussianNoise, SecureGaussianNoise
@@ -341,6 +341,14 @@ class DPStep:
             return
         assert self.engine is not None
         missing = [name for name in names if name not in self.engine.seen]
+        ungraded = [name for name in missing if self.engine.owner[name] in self.engine.ungraded]
+        if ungraded:
+            raise RuntimeError(
+                f"trainable parameter(s) {ungraded[:5]} received no per-example gradient in the first logical step: "
+                f"their module(s) {sorted({self.engine.owner[n] for n in ungraded})[:5]} ran with gradients "
+                "disabled (torch.no_grad, or the forward of reentrant activation checkpointing). Freeze what is "
+                f"computed without gradients (requires_grad_(False)); for checkpointing: {REENTRANT_CHECKPOINT}."
+            )
         if missing:
             raise RuntimeError(
                 f"trainable parameter(s) {missing[:5]} received no per-example gradient in the first logical step: "

@@ -5,6 +5,8 @@ Command::
     python examples/benchmarks/zero_step_time.py                         # all 5 pairs, ~6-8 min on 2 cores
     python examples/benchmarks/zero_step_time.py --pairs zero3,ddp --steps 20 --burn-in 5
     python examples/benchmarks/zero_step_time.py --physical 24           # DP physical batch size per rank
+    python examples/benchmarks/zero_step_time.py --pairs zero3,zero3_offload,zero3_offload_params,fsdp,fsdp_offload \
+        --accumulate --batch 512 --physical 32 --T 128 --steps 6 --burn-in 2     # memory features (docs' table)
     python examples/benchmarks/zero_step_time.py --accumulate --batch 512 --physical 32 --T 128 --steps 8 --burn-in 2 \
         --rounds 2                                                       # the README's table (~13 min)
 
@@ -18,6 +20,11 @@ prints a markdown table. Pairs (same GPT, same AdamW, fp32, same expected exampl
   GPT module
   (``--fsdp-dp-sharding own`` lets the DP strategy shard the plain module itself instead: every parameter-owning
   module, then the root).
+- ``zero2_offload``, ``zero3_offload``, ``zero3_offload_params``: the same with ``offload_optimizer=True`` (and
+  ``offload_parameters=True``) on both sides, the same torch AdamW stepped on the CPU by DeepSpeed in both
+  (``zero_force_ds_cpu_optimizer=False``); ``fsdp_offload``: FSDP2's ``CPUOffloadPolicy`` on both sides, each
+  strategy sharding the plain module itself. On a CPU-only machine the "device" is host memory too, so offload
+  saves nothing there: these rows show what offload costs under DP next to what it costs without.
 - ``zero1/2/3``: ``DPZeroStrategy(stage=s)`` vs Lightning's ``DeepSpeedStrategy(stage=s)``, the latter through a
   subclass of the library's ``DeepSpeedCPUStrategy`` (the CPU bypasses ``DPZeroStrategy`` builds on);
   ``gradient_clipping=0`` in both (DeepSpeed >= 0.19 otherwise
@@ -37,9 +44,11 @@ Measures: ``ms`` is the median, over the ``--steps`` timed steps after ``--burn-
 from ``on_train_batch_start`` of a step's first (micro-)batch to ``on_train_batch_end`` of its last (forward,
 backward, reductions, noise and optimizer step; the per-step time is the max over the two ranks). ``peak RSS`` is
 the max over ranks of the process RSS, sampled by psutil every 5 ms from process start (it includes the imported
-libraries, so with this small model it is mostly framework overhead). The project's targets: dp_zero3 /
-deepspeed_stage_3 step time <= 1.25; DP / non-DP peak memory <= 1.2; the general DP / non-DP step-time target (<=
-1.2) is for a GPT with T >= 128, so for the other rows at this T it is shown in parentheses, for information.
+libraries, so with this small model it is mostly framework overhead); "above the start of fit" is the peak during
+``trainer.fit`` minus the RSS just before it (what training adds: sharded states, gradients, activations, buffers).
+The project's targets: dp_zero3 / deepspeed_stage_3 step time <= 1.25; DP / non-DP peak memory <= 1.2; the general
+DP / non-DP step-time target (<= 1.2) is for a GPT with T >= 128, so for the other rows at this T it is shown in
+parentheses, for information.
 """
 
 from __future__ import annotations
@@ -56,12 +65,20 @@ import time
 from pathlib import Path
 
 PAIRS = ("zero1", "zero2", "zero3", "fsdp", "ddp")
+OFFLOAD_PAIRS = ("zero2_offload", "zero3_offload", "zero3_offload_params", "fsdp_offload")
 LABELS = {
     "zero1": ("deepspeed_stage_1", "dp_zero1"),
     "zero2": ("deepspeed_stage_2", "dp_zero2"),
     "zero3": ("deepspeed_stage_3", "dp_zero3"),
     "fsdp": ("ModelParallel (FSDP2)", "dp_fsdp"),
     "ddp": ("ddp", "dp_ddp"),
+    "zero2_offload": ("deepspeed_stage_2 + optimizer offload", "dp_zero2 + optimizer offload"),
+    "zero3_offload": ("deepspeed_stage_3 + optimizer offload", "dp_zero3 + optimizer offload"),
+    "zero3_offload_params": (
+        "deepspeed_stage_3 + optimizer, parameter offload",
+        "dp_zero3 + optimizer, parameter offload",
+    ),
+    "fsdp_offload": ("FSDP2 + CPUOffloadPolicy", "dp_fsdp + CPUOffloadPolicy"),
 }
 TIME_TARGETS = {"zero3": "<= 1.25"}
 DEFAULT_TIME_TARGET = "<= 1.2"  # the project target: a GPT with T >= 128; shown in parentheses below that
@@ -190,6 +207,15 @@ def _worker(args: argparse.Namespace) -> None:
             if private
             else DDPStrategy(process_group_backend="gloo")
         )
+    elif pair == "fsdp_offload":  # both shard every parameter-owning module, then the root, with the policy
+        from lightning_dpzero.strategies.fsdp import FSDP2Strategy
+
+        if private:
+            strategy = dpz.DPFSDPStrategy(
+                privacy, stream_clipped_sums=not args.buffered, cpu_offload=True, process_group_backend="gloo"
+            )
+        else:
+            strategy = FSDP2Strategy(cpu_offload=True, process_group_backend="gloo")
     elif pair == "fsdp":
         from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -202,14 +228,15 @@ def _worker(args: argparse.Namespace) -> None:
             strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, process_group_backend="gloo")
             module_cls = ShardedTask
     else:
-        stage = int(pair[-1])  # Lightning's default DeepSpeed config for the stage, in both runs
+        stage = int(pair[4])  # Lightning's default DeepSpeed config for the stage, in both runs
+        offload = {"offload_optimizer": "_offload" in pair, "offload_parameters": pair.endswith("_params")}
         if private:
             stream = False if args.buffered else None  # None: the default (streaming at stage 3)
             strategy = dpz.DPZeroStrategy(
-                stage=stage, privacy=privacy, stream_clipped_sums=stream, process_group_backend="gloo"
+                stage=stage, privacy=privacy, stream_clipped_sums=stream, process_group_backend="gloo", **offload
             )
         else:
-            strategy = _cpu_deepspeed_strategy()(stage=stage, process_group_backend="gloo")
+            strategy = _cpu_deepspeed_strategy()(stage=stage, process_group_backend="gloo", **offload)
 
     timer = Timer()
     trainer = L.Trainer(
@@ -229,6 +256,7 @@ def _worker(args: argparse.Namespace) -> None:
     )
     model = module_cls(**hp)
     n_params = sum(p.numel() for p in model.parameters())
+    start = rss._proc.memory_info().rss  # imports and the unsharded model: what training adds is above it
     trainer.fit(model)
     peak = rss.stop()
     out = {
@@ -237,6 +265,7 @@ def _worker(args: argparse.Namespace) -> None:
         "real": timer.real[args.burn_in :],
         "rows": timer.rows[args.burn_in :],
         "peak_rss": peak,
+        "train_rss": peak - start,
         "params": n_params,
     }
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -250,6 +279,8 @@ def _cpu_deepspeed_strategy():
     class NonPrivateZero(DeepSpeedCPUStrategy):
         def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
             self.config["gradient_clipping"] = 0.0  # as DPZeroStrategy (DeepSpeed >= 0.19 defaults it to 1.0)
+            # ZeRO-Offload with the same torch AdamW as the DP run (DeepSpeed otherwise insists on its CPU Adam)
+            self.config["zero_force_ds_cpu_optimizer"] = False
             return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
 
     return NonPrivateZero
@@ -285,6 +316,7 @@ def _run_one(args: argparse.Namespace, pair: str, private: bool, root: Path, rou
         "real": [sum(xs) for xs in zip(*(r["real"] for r in ranks))],
         "rows": [sum(xs) for xs in zip(*(r["rows"] for r in ranks))],
         "rss_mb": max(r["peak_rss"] for r in ranks) / 2**20,
+        "train_mb": max(r["train_rss"] for r in ranks) / 2**20,
         "params": ranks[0]["params"],
         "wall_s": wall,
         "log": str(log),
@@ -305,6 +337,7 @@ def _pooled(runs: list[dict]) -> dict:
         "real": statistics.mean(x for r in runs for x in r["real"]),
         "rows": statistics.mean(x for r in runs for x in r["rows"]),
         "rss_mb": max(r["rss_mb"] for r in runs),
+        "train_mb": max(r["train_mb"] for r in runs),
         "params": runs[0]["params"],
         "wall_s": sum(r["wall_s"] for r in runs),
     }
@@ -333,9 +366,9 @@ def _fmt(x: float | None, spec: str) -> str:
 
 def _launch(args: argparse.Namespace) -> None:
     pairs = [p.strip() for p in args.pairs.split(",") if p.strip()]
-    bad = [p for p in pairs if p not in PAIRS]
+    bad = [p for p in pairs if p not in LABELS]
     if bad:
-        raise SystemExit(f"unknown pairs {bad}; choose from {','.join(PAIRS)}")
+        raise SystemExit(f"unknown pairs {bad}; choose from {','.join(LABELS)}")
     root = Path(args.logs or tempfile.mkdtemp(prefix="zero_step_time_"))
     root.mkdir(parents=True, exist_ok=True)
     runs: dict[tuple[str, bool], list[dict]] = {(pair, private): [] for pair in pairs for private in (False, True)}
@@ -353,7 +386,8 @@ def _launch(args: argparse.Namespace) -> None:
                 print(
                     f"# {what} median {statistics.median(ms):.1f} ms (min {min(ms):.1f}, max {max(ms):.1f}), "
                     f"examples/step {statistics.mean(res['real']):.1f}, rows/step {statistics.mean(res['rows']):.1f}, "
-                    f"peak RSS {res['rss_mb']:.0f} MB, run {res['wall_s']:.0f} s",
+                    f"peak RSS {res['rss_mb']:.0f} MB ({res['train_mb']:.0f} MB above the start of fit), "
+                    f"run {res['wall_s']:.0f} s",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -373,9 +407,10 @@ def _launch(args: argparse.Namespace) -> None:
     )
     print(
         "| strategy | non-private ms | DP ms | DP / non-private | target | examples/step non-private / DP "
-        "(DP rows incl. padding) | peak RSS MB non-private / DP | memory ratio (target <= 1.2) |"
+        "(DP rows incl. padding) | peak RSS MB non-private / DP | memory ratio (target <= 1.2) | "
+        "MB above the start of fit, non-private / DP |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     notes = []
     for pair in pairs:
         base, dp = results[pair, False], results[pair, True]
@@ -392,7 +427,7 @@ def _launch(args: argparse.Namespace) -> None:
             f"| {name} | {_fmt(b_ms, '.1f')} | {_fmt(d_ms, '.1f')} | {_fmt(ratio, '.2f')} | "
             f"{_time_target(pair, args.T)} | {examples} | "
             f"{_fmt(b_mem, '.0f')} / {_fmt(d_mem, '.0f')} | "
-            f"{_fmt(mem_ratio, '.2f')} |"
+            f"{_fmt(mem_ratio, '.2f')} | {_fmt(base.get('train_mb'), '.0f')} / {_fmt(dp.get('train_mb'), '.0f')} |"
         )
     if args.rounds > 1:
         print("\nmedian of each round (ms), non-private / DP:")
@@ -411,7 +446,9 @@ def main() -> None:
     parser.add_argument("--pair", help=argparse.SUPPRESS)
     parser.add_argument("--private", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
-    parser.add_argument("--pairs", default=",".join(PAIRS), help=f"comma-separated subset of {','.join(PAIRS)}")
+    parser.add_argument(
+        "--pairs", default=",".join(PAIRS), help=f"comma-separated, from {','.join(LABELS)} (default: the first five)"
+    )
     parser.add_argument("--batch", type=int, default=32, help="B: (expected) examples per logical step, all ranks")
     parser.add_argument("--physical", type=int, default=None, help="DP physical batch size per rank (default B/2)")
     parser.add_argument("--steps", type=int, default=12, help="timed steps")

@@ -42,7 +42,14 @@ from lightning_dpzero.clipping.registry import ClippingRule, UnsupportedLayerErr
 from lightning_dpzero.clipping.styles import ClippingGroups, make_groups
 from lightning_dpzero.config import NonFinitePolicy, PrivacyConfig
 
-__all__ = ["ClippingEngine", "Probe", "TapRecord", "validate_model"]
+__all__ = [
+    "REENTRANT_CHECKPOINT",
+    "ClippingEngine",
+    "Probe",
+    "TapRecord",
+    "explain_reentrant_checkpointing",
+    "validate_model",
+]
 
 
 @dataclass(eq=False)
@@ -123,6 +130,27 @@ class Probe:
     taps: list[TapRecord] = field(default_factory=list)
     norms: dict[str, Tensor] = field(default_factory=dict)
     sums: dict[str, Tensor] = field(default_factory=dict)
+
+
+REENTRANT_CHECKPOINT = (
+    "reentrant activation checkpointing (torch.utils.checkpoint(..., use_reentrant=True), DeepSpeed's "
+    "activation checkpointing) runs its checkpointed modules without gradients and recomputes them in a nested "
+    "backward that per-example clipping cannot take part in. Use non-reentrant checkpointing, which is supported "
+    "and gives the same clipped gradients: torch.utils.checkpoint(..., use_reentrant=False), or for a Hugging Face "
+    "model gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})"
+)
+
+
+@contextlib.contextmanager
+def explain_reentrant_checkpointing() -> Iterator[None]:
+    """Around ``torch.autograd.grad``: torch's (or DeepSpeed's) refusal to take ``.grad()`` through a reentrant
+    checkpoint becomes the message above."""
+    try:
+        yield
+    except RuntimeError as err:
+        if "heckpoint" in str(err) and ".grad()" in str(err):
+            raise RuntimeError(REENTRANT_CHECKPOINT) from err
+        raise
 
 
 # Modules the fallback must not take: they mix the examples of a batch, or their usual layout is not examples-first.
@@ -227,6 +255,9 @@ class ClippingEngine:
         self.sink: Callable[[str, Tensor | None], None] | None = None
         self._emitted: set[str] = set()
         self.seen: set[str] = set()  # parameters that received a contribution since the last reset
+        # Hooked modules that ran while a physical batch was recorded but with gradients disabled (torch.no_grad, or
+        # the first forward of reentrant activation checkpointing): named when their parameters get no gradient.
+        self.ungraded: set[str] = set()
         self.last_norm_modes: dict[str, str] = {}  # layer path -> "ghost" / "instantiate" / "direct", for tests
         self._handles: list[RemovableHandle] = []
         self._anchor: Tensor | None = None  # the scalar every tap of the physical batch being recorded takes
@@ -277,7 +308,10 @@ class ClippingEngine:
 
     def _forward_hook(self, layer: _Layer):
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
-            if self._anchor is None or not torch.is_grad_enabled():
+            if self._anchor is None:
+                return None
+            if not torch.is_grad_enabled():
+                self.ungraded.add(layer.path)
                 return None
             if layer.rule is functorch_rule and not isinstance(output, Tensor):
                 raise UnsupportedLayerError(
@@ -377,7 +411,8 @@ class ClippingEngine:
         self._mask = mask
         try:
             if anchor is not None and loss.requires_grad:
-                torch.autograd.grad(loss, [anchor], allow_unused=True)
+                with explain_reentrant_checkpointing():
+                    torch.autograd.grad(loss, [anchor], allow_unused=True)
             self._finalize(range(len(self.groups)))  # groups whose taps did not all report (or all-layer)
             if self.sink is not None and self._probe is None:
                 for name in self.params:  # the same calls in the same order on every rank, whatever was reached

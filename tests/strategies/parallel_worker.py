@@ -91,7 +91,8 @@ class Record(Callback):
 
 def _trainer(strategy: str, privacy: dpz.PrivacyConfig, steps: int, callbacks: list, plugins=None) -> L.Trainer:
     # "<name>_buffered": the clipped sums summed in a full-size buffer, reduce-scattered once per logical step;
-    # "<name>_offload": DeepSpeed's optimizer offload to the CPU (its fp32 partitions and the step live there);
+    # "<name>_offload": DeepSpeed's optimizer offload to the CPU (its fp32 partitions and the step live there), or
+    # FSDP2's CPUOffloadPolicy;
     # "<name>_offload_params": the parameters' partitions too (ZeRO-3)
     strategy, offload_params = strategy.removesuffix("_params"), strategy.endswith("_offload_params")
     strategy, offload = strategy.removesuffix("_offload"), strategy.endswith("_offload")
@@ -99,7 +100,9 @@ def _trainer(strategy: str, privacy: dpz.PrivacyConfig, steps: int, callbacks: l
     if strategy == "ddp":
         strat = dpz.DPDDPStrategy(privacy, process_group_backend="gloo")
     elif strategy in ("fsdp", "fsdp_own"):
-        strat = dpz.DPFSDPStrategy(privacy, stream_clipped_sums=not buffered, process_group_backend="gloo")
+        strat = dpz.DPFSDPStrategy(
+            privacy, stream_clipped_sums=not buffered, cpu_offload=offload, process_group_backend="gloo"
+        )
     else:
         stream = False if buffered else None
         extra = {"offload_optimizer": True} if offload else {}
@@ -284,9 +287,22 @@ def hf(strategy: str, model_name: str, out: Path) -> None:
     """A transformers model (tests/clipping/test_transformers.py), sigma = 0: 2 logical steps' gradients."""
     from tests.clipping.test_transformers import MODELS, HFTask
 
-    build, loss_fn, data = MODELS[model_name]
+    checkpointed = model_name.endswith("_checkpointed")  # transformers' activation checkpointing on every block
+    build, loss_fn, data = MODELS[model_name.removesuffix("_checkpointed")]
     torch.manual_seed(0)
-    task = HFTask(build(), loss_fn, data(40))
+    net, recomputed = build(), []
+    if checkpointed:
+        import transformers.modeling_utils as hf_utils
+
+        original = hf_utils.checkpoint
+
+        def counted(*args, **kwargs):
+            recomputed.append(kwargs.get("use_reentrant"))
+            return original(*args, **kwargs)
+
+        hf_utils.checkpoint = counted
+        (getattr(net, "activation_checkpointing_enable", None) or net.gradient_checkpointing_enable)()
+    task = HFTask(net, loss_fn, data(40))
     record = Record("net")
     privacy = dpz.PrivacyConfig(
         noise_multiplier=0.0, clip_norm=0.3, clipping_function="abadi", expected_batch_size=8, physical_batch_size=3,
@@ -295,7 +311,13 @@ def hf(strategy: str, model_name: str, out: Path) -> None:
     trainer = _trainer(strategy, privacy, 2, [record])
     trainer.fit(task)
     torch.save(
-        {"grads": record.grads, "batches": record.batches, "models": record.models, "world": trainer.world_size},
+        {
+            "grads": record.grads,
+            "batches": record.batches,
+            "models": record.models,
+            "world": trainer.world_size,
+            "checkpointed": recomputed,
+        },
         out / f"rank{trainer.global_rank}.pt",
     )
 

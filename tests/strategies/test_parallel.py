@@ -60,7 +60,7 @@ def _torchrun(strategy: str, mode: str, out: Path, expect_failure: bool = False)
     )
 
 
-OFFLOAD = ["zero2_offload", "zero3_offload", "zero3_offload_params"]
+OFFLOAD = ["zero2_offload", "zero3_offload", "zero3_offload_params", "fsdp_offload"]
 
 
 @pytest.mark.parametrize("strategy", [*STRATEGIES, "zero3_buffered", "fsdp_buffered", *OFFLOAD])
@@ -227,19 +227,25 @@ def test_dp_zero3_exchanges_the_same_collectives_as_nonprivate_zero3(tmp_path) -
             assert gathered[0] > 0 and gathered[1] > 0 and summary(ref_step)["reduce_scatter_tensor"][1] > 0
 
 
-@pytest.mark.parametrize("strategy", ["zero3", "fsdp"])
-@pytest.mark.parametrize("model_name", ["gpt2", "llama"])
+@pytest.mark.parametrize(
+    ("model_name", "strategy"),
+    [(m, s) for m in ("gpt2", "llama") for s in ("zero3", "fsdp")] + [("gpt2_checkpointed", "zero3")],
+)
 def test_transformers_models_match_the_reference_on_two_processes(model_name: str, strategy: str, tmp_path) -> None:
     """Reference: tests/reference.py on the union of both ranks' Poisson samples (Abadi, C = 0.3), divided by
     B = 8: transformers' GPT-2 (Conv1D, positions computed once, a tied head) and Llama (LlamaRMSNorm through the
-    torch.func fallback, on the parameters ZeRO-3 or FSDP2 gathered for the backward), unchanged."""
+    torch.func fallback, on the parameters ZeRO-3 or FSDP2 gathered for the backward), unchanged.
+    "gpt2_checkpointed": the same GPT-2 with transformers' activation checkpointing (non-reentrant) on every block,
+    recomputed in the backward with ZeRO-3 gathering the parameters again; the reference has no checkpointing."""
     pytest.importorskip("transformers")
     from tests.clipping.test_transformers import MODELS
 
-    build, loss_fn, _ = MODELS[model_name]
+    build, loss_fn, _ = MODELS[model_name.removesuffix("_checkpointed")]
     _torchrun(strategy, f"hf-{model_name}", tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert [r["world"] for r in ranks] == [2, 2]
+    if model_name.endswith("_checkpointed"):  # every block's forward went through a non-reentrant checkpoint
+        assert all(r["checkpointed"] and set(r["checkpointed"]) == {False} for r in ranks)
     for step in range(2):
         model = build()
         model.load_state_dict(ranks[0]["models"][step], strict=False)  # a tied head is stored once
