@@ -68,9 +68,17 @@ _FIXES = (
 class SelfCheck:
     """Runs the check on the first logical step of a run and every ``every`` logical steps after.
 
+    The check runs on the first ``ROWS`` rows of the step's first physical batch (all of them when it has fewer):
+    mixing across rows shows with two, and the check holds two probed passes (every hooked module's input, output
+    and output gradient) at once, so its memory is kept to that of a few rows whatever p is. A layout whose dim 0 is
+    not the example (sequence-first, positions computed once) is refused at any number of rows: either the shapes
+    differ or every row moves with the one changed example.
+
     Args:
         every: logical steps between checks; ``None``: the first step only.
     """
+
+    ROWS = 8
 
     def __init__(self, every: int | None) -> None:
         self.every = every

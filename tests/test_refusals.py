@@ -128,10 +128,24 @@ def test_changed_sigma_or_sample_rate_on_resume_is_refused(tmp_path) -> None:
         _trainer(privacy.replace(expected_batch_size=16), steps=4).fit(Task(), ckpt_path=tmp_path / "a.ckpt")
 
 
-def test_deepspeed_optimizer_in_config_is_refused() -> None:
-    strategy = DPZeroStrategy(stage=2, config={"optimizer": {"type": "Adam"}, "train_micro_batch_size_per_gpu": 1})
-    with pytest.raises(ValueError, match="configure_optimizers, not in the DeepSpeed config"):
-        strategy._check_deepspeed_config()
+def test_deepspeed_config_optimizer_is_refused_only_where_the_noise_cannot_reach_it() -> None:
+    """A config optimizer is wrapped after DeepSpeed builds it (the 2-process oracle and noise tests, "_dsopt"); it is
+    refused for zeroth-order, and so are DeepSpeed's settings that step part of the partitions with another optimizer
+    (partial offload, super offload, ZenFlow)."""
+    base = {"optimizer": {"type": "Adam"}, "train_micro_batch_size_per_gpu": 1}
+    DPZeroStrategy(stage=2, config=dict(base))._check_deepspeed_config()  # allowed
+    zeroth_order = dpz.PrivacyConfig(noise_multiplier=1.0, method="zeroth_order")
+    with pytest.raises(ValueError, match="zeroth-order DP updates the parameters itself"):
+        DPZeroStrategy(stage=3, privacy=zeroth_order, config=dict(base))._check_deepspeed_config()
+    offloads = {
+        "ratio < 1": {"offload_optimizer": {"device": "cpu", "ratio": 0.5}},
+        "super_offload": {"offload_optimizer": {"device": "cpu", "super_offload": True}},
+        "zenflow": {"zenflow": {"topk_ratio": 0.1}},
+    }
+    for setting, zero in offloads.items():
+        strategy = DPZeroStrategy(stage=3, config={**base, "zero_optimization": {"stage": 3, **zero}})
+        with pytest.raises(ValueError, match=rf"{setting}.*the noise cannot reach"):
+            strategy._check_deepspeed_config()
 
 
 def test_fsdp_root_owned_parameters_are_refused() -> None:

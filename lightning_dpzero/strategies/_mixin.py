@@ -244,7 +244,7 @@ class DPStrategyMixin:
     def _self_check(self, batch: LogicalBatch, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """The per-example self-check (``lightning_dpzero.selfcheck``) on this step's first physical batch, the same
         on every rank; a failure on any rank refuses the run on all of them."""
-        dataset, collate, indices = self.dp.dataset, self.dp.collate, batch.indices[0]
+        dataset, collate, indices = self.dp.dataset, self.dp.collate, batch.indices[0][: self.dp.self_check.ROWS]
         assert dataset is not None and collate is not None
         items = [dataset[i] for i in indices]
         changed = len(indices) // 2  # the row the check replaces (SelfCheck.run's choice)

@@ -256,7 +256,19 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
         if optimizer is not None:
             self._allow_offload_with(optimizer)
             optimizer = _NoisyPartitionOptimizer(optimizer, self.dp, self.world_size)
-        return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+            return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+        # The optimizer is in the DeepSpeed config: DeepSpeed builds it (DeepSpeedCPUAdam under ZeRO-Offload) and its
+        # ZeRO optimizer steps it on the rank's fp32 partitions; the noise wrapper goes between the two.
+        engine, zero_optimizer = super()._setup_model_and_optimizer(model, None, lr_scheduler)
+        inner = getattr(zero_optimizer, "optimizer", None)
+        if not isinstance(inner, Optimizer):
+            raise ValueError(
+                f"DPZeroStrategy: DeepSpeed's {type(zero_optimizer).__name__} does not expose the optimizer it steps, "
+                "so the noise cannot be added before it: define the optimizer in configure_optimizers instead of the "
+                "DeepSpeed config."
+            )
+        zero_optimizer.optimizer = _NoisyPartitionOptimizer(inner, self.dp, self.world_size)
+        return engine, zero_optimizer
 
     def _allow_offload_with(self, optimizer: Optimizer) -> None:
         """ZeRO-Offload: DeepSpeed refuses a client optimizer that is not its own CPU Adam/Lion, checking the class of
@@ -296,11 +308,24 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
                 "steps depending on the data, and the clipped sums enter DeepSpeed unscaled. Use fp16.loss_scale=1 "
                 "or bf16 (DPPrecision('bf16-mixed'))."
             )
-        if "optimizer" in config:
+        if "optimizer" in config and isinstance(self.dp, ZOStep):
             raise ValueError(
-                "DPZeroStrategy: define the optimizer in configure_optimizers, not in the DeepSpeed config: the "
-                "strategy wraps the client optimizer to add the noise."
+                "DPZeroStrategy: zeroth-order DP updates the parameters itself; remove the optimizer from the "
+                "DeepSpeed config (the learning rate is the ZO method's)."
             )
+        offload = config.get("zero_optimization", {}).get("offload_optimizer") or {}
+        bypass = {
+            "zero_optimization.offload_optimizer.ratio < 1 (partial offload)": offload.get("ratio", 1.0) < 1.0,
+            "zero_optimization.offload_optimizer.super_offload": bool(offload.get("super_offload")),
+            "zero_optimization.zenflow": bool(config.get("zero_optimization", {}).get("zenflow")),
+        }
+        for setting, used in bypass.items():
+            if used:
+                raise ValueError(
+                    f"DPZeroStrategy: the DeepSpeed config sets {setting}: DeepSpeed then steps part of the partitions "
+                    "with an optimizer of its own, which the noise cannot reach. Remove it (plain ZeRO-Offload, "
+                    "offload_optimizer with the default ratio 1, is supported)."
+                )
 
     @override
     def _dp_precision(self, plugin: Any) -> Any:

@@ -200,6 +200,18 @@ def test_models_that_mix_examples_are_refused(kind: str) -> None:
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+@pytest.mark.parametrize("kind", ["seq_first", "shared_positions", "mean0"])
+def test_the_check_on_fewer_rows_than_p_still_refuses(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reference: the check runs on SelfCheck.ROWS rows of the physical batch; here 4 of p = T = 8, so that the rows
+    the check sees differ from T while the run's own p equals T (the case shapes cannot tell): still refused."""
+    monkeypatch.setattr(SelfCheck, "ROWS", 4)
+    model = Model(kind)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(dpz.PerExampleCheckError, match=r"module '(proj|wpe)'"):
+        _fit(model)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
 def test_a_refused_model_really_leaks(unchecked: None) -> None:
     """Reference: the DP bound. Without the check, ``x - x.mean(0)`` lets one outlier move the released sum by
     ~2.7 C (every other example's clipped gradient turns with it); the refused cases leak in this way, by amounts

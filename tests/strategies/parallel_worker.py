@@ -94,6 +94,8 @@ def _trainer(strategy: str, privacy: dpz.PrivacyConfig, steps: int, callbacks: l
     # "<name>_offload": DeepSpeed's optimizer offload to the CPU (its fp32 partitions and the step live there), or
     # FSDP2's CPUOffloadPolicy;
     # "<name>_offload_params": the parameters' partitions too (ZeRO-3)
+    # "<name>_dsopt": the optimizer (SGD, the task's learning rate) in the DeepSpeed config instead of the task's
+    strategy, config_optimizer = strategy.removesuffix("_dsopt"), strategy.endswith("_dsopt")
     strategy, offload_params = strategy.removesuffix("_params"), strategy.endswith("_offload_params")
     strategy, offload = strategy.removesuffix("_offload"), strategy.endswith("_offload")
     strategy, buffered = strategy.removesuffix("_buffered"), strategy.endswith("_buffered")
@@ -107,6 +109,14 @@ def _trainer(strategy: str, privacy: dpz.PrivacyConfig, steps: int, callbacks: l
         stream = False if buffered else None
         extra = {"offload_optimizer": True} if offload else {}
         extra.update({"offload_parameters": True} if offload_params else {})
+        if config_optimizer:
+            zero = {"stage": int(strategy[-1])}
+            if offload:
+                zero["offload_optimizer"] = {"device": "cpu"}
+            optimizer = {"type": "SGD", "params": {"lr": LR}}
+            extra = {
+                "config": {"zero_optimization": zero, "optimizer": optimizer, "zero_allow_untested_optimizer": True}
+            }
         strat = dpz.DPZeroStrategy(
             stage=int(strategy[-1]), privacy=privacy, stream_clipped_sums=stream, process_group_backend="gloo", **extra
         )

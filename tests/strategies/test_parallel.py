@@ -60,7 +60,14 @@ def _torchrun(strategy: str, mode: str, out: Path, expect_failure: bool = False)
     )
 
 
-OFFLOAD = ["zero2_offload", "zero3_offload", "zero3_offload_params", "fsdp_offload"]
+OFFLOAD = [
+    "zero2_offload",
+    "zero3_offload",
+    "zero3_offload_params",
+    "fsdp_offload",
+    "zero2_dsopt",
+    "zero3_offload_dsopt",
+]
 
 
 @pytest.mark.parametrize("strategy", [*STRATEGIES, "zero3_buffered", "fsdp_buffered", *OFFLOAD])
@@ -68,7 +75,9 @@ def test_gradient_matches_single_process_reference(strategy: str, tmp_path) -> N
     """Reference: tests/reference.py on the union of both ranks' Poisson samples, divided by B = qN. dp_zero3 and
     dp_fsdp stream each physical batch's clipped sums into the reduce-scatter (default) or, "_buffered", sum them in a
     full-size buffer and reduce-scatter once per logical step. "_offload": DeepSpeed's optimizer offload (the noise is
-    added to the fp32 partitions on the CPU, where the optimizer steps; "_params": the parameters offloaded too)."""
+    added to the fp32 partitions on the CPU, where the optimizer steps; "_params": the parameters offloaded too; at
+    "fsdp", FSDP2's CPUOffloadPolicy). "_dsopt": the optimizer in the DeepSpeed config, built by DeepSpeed, the noise
+    added before its step."""
     ranks = _torchrun(strategy, "oracle", tmp_path)
     assert [r["world"] for r in ranks] == [2, 2]
     assert ranks[0]["steps"] == ranks[1]["steps"] == 8
