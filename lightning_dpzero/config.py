@@ -202,6 +202,12 @@ class PrivacyConfig:
         sample_rate: q, the probability that each example is in a logical batch.
         physical_batch_size: p, examples per forward/backward on one rank (memory only; it does not change
             epsilon). ``None``: the training DataLoader's ``batch_size``.
+        physical_batch_shapes: ``fixed`` (default): every physical batch has p rows, the last one of a step padded
+            (one shape). ``few``: the last physical batch of each rank (and a rank's fully masked ones) takes the
+            smallest of p, p/2, p/4 and p/8 rows (rounded up) that holds its rows: at most four shapes, and about
+            p/16 padding rows per step instead of p/2. Compute only: the sample, the clipped sum and epsilon are
+            the same. The shapes follow the realised batch size, which the threat model leaves outside (like the
+            number of physical batches under ``fixed``).
         accountant: ``rdp`` (default: fast, a slightly loose upper bound) or ``pld`` (tight; calibration takes
             seconds to tens of seconds, and per-step epsilon costs ~0.2-0.8 s).
         norm_mode: per-example norm computation for layers with a sequence dimension (``auto`` picks the cheaper).
@@ -248,6 +254,7 @@ class PrivacyConfig:
     expected_batch_size: int | None = None
     sample_rate: float | None = None
     physical_batch_size: int | None = None
+    physical_batch_shapes: str = "fixed"
     accountant: Accountant = Accountant.RDP
     norm_mode: NormMode = NormMode.AUTO
     functorch_fallback: bool = True
@@ -306,6 +313,11 @@ class PrivacyConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"PrivacyConfig: `{name}` must be a positive integer, got {value!r}.")
+        if self.physical_batch_shapes not in ("fixed", "few"):
+            raise ValueError(
+                f"PrivacyConfig: `physical_batch_shapes` must be 'fixed' (p rows each) or 'few' (the last physical "
+                f"batch shrinks to p/2, p/4 or p/8 rows when that holds it), got {self.physical_batch_shapes!r}."
+            )
         if self.sample_rate is not None and not 0.0 < self.sample_rate <= 1.0:
             raise ValueError(f"PrivacyConfig: `sample_rate` must be in (0, 1], got {self.sample_rate!r}.")
         every = self.self_check_every

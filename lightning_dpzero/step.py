@@ -175,6 +175,7 @@ class DPStep:
                 num_examples=n,
                 sample_rate=q,
                 physical_batch_size=p,
+                shapes=cfg.physical_batch_shapes,
                 steps_per_epoch=steps_per_epoch,
                 key=self.key,
                 rank=self.rank,

@@ -198,3 +198,29 @@ def test_readme_command_runs(command: str, reason: str | None, command_results) 
         shown = re.search(r"^\[lightning_dpzero\] val_loss=.*$", README, re.M).group(0)
         shape = re.sub(r"\d+", r"\\d+", re.escape(shown))
         assert re.search(shape, out.stdout), (shown, out.stdout[-2000:])
+
+
+def test_every_refused_input_names_a_test_that_exists() -> None:
+    """Reference: the "Refused inputs" table's third column; each `file.py::name` (a `*` matches like a glob) is a
+    test function defined in that file under tests/, each bare `file.py` exists. A renamed test fails here."""
+    import fnmatch
+
+    section = README.split("## Refused inputs", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "`" in line.rsplit("|", 2)[1]]
+    assert len(rows) >= 20
+    missing = []
+    for row in rows:
+        current: Path | None = None
+        for ref in re.findall(r"`([^`]+)`", row.rsplit("|", 2)[1]):
+            if ref.startswith("[") or ".py" not in ref:
+                continue  # another parameter of the test just named, or a setting
+            path, _, name = ref.partition("::")
+            current = ROOT / "tests" / path
+            if not current.is_file():
+                missing.append(ref)
+                continue
+            if name:
+                defined = re.findall(r"^def (test_\w+)", current.read_text(), re.M)
+                if not fnmatch.filter(defined, name.split("[")[0]):
+                    missing.append(ref)
+    assert not missing, missing

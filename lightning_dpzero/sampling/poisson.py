@@ -1,4 +1,4 @@
-"""Poisson logical batches cut into fixed-shape physical batches with a padding mask (docs/design.md).
+"""Poisson logical batches cut into masked physical batches of p rows (docs/design.md).
 
 Each logical step, every example of the rank's shard is included independently with probability q. The draw is
 done as L ~ Binomial(|shard|, q) followed by a uniform L-subset, which has exactly the Poisson distribution
@@ -57,14 +57,33 @@ class LogicalBatch:
 
 @dataclass(frozen=True)
 class _StepHeader:
-    """The first key of a logical step's key list: which Poisson draw it is and its q (read by the collate)."""
+    """The first key of a logical step's key list: which Poisson draw it is, its q, and the rows of each of its
+    physical batches (read by the collate)."""
 
     sample_index: int
     sample_rate: float
+    sizes: tuple[int, ...]
+
+
+def physical_sizes(rows: int, p: int, num_physical: int, shapes: str = "fixed") -> list[int]:
+    """The row counts of a rank's ``num_physical`` physical batches holding its ``rows`` sampled examples.
+
+    ``fixed``: p each. ``few``: full batches of p, then the last partly filled one and any fully masked ones take
+    the smallest of p, ceil(p/2), ceil(p/4), ceil(p/8) that holds their rows.
+    """
+    if shapes == "fixed":
+        return [p] * num_physical
+    choices = sorted({math.ceil(p / 2**k) for k in range(4)})
+    sizes = []
+    for _ in range(num_physical):
+        need = min(rows, p)
+        sizes.append(next(c for c in choices if c >= need) if need < p else p)
+        rows -= need
+    return sizes
 
 
 class PoissonBatchSampler:
-    """Yields, per logical step, the rank's sampled indices padded to ``num_physical * p`` entries.
+    """Yields, per logical step, the rank's sampled indices padded to fill its physical batches (``physical_sizes``).
 
     Each entry is ``(dataset_index, is_real)``, after a header naming the draw. Always yields, also for an empty
     sample (then one fully masked physical batch), so every rank takes the same number of logical steps.
@@ -73,6 +92,7 @@ class PoissonBatchSampler:
         num_examples: N, the size of the whole dataset.
         sample_rate: q.
         physical_batch_size: p.
+        shapes: ``fixed`` (every physical batch p rows) or ``few`` (``PrivacyConfig.physical_batch_shapes``).
         steps_per_epoch: logical steps per ``len()``: what Lightning calls the number of training batches.
         key: the run's secret key (the same on every rank).
         rank, world_size: this rank's shard is ``range(rank, N, world_size)``.
@@ -94,12 +114,14 @@ class PoissonBatchSampler:
         key: SecretKey,
         rank: int = 0,
         world_size: int = 1,
+        shapes: str = "fixed",
     ) -> None:
         if num_examples < 1:
             raise ValueError("PoissonBatchSampler: the training dataset is empty; there is nothing to sample.")
         self.num_examples = num_examples
         self.sample_rate = sample_rate
         self.physical_batch_size = physical_batch_size
+        self.shapes = shapes
         self.steps_per_epoch = steps_per_epoch
         self.rank, self.world_size = rank, world_size
         self.shard_sizes = [len(range(r, num_examples, world_size)) for r in range(world_size)]
@@ -117,21 +139,23 @@ class PoissonBatchSampler:
     def __iter__(self) -> Iterator[list[Any]]:
         for _ in range(self.steps_per_epoch):
             index = self.position
-            keys = self.sample_step()
-            yield [_StepHeader(index, self.sample_rate), *keys]
+            keys, sizes = self.sample_step()
+            yield [_StepHeader(index, self.sample_rate, tuple(sizes)), *keys]
 
-    def sample_step(self) -> list[tuple[int, bool]]:
-        """The next logical step's padded index list for this rank."""
+    def sample_step(self) -> tuple[list[tuple[int, bool]], list[int]]:
+        """The next logical step's padded index list for this rank, and the rows of each of its physical batches
+        (the same number of batches on every rank)."""
         position, self.position = self.position, self.position + 1
         sizes = self._key.numpy_generator("size", position).binomial(self.shard_sizes, self.sample_rate).tolist()
-        num_physical = max(1, max(math.ceil(s / self.physical_batch_size) for s in sizes))
+        p = self.physical_batch_size
+        num_physical = max(1, max(math.ceil(s / p) for s in sizes))
         own = sizes[self.rank]
         picker = self._key.numpy_generator("sample", self.rank, position)
         chosen = picker.choice(self.shard_sizes[self.rank], size=own, replace=False)  # a uniform own-subset
         indices = [int(i) * self.world_size + self.rank for i in chosen]
         filler = indices[0] if indices else 0  # any valid index: padding rows are masked out
-        padding = num_physical * self.physical_batch_size - own
-        return [(i, True) for i in indices] + [(filler, False)] * padding
+        rows = physical_sizes(own, p, num_physical, self.shapes)
+        return [(i, True) for i in indices] + [(filler, False)] * (sum(rows) - own), rows
 
     def state_dict(self) -> dict[str, Any]:
         return {"position": self.position}
@@ -157,19 +181,19 @@ class _IndexedDataset(Dataset):
 
 
 class _LogicalCollate:
-    """Cuts the padded example list into physical batches of p, collated by the user's ``collate_fn``."""
+    """Cuts the padded example list into the header's physical batches, collated by the user's ``collate_fn``."""
 
-    def __init__(self, collate_fn: Callable[[list[Any]], Any], physical_batch_size: int) -> None:
+    def __init__(self, collate_fn: Callable[[list[Any]], Any]) -> None:
         self.collate_fn = collate_fn
-        self.physical_batch_size = physical_batch_size
 
     def __call__(self, items: Sequence[Any]) -> LogicalBatch:
         header, rows = items[0], items[1:]
         assert isinstance(header, _StepHeader), "the Poisson sampler's key list starts with its header"
-        p = self.physical_batch_size
+        assert sum(header.sizes) == len(rows), "the physical batches hold every row of the step"
         batches, masks, indices = [], [], []
-        for start in range(0, len(rows), p):
-            chunk = rows[start : start + p]
+        start = 0
+        for size in header.sizes:
+            chunk, start = rows[start : start + size], start + size
             batches.append(self.collate_fn([example for (_, example), _ in chunk]))
             masks.append(torch.tensor([real for _, real in chunk], dtype=torch.bool))
             indices.append([index for (index, _), _ in chunk])
@@ -224,6 +248,6 @@ def make_dp_dataloader(dataloader: DataLoader, sampler: PoissonBatchSampler) -> 
     return DataLoader(
         _IndexedDataset(dataloader.dataset),
         batch_sampler=sampler,
-        collate_fn=_LogicalCollate(dataloader.collate_fn, sampler.physical_batch_size),
+        collate_fn=_LogicalCollate(dataloader.collate_fn),
         **kwargs,
     )

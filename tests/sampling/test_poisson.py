@@ -294,3 +294,46 @@ def test_check_replaceable_refuses(make_loader, error, needle):
 def test_check_replaceable_accepts_plain_loaders(make_loader):
     """Reference: check_replaceable docstring (shuffle=True/False and Lightning's DistributedSampler are replaced)."""
     check_replaceable(make_loader(TensorDataset(torch.randn(10, 2))), "DPStrategy")
+
+
+@pytest.mark.parametrize("p", [1, 3, 8, 64])
+def test_few_shapes_hold_every_row_with_at_most_four_sizes(p: int) -> None:
+    """Reference: PrivacyConfig.physical_batch_shapes ("few"): full batches of p first, then the smallest of p,
+    ceil(p/2), ceil(p/4), ceil(p/8) holding the rest; a fully masked batch takes the smallest; "fixed" is p each."""
+    from lightning_dpzero.sampling.poisson import physical_sizes
+
+    choices = {math.ceil(p / 2**k) for k in range(4)}
+    for num_physical in range(1, 4):
+        for rows in range(0, num_physical * p + 1):
+            assert physical_sizes(rows, p, num_physical, "fixed") == [p] * num_physical
+            sizes = physical_sizes(rows, p, num_physical, "few")
+            assert len(sizes) == num_physical and set(sizes) <= choices and sum(sizes) >= rows
+            full, rest = divmod(rows, p)
+            assert sizes[:full] == [p] * full
+            if rest:  # the partly filled batch: no smaller allowed size would hold it
+                assert sizes[full] >= rest and all(c < rest for c in choices if c < sizes[full])
+            assert all(s == min(choices) for s in sizes[full + (1 if rest else 0) :])
+
+
+def test_few_shapes_keep_the_sample_and_cut_the_padding():
+    """Reference: the same key gives the same Poisson samples under both shapes (the padding differs only); with
+    p = 64 and B = 128 the padded rows fall from ~1/4 of the real rows to ~6% (-s prints both), and two ranks still
+    run the same number of physical batches."""
+    kwargs = dict(num_examples=4096, sample_rate=128 / 4096, physical_batch_size=64, steps_per_epoch=300, seed=3)
+    fixed, few = make_sampler(**kwargs), make_sampler(**kwargs, shapes="few")
+    padded = {"fixed": 0, "few": 0}
+    real_total = 0
+    for name, sampler in (("fixed", fixed), ("few", few)):
+        for keys in sampler:
+            header, step = keys[0], keys[1:]
+            assert sum(header.sizes) == len(step)
+            padded[name] += len(step) - len(real_indices(step))
+            real_total += len(real_indices(step)) if name == "fixed" else 0
+    assert [real_indices(s) for s in epoch(make_sampler(**kwargs))] == [
+        real_indices(s) for s in epoch(make_sampler(**kwargs, shapes="few"))
+    ]
+    print(f"padded / real rows: fixed {padded['fixed'] / real_total:.3f}, few {padded['few'] / real_total:.3f}")
+    assert padded["fixed"] / real_total > 0.15 and padded["few"] / real_total < 0.08
+    ranks = [make_sampler(**{**kwargs, "num_examples": 4097}, shapes="few", rank=r, world_size=2) for r in range(2)]
+    for keys0, keys1 in zip(*ranks):
+        assert len(keys0[0].sizes) == len(keys1[0].sizes)

@@ -334,6 +334,8 @@ def hf(strategy: str, model_name: str, out: Path) -> None:
 
 def main(strategy: str, mode: str, out: Path) -> None:
     torch.set_num_threads(1)
+    # "<name>_few": PrivacyConfig(physical_batch_shapes="few"): last physical batches of 1, 2 or 3 rows (p = 3)
+    strategy, shapes = strategy.removesuffix("_few"), "few" if strategy.endswith("_few") else "fixed"
     if mode == "comms":
         _count_collectives()
     L.seed_everything(0)  # the same initial model on every run (DDP and ZeRO broadcast rank 0's anyway)
@@ -352,7 +354,12 @@ def main(strategy: str, mode: str, out: Path) -> None:
     plugins = None
     if mode in ("oracle", "bf16"):
         privacy = dpz.PrivacyConfig(
-            noise_multiplier=0.0, clip_norm=0.3, expected_batch_size=4, physical_batch_size=3, seed=11
+            noise_multiplier=0.0,
+            clip_norm=0.3,
+            expected_batch_size=4,
+            physical_batch_size=3,
+            seed=11,
+            physical_batch_shapes=shapes,
         )
         task, record, steps = (ShardedTask if strategy == "fsdp_own" else Task)(lr=LR), Record("net"), 8
         if mode == "bf16":

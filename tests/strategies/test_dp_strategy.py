@@ -136,6 +136,42 @@ def test_gradient_matches_float64_reference(zero_noise, style, function, loss_ki
             torch.testing.assert_close(grads[name].double(), value / 10.0, rtol=1e-5, atol=1e-8)
 
 
+def test_few_shapes_match_the_reference_and_train_as_fixed_shapes() -> None:
+    """Reference: tests/reference.py over the real rows (sigma = 0), with last physical batches of 1, 2, 4 or 8 rows
+    (PrivacyConfig.physical_batch_shapes="few", p = 8); then with noise, the same seed trains to the same weights as
+    "fixed" (same samples, same noise; only the padding differs)."""
+    import os
+
+    from lightning_dpzero.config import _ZERO_NOISE_ENV
+
+    def privacy(shapes: str, sigma: float) -> dpz.PrivacyConfig:
+        return dpz.PrivacyConfig(noise_multiplier=sigma, clip_norm=0.3, expected_batch_size=10, physical_batch_size=8,
+                                 physical_batch_shapes=shapes, seed=1)  # fmt: skip
+
+    os.environ[_ZERO_NOISE_ENV] = "1"
+    try:
+        capture = Capture()
+        _trainer(privacy("few", 0.0), 6, [capture]).fit(Task())
+    finally:
+        del os.environ[_ZERO_NOISE_ENV]
+    sizes = {len(m) for batch in capture.batches for m in batch.masks}
+    assert sizes <= {1, 2, 4, 8} and sizes != {8}, sizes
+    for batch, model, grads in zip(capture.batches, capture.models, capture.grads):
+        inputs = tuple(torch.cat([b[i] for b in batch.physical_batches]) for i in range(3))
+        expected = reference_clipped_sum(model, per_example_loss, inputs, torch.cat(batch.masks), clip_norm=0.3,
+                                         style="all-layer", function="automatic")  # fmt: skip
+        for name, value in expected.items():
+            torch.testing.assert_close(grads[name].double(), value / 10.0, rtol=1e-5, atol=1e-8)
+    tasks = {}
+    for shapes in ("fixed", "few"):
+        torch.manual_seed(0)  # the same initial model
+        tasks[shapes] = Task()
+        _trainer(privacy(shapes, 1.0), 4).fit(tasks[shapes])
+    assert not torch.equal(tasks["few"].net.head.weight, Task().net.head.weight)  # trained
+    for (name, a), b in zip(tasks["fixed"].named_parameters(), tasks["few"].parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_padding_and_empty_samples_contribute_nothing(zero_noise) -> None:
     """Reference: with q tiny, steps whose sample is empty hand the optimizer an exactly zero gradient."""
     privacy = dpz.PrivacyConfig(noise_multiplier=0.0, expected_batch_size=1, physical_batch_size=4, seed=3)

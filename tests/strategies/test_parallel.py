@@ -70,17 +70,20 @@ OFFLOAD = [
 ]
 
 
-@pytest.mark.parametrize("strategy", [*STRATEGIES, "zero3_buffered", "fsdp_buffered", *OFFLOAD])
+@pytest.mark.parametrize("strategy", [*STRATEGIES, "zero3_buffered", "fsdp_buffered", *OFFLOAD, "zero3_few", "ddp_few"])
 def test_gradient_matches_single_process_reference(strategy: str, tmp_path) -> None:
     """Reference: tests/reference.py on the union of both ranks' Poisson samples, divided by B = qN. dp_zero3 and
     dp_fsdp stream each physical batch's clipped sums into the reduce-scatter (default) or, "_buffered", sum them in a
     full-size buffer and reduce-scatter once per logical step. "_offload": DeepSpeed's optimizer offload (the noise is
     added to the fp32 partitions on the CPU, where the optimizer steps; "_params": the parameters offloaded too; at
     "fsdp", FSDP2's CPUOffloadPolicy). "_dsopt": the optimizer in the DeepSpeed config, built by DeepSpeed, the noise
-    added before its step."""
+    added before its step. "_few": physical_batch_shapes="few" (last physical batches of 1, 2 or 3 rows, which differ
+    between the ranks)."""
     ranks = _torchrun(strategy, "oracle", tmp_path)
     assert [r["world"] for r in ranks] == [2, 2]
     assert ranks[0]["steps"] == ranks[1]["steps"] == 8
+    sizes = {len(m) for r in ranks for step in r["batches"] for m in step[1]}
+    assert sizes == {3} if not strategy.endswith("_few") else sizes > {3}, sizes
     empty_rank_steps = 0
     for step in range(8):
         grads = [r["grads"][step] for r in ranks]
