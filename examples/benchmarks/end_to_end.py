@@ -8,8 +8,8 @@ Command::
 Each configuration runs as a subprocess of the Hydra entry point (the default task: a GPT on the embedded corpus,
 B = 128 expected examples per logical step, DP physical batches of p = 64), once with ``--steps`` logical steps and
 once with 1; the time per logical step is the difference divided by ``steps - 1`` (start-up, data generation and
-the calibration cancel out; the self-check on step 0 too). Periodic validation, plots, loggers and the progress bar are off
-in all runs (one validation at the end, in both lengths). Configurations:
+the calibration cancel out; the self-check on step 0 too). Periodic validation, plots, loggers and the progress bar
+are off in all runs (one validation at the end, in both lengths). Configurations:
 
 - ``non-private``: ``strategy=nonprivate`` (Lightning's ``SingleDeviceStrategy``, shuffled batches of 128).
 - ``dp fixed``: ``strategy=dp``, every physical batch p rows (the last one of a step padded).
