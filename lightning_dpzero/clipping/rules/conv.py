@@ -3,9 +3,11 @@ T = prod(output spatial) positions of C_in/groups * prod(kernel) features; then 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -52,6 +54,35 @@ def _check(module: nn.Module, path: str) -> None:
         raise UnsupportedLayerError(path, module, "transposed convolutions have no rule yet")
 
 
+_WEIGHT_GRADIENTS = (torch.nn.grad.conv1d_weight, torch.nn.grad.conv2d_weight, torch.nn.grad.conv3d_weight)
+
+
+def _per_example_weight_gradients(module: nn.Module, x: Tensor, grad_output: Tensor) -> Tensor:
+    """[n, C_out, C_in / groups * prod(kernel)] fp32: every example's weight gradient, by one weight-gradient
+    convolution of the whole batch laid side by side as n * groups groups ([1, n * C_in, *S]). Where the output has
+    many positions next to the weight's size (2 T^2 >= P D), this is 2-3x faster on CPU than im2col and a batched
+    matmul, and it builds no patches."""
+    n, dims = x.shape[0], len(module.kernel_size)
+    x, grad_output = x.float(), grad_output.float()
+    pad = module._reversed_padding_repeated_twice
+    numeric = module.padding_mode == "zeros" and not isinstance(module.padding, str)
+    padding = module.padding if numeric else (0,) * dims
+    if any(pad) and not numeric:
+        x = F.pad(x, pad, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
+    c_in, c_out = x.shape[1], grad_output.shape[1]
+    size = (n * c_out, c_in // module.groups, *module.kernel_size)
+    weight_gradient = _WEIGHT_GRADIENTS[dims - 1](
+        x.reshape(1, n * c_in, *x.shape[2:]),
+        size,
+        grad_output.reshape(1, n * c_out, *grad_output.shape[2:]),
+        stride=module.stride,
+        padding=padding,
+        dilation=module.dilation,
+        groups=n * module.groups,
+    )
+    return weight_gradient.reshape(n, c_out, -1)
+
+
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, check=_check)
 def conv_rule(
     module: nn.Module, activation: Tensor, grad_output: Tensor, params: Mapping[str, str]
@@ -62,10 +93,12 @@ def conv_rule(
     b = grad_output.reshape(n, c_out, -1).transpose(1, 2)  # [n, T, C_out]
     out = []
     if "weight" in params:
-        patches = _unfold(module, activation)  # [n, T, C_in * prod(k)]
-        groups = module.groups
-        p, d = c_out // groups, patches.shape[-1] // groups
-        block = (p, *full_shape(module.weight)[1:])
+        groups, t = module.groups, b.shape[1]
+        p, d = c_out // groups, (activation.shape[1] // groups) * math.prod(module.kernel_size)
+        block = torch.Size((p, *full_shape(module.weight)[1:]))
+        patches = functools.cache(lambda: _unfold(module, activation))  # [n, T, C_in * prod(k)], built on demand
+        grouped = 2 * t * t >= p * d  # where the per-example weight-gradient convolution beats im2col (above)
+        per_example = functools.cache(lambda: _per_example_weight_gradients(module, activation, grad_output))
         for g in range(groups):
             rows = slice(g * p, (g + 1) * p) if groups > 1 else None
             out.append(
@@ -73,9 +106,12 @@ def conv_rule(
                     params["weight"],
                     Kind.DENSE,
                     b[..., g * p : (g + 1) * p],
-                    patches[..., g * d : (g + 1) * d],
+                    None,
                     full_shape(module.weight) if rows is None else block,
                     rows=rows,
+                    build_right=lambda g=g: patches()[..., g * d : (g + 1) * d],
+                    instantiate=(lambda g=g: per_example()[:, g * p : (g + 1) * p]) if grouped else None,
+                    dims=(t, p, d),
                 )
             )
     if "bias" in params:
