@@ -139,7 +139,8 @@ class DPLightningCLI(LightningCLI):
         for subcommand in (None, "fit", "validate", "test", "predict"):
             target = parser_kwargs if subcommand is None else parser_kwargs.setdefault(subcommand, {})
             target.setdefault("description", _DESCRIPTION)
-        super().__init__(*args, parser_kwargs=parser_kwargs, **kwargs)
+        kwargs["parser_kwargs"] = parser_kwargs
+        super().__init__(*args, **kwargs)
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -220,7 +221,7 @@ def _namespace(**values: Any) -> Any:
 
 
 def _import(class_path: str) -> type | None:
-    from jsonargparse._util import import_object  # type: ignore[attr-defined]
+    from jsonargparse._util import import_object
 
     try:
         return import_object(class_path)

@@ -64,10 +64,12 @@ class DPPrecision(Precision):
     A DP strategy given Lightning's ``precision=...`` argument instead uses ``DPPrecision`` of the same value.
     """
 
+    precision: _DPPrecisionInput  # narrower than Precision's: the values DeepSpeedPrecision also accepts
+
     def __init__(self, precision: _DPPrecisionInput = "32-true", device: str | None = None) -> None:
         if precision not in _DTYPES:
             raise ValueError(f"DPPrecision: precision={precision!r} is not supported; use one of {list(_DTYPES)}.")
-        self.precision = precision  # type: ignore[assignment]
+        self.precision = precision
         self.device = device
         self.dtype = _DTYPES[precision]
         self.autocast = precision.endswith("-mixed")  # dp_fsdp turns it off when FSDP2's policy casts instead

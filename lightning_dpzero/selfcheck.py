@@ -365,8 +365,10 @@ def _quiet(module: nn.Module) -> Iterator[None]:
 
     metrics = [m for m in module.modules() if isinstance(m, Metric)]
     saved = [(m, {k: copy.deepcopy(getattr(m, k)) for k in m._defaults}, m._update_count, m._computed) for m in metrics]
-    module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
-    module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    # LightningModule.log/log_dict shadowed on this instance (deleted below); typed as nn.Module, whose attributes
+    # mypy reads through __getattr__ (Tensor | Module)
+    module.log = lambda *args, **kwargs: None  # type: ignore[assignment]
+    module.log_dict = lambda *args, **kwargs: None  # type: ignore[assignment]
     try:
         yield
     finally:

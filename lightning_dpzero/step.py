@@ -156,6 +156,11 @@ class DPStep:
                     f"{owner}: cannot calibrate sigma for target_epsilon={cfg.target_epsilon} when training is "
                     "unbounded; set Trainer(max_steps=...) or max_epochs, or give PrivacyConfig(noise_multiplier=...)."
                 )
+            if cfg.target_epsilon is None:  # e.g. resumed from a checkpoint of a run that had not calibrated sigma
+                raise ValueError(
+                    f"{owner}: there is no noise_multiplier and no target_epsilon to calibrate one for; set exactly "
+                    "one of them in PrivacyConfig."
+                )
             self.noise_multiplier = calibrate_noise_multiplier(
                 target_epsilon=cfg.target_epsilon, delta=delta, sample_rate=q, steps=planned, accountant=cfg.accountant
             )
@@ -293,6 +298,7 @@ class DPStep:
             if all_reduce is not None:
                 all_reduce(flat)
             # Divide by the expected B = qN, never the realised batch size: that one is private.
+            assert self.expected_batch_size is not None  # set by bind_data, with the accountant begin_step checked
             flat /= self.expected_batch_size
             offset = 0
             for _, param in named_params:

@@ -32,7 +32,7 @@ import math
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import hydra
 import lightning as L
@@ -203,7 +203,8 @@ def main(cfg: DictConfig) -> float:
     out = Path(hydra_cfg.runtime.output_dir)
     redact_hydra_outputs(out, hydra_cfg)
     summary = run(cfg, root_dir=out)
-    summary["job"] = hydra_cfg.job.get("num")
+    # HydraConfig.get() is annotated as the HydraConf dataclass; it returns the DictConfig (num is unset outside sweeps)
+    summary["job"] = cast(DictConfig, hydra_cfg.job).get("num")
     summary["overrides"] = [redact_privacy_seed(o) for o in hydra_cfg.overrides.task]
     summary.update({group: hydra_cfg.runtime.choices.get(group) for group in ("task", "strategy")})
     # the privacy group's file and the fields overridden on top of it: "eps8" alone would misname a run at epsilon 3

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import numpy as np
@@ -191,7 +191,8 @@ class CanaryModule(pl.LightningModule):
             inner = inner[0]
             if isinstance(inner, (list, tuple)):
                 inner = inner[0]
-        groups = [{"params": list(g["params"]), "lr": g.get("lr", 1e-3)} for g in inner.param_groups]
+        optimizer = cast(torch.optim.Optimizer, inner)  # the wrapped task's one optimizer, unwrapped above
+        groups = [{"params": list(g["params"]), "lr": g.get("lr", 1e-3)} for g in optimizer.param_groups]
         groups.append({"params": [self.canary.weight], "lr": self.canary_lr})
         return torch.optim.SGD(groups, lr=self.canary_lr, momentum=0.0, weight_decay=0.0)
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import numpy as np
@@ -132,7 +133,8 @@ def run_audit(
             "DP strategy (dp, dp_ddp, dp_zero1/2/3, dp_fsdp with method='first_order'); there is no claim to audit."
         )
     observer = CanaryObserver()
-    trainer.callbacks.append(observer)
+    # Trainer.callbacks is set by Lightning's callback connector, not declared on Trainer
+    trainer.callbacks.append(observer)  # type: ignore[attr-defined]
     trainer.fit(module, train_dataloaders=canary_dataloader(train_dataloader, included))
     if not observer.increments:
         raise RuntimeError("lightning_dpzero.audit: the run took no logical step; set Trainer(max_steps=...) > 0.")
@@ -187,7 +189,8 @@ def plot_scores(result: AuditResult, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     scores, included = result.scores, result.included
     finite = scores[np.isfinite(scores)]
-    bins = np.linspace(finite.min(), finite.max(), 60) if finite.size else 10
+    # bin edges as an array: matplotlib takes any array-like, its annotation says Sequence[float]
+    bins = cast(Sequence[float], np.linspace(finite.min(), finite.max(), 60)) if finite.size else 10
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     ax.hist(scores[~included], bins=bins, alpha=0.6, color="tab:blue", label=f"excluded ({int((~included).sum())})")
     ax.hist(scores[included], bins=bins, alpha=0.6, color="tab:red", label=f"included ({int(included.sum())})")

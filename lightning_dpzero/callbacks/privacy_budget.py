@@ -66,7 +66,8 @@ class PrivacyBudget(Callback):
         dp = self._dp(trainer)
         every = self.log_every_n_steps
         if every is None:
-            every = 1 if dp.config.accountant is Accountant.RDP else max(1, trainer.log_every_n_steps)
+            # Trainer.log_every_n_steps is set by Lightning's logger connector, not declared on Trainer
+            every = 1 if dp.config.accountant is Accountant.RDP else max(1, trainer.log_every_n_steps)  # type: ignore[attr-defined]
         steps = 0 if dp.accountant is None else dp.accountant.steps
         if steps and (steps % every == 0 or not dp.may_step()):
             pl_module.log("epsilon", dp.epsilon(), prog_bar=True, on_step=True, on_epoch=False, batch_size=1)

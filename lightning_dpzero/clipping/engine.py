@@ -367,7 +367,7 @@ class ClippingEngine:
         self._rows = rows
         self._anchor = torch.zeros((), device=device, requires_grad=True)
         self._recorded = None
-        guard = contextlib.nullcontext()
+        guard: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
         if not self._guarded_once:
             self._guard = _BroadcastGuard(weakref.WeakValueDictionary(), {})
             guard = self._guard
@@ -505,7 +505,7 @@ class ClippingEngine:
         # One vectorised test for every block (most steps find nothing): cancellation, or an fp32 overflow
         risky = (mass > CANCELLATION_LIMIT * norm2) & (mass > 0) | ~torch.isfinite(norm2) | ~torch.isfinite(mass)
         risky |= norm2 < 0
-        exact = {}
+        exact: dict[tuple[str, int | None], Tensor] = {}
         if not bool(risky.any()):
             return exact
         for index, key in enumerate(keys):

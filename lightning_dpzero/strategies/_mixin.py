@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning.pytorch as pl
 import torch
@@ -20,6 +20,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_dpzero.config import PrivacyConfig
@@ -30,6 +31,18 @@ from lightning_dpzero.selfcheck import PerExampleCheckError
 from lightning_dpzero.step import DPStep
 from lightning_dpzero.zeroth_order.step import ZOStep
 
+if TYPE_CHECKING:
+    from lightning.pytorch.strategies import Strategy
+
+    from lightning_dpzero.clipping.engine import ClippingEngine
+
+    # Type checkers see the mixin as the Lightning ``Strategy`` it is always combined with (``super()`` calls,
+    # ``self.lightning_module``, ``self.root_device``...); at run time it has no base, so the concrete strategy's MRO
+    # is unchanged.
+    _StrategyBase = Strategy
+else:
+    _StrategyBase = object
+
 __all__ = ["DPStrategyMixin"]
 
 _CHECKPOINT_KEY = "lightning_dpzero"
@@ -38,7 +51,7 @@ _CHECKPOINT_KEY = "lightning_dpzero"
 _LEDGERS: weakref.WeakKeyDictionary[Any, DPStep] = weakref.WeakKeyDictionary()
 
 
-class DPStrategyMixin:
+class DPStrategyMixin(_StrategyBase):
     """DP-SGD hooks for a Lightning strategy. Put it first in the bases: ``(DPStrategyMixin, DDPStrategy)``."""
 
     dp: DPStep
@@ -60,7 +73,7 @@ class DPStrategyMixin:
     # Lightning's connector hands the strategy the plugin it built from ``precision=...`` (or the user's plugin):
     # whatever it is, the strategy runs its DP counterpart, which never scales the loss. A plugin the *user* built
     # with a loss scaler is refused in ``_check_trainer``.
-    @property  # type: ignore[override]
+    @property
     def precision_plugin(self) -> Any:
         plugin = getattr(self, "_precision_plugin", None)
         return plugin if plugin is not None else self._dp_precision(DPPrecision())
@@ -77,11 +90,21 @@ class DPStrategyMixin:
     @override
     def setup(self, trainer: pl.Trainer) -> None:
         self._check_trainer(trainer)
-        super().setup(trainer)  # type: ignore[misc]
-        self.dp.attach(self.lightning_module)  # type: ignore[attr-defined]
+        super().setup(trainer)
+        self.dp.attach(self._connected_module())
         self._check_selection_agrees()  # dp_ddp: each rank pruned its own (synchronised) replica
         if trainer.state.fn == TrainerFn.FITTING:
             self._check_optimizers()
+
+    def _connected_module(self) -> pl.LightningModule:
+        """The LightningModule the Trainer connected to this strategy (every hook below runs after it did)."""
+        module = self.lightning_module
+        if module is None:
+            raise RuntimeError(
+                f"{type(self).__name__}: no LightningModule is connected; the strategy runs inside Trainer.fit, "
+                "validate, test or predict, which connect it."
+            )
+        return module
 
     def _share_seed_and_set_rank(self) -> None:
         """One secret key for the run, rank 0's, shared in memory over the process group (the ranks' Poisson sample
@@ -119,12 +142,12 @@ class DPStrategyMixin:
         refuse_loss_scaler(self.precision_plugin, name)
         plugin = self.precision_plugin
         if isinstance(plugin, DPPrecision) and plugin.device is None:
-            plugin.device = self.root_device.type  # type: ignore[attr-defined]
+            plugin.device = self.root_device.type
 
     def _check_optimizers(self) -> None:
-        if len(self.optimizers) != 1:  # type: ignore[attr-defined]
+        if len(self.optimizers) != 1:
             raise ValueError(
-                f"{type(self).__name__}: configure_optimizers returned {len(self.optimizers)} optimizers; DP-SGD "  # type: ignore[attr-defined]
+                f"{type(self).__name__}: configure_optimizers returned {len(self.optimizers)} optimizers; DP-SGD "
                 "supports exactly one (one noise draw and one accounting event per logical step)."
             )
 
@@ -147,12 +170,14 @@ class DPStrategyMixin:
     # ------------------------------------------------------------------------------------------- hooks
     @override
     def process_dataloader(self, dataloader: object) -> object:
-        dataloader = super().process_dataloader(dataloader)  # type: ignore[misc]
-        trainer = self.lightning_module.trainer  # type: ignore[attr-defined]
+        dataloader = super().process_dataloader(dataloader)
+        trainer = self._connected_module().trainer
         if not trainer.training:
             return dataloader  # validation, test and prediction data are read as given
         self._route_batch_hooks()
-        return self.dp.bind_data(dataloader, planned_steps=self._planned_steps(trainer), owner=type(self).__name__)
+        # bind_data refuses anything but a torch DataLoader (check_replaceable), with a message saying so
+        loader = cast(DataLoader, dataloader)
+        return self.dp.bind_data(loader, planned_steps=self._planned_steps(trainer), owner=type(self).__name__)
 
     def _route_batch_hooks(self) -> None:
         """The batch hooks (``on_before_batch_transfer``, ``transfer_batch_to_device``, ``on_after_batch_transfer``,
@@ -160,7 +185,7 @@ class DPStrategyMixin:
         physical batch once, never the ``LogicalBatch`` that holds them: Lightning's loop hands the logical batch to
         ``on_before_batch_transfer``, which passes it through here; ``training_step`` then sends every physical
         batch through all three hooks."""
-        module = self.lightning_module  # type: ignore[attr-defined]
+        module = self._connected_module()
         if "_on_before_batch_transfer" in vars(module):
             return
         route = module._on_before_batch_transfer
@@ -168,21 +193,24 @@ class DPStrategyMixin:
         def skip_logical(batch: Any, dataloader_idx: int = 0) -> Any:
             return batch if isinstance(batch, LogicalBatch) else route(batch, dataloader_idx)
 
-        module._on_before_batch_transfer = skip_logical
+        # an instance attribute shadowing Lightning's hook routing for this module (deleted again in teardown)
+        module._on_before_batch_transfer = skip_logical  # type: ignore[method-assign]
 
     @override
     def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
         if isinstance(batch, LogicalBatch):
             return batch  # moved one physical batch at a time in training_step
-        return super().batch_to_device(batch, device, dataloader_idx)  # type: ignore[misc]
+        return super().batch_to_device(batch, device, dataloader_idx)
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         batch = args[0] if args else None
         if not isinstance(batch, LogicalBatch):
-            return super().training_step(*args, **kwargs)  # type: ignore[misc]
-        module = self.lightning_module  # type: ignore[attr-defined]
+            return super().training_step(*args, **kwargs)
+        module = self._connected_module()
         trainer = module.trainer
+        # a LogicalBatch comes only from the loader bind_data made, which set up the accountant
+        assert self.dp.accountant is not None, "bind_data() must run before a step"
         if not self.dp.may_step():
             rank_zero_warn(
                 f"{type(self).__name__}: stopping: one more logical step would take epsilon past the budget of "
@@ -204,15 +232,17 @@ class DPStrategyMixin:
             physical = self._physical_to_device(physical)
             with self._out_of_memory_hint(mask.numel()):
                 if zeroth_order:  # 2P forward passes at theta +- beta z, no backward
+
+                    def forward(physical: Any = physical) -> Any:
+                        return self._physical_training_step(physical, *args[1:], **kwargs)
+
                     with self._physical_batch_context():
-                        output, shown = self.dp.forward_differences(  # type: ignore[attr-defined]
-                            lambda physical=physical: self._physical_training_step(physical, *args[1:], **kwargs),
-                            mask,
-                        )
+                        output, shown = cast(ZOStep, self.dp).forward_differences(forward, mask)
                     losses.append(shown)
                     continue
                 with self._physical_batch_context():
-                    with self.dp.engine.recording(self.root_device, rows=mask.numel()):  # type: ignore[attr-defined]
+                    engine = cast("ClippingEngine", self.dp.engine)  # not None: asserted above
+                    with engine.recording(self.root_device, rows=mask.numel()):
                         output = self._physical_training_step(physical, *args[1:], **kwargs)
                     losses.append(self.dp.backward(output, mask))
         self._dp_step_pending = True
@@ -238,14 +268,14 @@ class DPStrategyMixin:
 
     def _physical_to_device(self, physical: Any) -> Any:
         """One physical batch through the batch hooks, as Lightning routes them, and to the device."""
-        physical = self.lightning_module._on_before_batch_transfer(physical, 0)  # type: ignore[attr-defined]
-        return super().batch_to_device(physical)  # type: ignore[misc]
+        physical = self._connected_module()._on_before_batch_transfer(physical, 0)
+        return super().batch_to_device(physical)
 
     def _self_check(self, batch: LogicalBatch, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """The per-example self-check (``lightning_dpzero.selfcheck``) on this step's first physical batch, the same
         on every rank; a failure on any rank refuses the run on all of them."""
         dataset, collate, indices = self.dp.dataset, self.dp.collate, batch.indices[0][: self.dp.self_check.ROWS]
-        assert dataset is not None and collate is not None
+        assert dataset is not None and collate is not None and self.dp.accountant is not None
         items = [dataset[i] for i in indices]
         changed = len(indices) // 2  # the row the check replaces (SelfCheck.run's choice)
         other = _replacement(dataset, indices, collate, items[changed])
@@ -258,12 +288,12 @@ class DPStrategyMixin:
             return self._physical_to_device(self.precision_plugin.convert_input(collate(chosen)))
 
         failure = self.dp.self_check.run(
-            module=self.lightning_module,  # type: ignore[attr-defined]
+            module=self._connected_module(),
             engine=None if isinstance(self.dp, ZOStep) else self.dp.engine,
             batches=batches,
             forward=lambda physical: self._physical_training_step(physical, *args[1:], **kwargs),
             context=self._probe_context,
-            device=self.root_device,  # type: ignore[attr-defined]
+            device=self.root_device,
             loss_of=training_step_loss,
             parameter_reference=self._whole_parameters,
             rows=len(indices),
@@ -288,6 +318,7 @@ class DPStrategyMixin:
     def _check_ledger(self, module: Any) -> None:
         """Refuse to start a new ledger (epsilon 0) on a module another DP run of this process already trained."""
         previous = _LEDGERS.get(module)
+        assert self.dp.accountant is not None, "bind_data() must run before a step"
         if previous is not None and previous is not self.dp and self.dp.accountant.steps == 0:
             steps = previous.accountant.steps if previous.accountant is not None else 0
             raise RuntimeError(
@@ -304,7 +335,7 @@ class DPStrategyMixin:
     def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
         if self._dp_step_pending:
             return closure_loss  # the per-example backward already ran, physical batch by physical batch
-        return super().backward(closure_loss, optimizer, *args, **kwargs)  # type: ignore[misc]
+        return super().backward(closure_loss, optimizer, *args, **kwargs)
 
     @override
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
@@ -315,11 +346,11 @@ class DPStrategyMixin:
                 self._privatize(optimizer)
             return out
 
-        return super().optimizer_step(optimizer, dp_closure, model, **kwargs)  # type: ignore[misc]
+        return super().optimizer_step(optimizer, dp_closure, model, **kwargs)
 
     def _physical_training_step(self, *args: Any, **kwargs: Any) -> Any:
         """The user's ``training_step`` on one physical batch (through the wrapper, as Lightning calls it)."""
-        return super().training_step(*args, **kwargs)  # type: ignore[misc]
+        return super().training_step(*args, **kwargs)
 
     def _physical_batch_context(self) -> contextlib.AbstractContextManager[Any]:
         """Entered around each physical batch's forward and per-example backward (e.g. DDP's ``no_sync``)."""
@@ -351,7 +382,7 @@ class DPStrategyMixin:
         (NCCL reduces device tensors only)."""
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return
-        on_device = values.to(self.root_device)  # type: ignore[attr-defined]
+        on_device = values.to(self.root_device)
         dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
         values.copy_(on_device.to(values.device))
 
@@ -373,7 +404,7 @@ class DPStrategyMixin:
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         self._add_dp_state(checkpoint)
-        super().save_checkpoint(checkpoint, filepath, storage_options)  # type: ignore[misc]
+        super().save_checkpoint(checkpoint, filepath, storage_options)
 
     def _add_dp_state(self, checkpoint: dict[str, Any]) -> None:
         """Every rank's state: each rank has its own noise and sampling streams, and the checkpoint is written by
@@ -387,12 +418,12 @@ class DPStrategyMixin:
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        checkpoint = super().load_checkpoint(checkpoint_path, *args, **kwargs)  # type: ignore[misc]
+        checkpoint = super().load_checkpoint(checkpoint_path, *args, **kwargs)
         self._restore_dp_state(checkpoint, checkpoint_path)
         return checkpoint
 
     def _restore_dp_state(self, checkpoint: dict[str, Any], checkpoint_path: Any) -> None:
-        trainer = self.lightning_module.trainer  # type: ignore[attr-defined]
+        trainer = self._connected_module().trainer
         if trainer.state.fn is TrainerFn.FITTING:
             if _CHECKPOINT_KEY not in checkpoint:
                 raise ValueError(
@@ -413,10 +444,10 @@ class DPStrategyMixin:
     @override
     def teardown(self) -> None:
         self.dp.detach()
-        module = self.lightning_module  # type: ignore[attr-defined]
+        module = self.lightning_module
         if module is not None and "_on_before_batch_transfer" in vars(module):
             del module._on_before_batch_transfer  # Lightning's own routing again (validation, a later fit)
-        super().teardown()  # type: ignore[misc]
+        super().teardown()
 
 
 def _replacement(dataset: Any, used: list[int], collate: Callable[[list[Any]], Any], current: Any) -> Any:

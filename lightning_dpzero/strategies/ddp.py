@@ -59,6 +59,7 @@ class DPDDPStrategy(DPStrategyMixin, DDPStrategy):
         if isinstance(self.dp, ZOStep):
             # Zeroth-order: no gradients to reduce, so no DDP wrapper (its reducer would allocate gradient buckets of
             # the model's size); every rank starts from rank 0's weights and applies the same update after.
+            assert self.model is not None  # set by the Trainer before configure_ddp, as DDPStrategy asserts too
             _sync_module_states(self.model)
             return
         super().configure_ddp()

@@ -21,7 +21,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import lightning.pytorch as pl
 import torch
@@ -46,6 +46,12 @@ __all__ = ["DPZeroStrategy", "DeepSpeedCPUStrategy"]
 _ZO_CHECKPOINT = "checkpoint.pt"  # zeroth-order at ZeRO-3: the Lightning state, next to one partition file per rank
 
 
+class _ZeRO3Parameter(Protocol):
+    """What DeepSpeed ZeRO-3 adds to a parameter it partitions (deepspeed ships no type information)."""
+
+    ds_tensor: torch.Tensor  # this rank's partition of the flat parameter, padding included
+
+
 def _zo_partition_file(rank: int) -> str:
     return f"zo_partitions_rank{rank}.pt"
 
@@ -61,7 +67,7 @@ class _NoisyPartitionOptimizer(Optimizer):
         self.inner, self.dp, self.world_size = inner, dp, world_size  # no super().__init__: all state is inner's
 
     @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
         return self.inner.param_groups
 
     @param_groups.setter
@@ -69,7 +75,7 @@ class _NoisyPartitionOptimizer(Optimizer):
         self.inner.param_groups = groups
 
     @property
-    def state(self) -> Any:  # type: ignore[override]
+    def state(self) -> Any:
         return self.inner.state
 
     @state.setter
@@ -77,7 +83,7 @@ class _NoisyPartitionOptimizer(Optimizer):
         self.inner.state = value
 
     @property
-    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+    def defaults(self) -> dict[str, Any]:
         return self.inner.defaults
 
     @defaults.setter
@@ -344,13 +350,15 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
             DeepSpeedStrategy.setup(self, trainer)
             # After deepspeed.initialize: the perturbation pre-hooks then run after ZeRO-3's gather, and the restoring
             # post-hooks (prepended) before its release.
-            self.dp.attach(self.lightning_module)
+            self.dp.attach(self._connected_module())
             self._check_selection_agrees()
             if trainer.state.fn == TrainerFn.FITTING:
                 self._check_optimizers()
             return
-        self.dp.attach(self.lightning_module)  # before deepspeed.initialize: ZeRO-3 then wraps hooked modules
-        if self.zero_stage_3 and not self.config["zero_optimization"].get("memory_efficient_linear", True):
+        self.dp.attach(self._connected_module())  # before deepspeed.initialize: ZeRO-3 then wraps hooked modules
+        config = self.config
+        assert isinstance(config, dict)  # DeepSpeedStrategy.__init__ always builds one
+        if self.zero_stage_3 and not config["zero_optimization"].get("memory_efficient_linear", True):
             _restore_torch_linear()
         DeepSpeedStrategy.setup(self, trainer)
         if trainer.state.fn == TrainerFn.FITTING:
@@ -369,7 +377,7 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
         # Through the LightningModule's own __call__ (ZeRO-3's module hooks gather parameters as usual), not the
         # engine's forward: that would register DeepSpeed's loss hooks, whose epilogue reduces gradients at the end
         # of every backward, including the per-example backward that produces none.
-        module = self.lightning_module
+        module = self._connected_module()
         with self.precision_plugin.train_step_context():
             return self._forward_redirection(module, module, "training_step", *args, **kwargs)
 
@@ -377,12 +385,13 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
     @contextlib.contextmanager
     def _physical_batch_context(self) -> Iterator[None]:
         streaming = self.stream_clipped_sums and not isinstance(self.dp, ZOStep)
+        engine: Any = self.model  # the DeepSpeedEngine (deepspeed ships no type information)
         if streaming:
             # The first physical batch of the step overwrites the gradient partitions, the next ones add to them.
-            self.model.optimizer.micro_step_id = self._physical_index
+            engine.optimizer.micro_step_id = self._physical_index
         yield
         if streaming:
-            self.model.allreduce_gradients()  # flush the bucket: this physical batch's reduce-scatters are done
+            engine.allreduce_gradients()  # flush the bucket: this physical batch's reduce-scatters are done
         offload = getattr(getattr(self.model, "optimizer", None), "parameter_offload", None)
         if offload is not None:
             # ZeRO-3 releases a module's gathered parameters in its backward; the per-example backward stops at the
@@ -414,7 +423,8 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
 
         engine = self.model
         assert isinstance(engine, deepspeed.DeepSpeedEngine)
-        named = list(self.dp.engine.params.items())  # type: ignore[union-attr]
+        assert self.dp.engine is not None  # first-order: attached in setup
+        named = list(self.dp.engine.params.items())
         summed = self.dp.begin_step([name for name, _ in named])
         if self.stream_clipped_sums:  # already in the gradient partitions, physical batch by physical batch
             self.dp.account_step()
@@ -439,7 +449,8 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
         param = self.dp.engine.params[name]
         if grad is None:
             grad = torch.zeros(full_shape(param), device=self.root_device)
-        _reduce_partitioned(self.model.optimizer, param, grad.to(param.dtype))
+        engine: Any = self.model  # the DeepSpeedEngine (deepspeed ships no type information)
+        _reduce_partitioned(engine.optimizer, param, grad.to(param.dtype))
 
     # ------------------------------------------------------------------------------------- zeroth-order
     def _setup_zeroth_order(self, model: Any, optimizer: Optimizer | None) -> Any:
@@ -457,7 +468,7 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
         # the partitions leaves stale: every parameter is gathered for each use instead.
         config.setdefault("zero_optimization", {})["stage3_param_persistence_threshold"] = 0
         assert isinstance(self.dp, ZOStep)
-        self.dp.select_before_sharding(self.lightning_module)  # pruning: SynFlow on the full weights
+        self.dp.select_before_sharding(self._connected_module())  # pruning: SynFlow on the full weights
         with self._device_rank():
             engine, *_ = deepspeed.initialize(
                 args=argparse.Namespace(device_rank=self.local_rank),
@@ -479,11 +490,14 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
         if self.is_global_zero:
             directory.mkdir(parents=True, exist_ok=True)
         self.barrier()
-        partitions = {name: p.ds_tensor.detach().cpu().clone() for name, p in self.lightning_module.named_parameters()}
+        module = self._connected_module()
+        partitions = {
+            name: cast(_ZeRO3Parameter, p).ds_tensor.detach().cpu().clone() for name, p in module.named_parameters()
+        }
         torch.save(partitions, directory / _zo_partition_file(self.global_rank))
         if self.is_global_zero:
             kept = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
-            kept["buffers"] = {name: b.detach().cpu() for name, b in self.lightning_module.named_buffers()}
+            kept["buffers"] = {name: b.detach().cpu() for name, b in module.named_buffers()}
             torch.save(kept, directory / _ZO_CHECKPOINT)
         self.barrier()
 
@@ -501,16 +515,18 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
             )
         checkpoint = torch.load(directory / _ZO_CHECKPOINT, map_location="cpu", weights_only=False)
         partitions = torch.load(partition_file, map_location="cpu", weights_only=True)
+        module = self._connected_module()
         with torch.no_grad():
-            for name, param in self.lightning_module.named_parameters():
-                if partitions[name].shape != param.ds_tensor.shape:
+            for name, param in module.named_parameters():
+                partition = cast(_ZeRO3Parameter, param).ds_tensor
+                if partitions[name].shape != partition.shape:
                     raise ValueError(
                         f"DPZeroStrategy: the checkpoint's partition of {name!r} has shape "
-                        f"{tuple(partitions[name].shape)}, this run's {tuple(param.ds_tensor.shape)}: the model or the "
+                        f"{tuple(partitions[name].shape)}, this run's {tuple(partition.shape)}: the model or the "
                         "number of ranks changed."
                     )
-                param.ds_tensor.copy_(partitions[name])
-            buffers = dict(self.lightning_module.named_buffers())
+                partition.copy_(partitions[name])
+            buffers = dict(module.named_buffers())
             for name, value in checkpoint.pop("buffers").items():
                 buffers[name].copy_(value)
         self._restore_dp_state(checkpoint, checkpoint_path)

@@ -85,9 +85,9 @@ class DPFSDPStrategy(DPStrategyMixin, ModelParallelStrategy):
     @override
     def setup(self, trainer: pl.Trainer) -> None:
         self._check_trainer(trainer)
-        module = self.lightning_module
+        module = self._connected_module()
         zeroth_order = isinstance(self.dp, ZOStep)
-        if zeroth_order:
+        if isinstance(self.dp, ZOStep):  # zeroth_order
             self.dp.select_before_sharding(module)  # pruning: SynFlow on the full weights
         else:
             self.dp.attach(module)  # before sharding: rules are looked up by the modules' own types
@@ -129,7 +129,7 @@ class DPFSDPStrategy(DPStrategyMixin, ModelParallelStrategy):
             # root's, or reshard_after_forward=False) would then be stale: release every gathered copy first.
             from torch.distributed.fsdp import FSDPModule
 
-            for sub in self.lightning_module.modules():
+            for sub in self._connected_module().modules():
                 if isinstance(sub, FSDPModule):
                     sub.reshard()
             self.dp.update(optimizer, all_reduce=self._all_reduce_on_device)  # P numbers summed over the ranks
@@ -247,6 +247,7 @@ def _setup_and_shard(strategy: ModelParallelStrategy, trainer: pl.Trainer, shard
     """``ModelParallelStrategy.setup`` for a LightningModule without ``configure_model``: the same steps, with
     ``shard(lightning_module)`` where Lightning would expect the user's own sharding."""
     assert strategy.accelerator is not None
+    assert strategy.model is not None and strategy.lightning_module is not None  # connected by the Trainer
     strategy.accelerator.setup(trainer)
     strategy.model = strategy.precision_plugin.convert_module(strategy.model)  # *-true: cast before sharding
     shard(strategy.lightning_module)

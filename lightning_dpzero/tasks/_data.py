@@ -12,6 +12,7 @@ import tarfile
 import tempfile
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 
@@ -85,7 +86,7 @@ def extract_tar(archive: str | Path, destination: str | Path, *, owner: str) -> 
                     "folder, or a link/device); refusing to extract it."
                 )
         # the "data" filter (Python >= 3.10.12 / 3.11.4) also drops unsafe permission bits; members are checked above
-        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        safe: dict[str, Any] = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
         tar.extractall(destination, members=members, **safe)  # noqa: S202 (members validated above)
 
 

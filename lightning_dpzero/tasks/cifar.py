@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
@@ -26,6 +27,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_dpzero.tasks._common import ClassifierTask, EncoderBlock
 from lightning_dpzero.tasks._data import download_and_verify, extract_tar, is_private_trainer
+
+if TYPE_CHECKING:
+    from lightning.fabric.utilities.data import AttributeDict
 
 __all__ = [
     "CIFAR10_MD5",
@@ -380,6 +384,11 @@ class CIFAR10DataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         seed: seeds the embedded data and the subsets.
     """
+
+    if TYPE_CHECKING:  # save_hyperparameters() stores them as an AttributeDict; Lightning declares any MutableMapping
+
+        @property
+        def hparams(self) -> AttributeDict: ...
 
     def __init__(
         self,

@@ -15,15 +15,19 @@ import json
 import math
 import re
 import struct
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
+
+if TYPE_CHECKING:
+    from lightning.fabric.utilities.data import AttributeDict
 
 __all__ = [
     "ByteTokenizer",
@@ -150,7 +154,7 @@ def _gelu_tanh(x: Tensor) -> Tensor:
     return F.gelu(x, approximate="tanh")  # GPT-2's "gelu_new"
 
 
-_ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": _gelu_tanh}
+_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"gelu": F.gelu, "gelu_tanh": _gelu_tanh}
 
 
 class GPTConfig:
@@ -261,6 +265,11 @@ class GPTTask(LanguageModelSteps):
             layers, D, and the heads and activation where recorded) replace the arguments above.
         activation: ``gelu`` or ``gelu_tanh`` (GPT-2's); a Hugging Face GPT-2 checkpoint sets its own.
     """
+
+    if TYPE_CHECKING:  # save_hyperparameters() stores them as an AttributeDict; Lightning declares any MutableMapping
+
+        @property
+        def hparams(self) -> AttributeDict: ...
 
     def __init__(
         self,
@@ -494,6 +503,11 @@ def arithmetic_corpus(num_chars: int, seed: int) -> str:
 class SyntheticArithmeticDataModule(L.LightningDataModule):
     """The embedded default corpus: generated, offline, with learnable structure."""
 
+    if TYPE_CHECKING:  # save_hyperparameters() stores them as an AttributeDict; Lightning declares any MutableMapping
+
+        @property
+        def hparams(self) -> AttributeDict: ...
+
     def __init__(
         self, num_train: int = 4096, num_val: int = 256, block_size: int = 64, batch_size: int = 128, seed: int = 1234
     ) -> None:
@@ -535,6 +549,11 @@ class TextFileDataModule(L.LightningDataModule):
         seed: seed of the generated corpus.
     """
 
+    if TYPE_CHECKING:  # save_hyperparameters() stores them as an AttributeDict; Lightning declares any MutableMapping
+
+        @property
+        def hparams(self) -> AttributeDict: ...
+
     def __init__(
         self,
         root: str | None = None,
@@ -558,7 +577,7 @@ class TextFileDataModule(L.LightningDataModule):
         self.tokenizer: CharTokenizer | ByteTokenizer | GPT2BPETokenizer | None = {
             "byte": ByteTokenizer,
             "char": lambda: CharTokenizer(alphabet) if alphabet else None,
-            "gpt2": lambda: GPT2BPETokenizer.from_folder(tokenizer_path),
+            "gpt2": lambda: GPT2BPETokenizer.from_folder(cast(str, tokenizer_path)),  # not None: checked above
         }[kind]()
 
     def _texts(self) -> tuple[str, str]:

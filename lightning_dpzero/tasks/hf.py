@@ -63,6 +63,7 @@ class HFCausalLMTask(LanguageModelSteps):
             if pretrained is not None:
                 model = AutoModelForCausalLM.from_pretrained(pretrained)
             else:
+                assert model_type is not None  # exactly one of the three is given (checked above)
                 cfg = AutoConfig.for_model(model_type, **dict(config or {}))
                 model = AutoModelForCausalLM.from_config(cfg)
         self.model = model

@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
@@ -25,6 +26,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dpzero.tasks._common import ClassifierTask, EncoderBlock
 from lightning_dpzero.tasks._data import download_and_verify, extract_tar
+
+if TYPE_CHECKING:
+    from lightning.fabric.utilities.data import AttributeDict
 
 __all__ = [
     "IMDB_MD5",
@@ -303,6 +307,11 @@ class IMDBDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         seed: seeds the embedded data and the subsets.
     """
+
+    if TYPE_CHECKING:  # save_hyperparameters() stores them as an AttributeDict; Lightning declares any MutableMapping
+
+        @property
+        def hparams(self) -> AttributeDict: ...
 
     def __init__(
         self,

@@ -72,6 +72,7 @@ def synflow_scores(model: nn.Module, example_input: Any, params: Mapping[str, nn
     tensors = [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
     originals = {id(t): t.data for t in tensors}
     training = {m: m.training for m in model.modules()}
+    t: Tensor  # the loops below go over parameters and buffers alike
     try:
         with torch.no_grad():
             for t in model.parameters():

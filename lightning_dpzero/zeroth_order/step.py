@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -34,6 +34,9 @@ from lightning_dpzero.step import DPStep, PrivacyBudgetExhausted
 from lightning_dpzero.zeroth_order.perturbation import BLOCK, DirectionSampler, Perturber, _flat
 from lightning_dpzero.zeroth_order.pruning import select_coordinates, synflow_scores
 from lightning_dpzero.zeroth_order.schedule import StageSchedule
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 __all__ = ["ZOStep", "public_direction_seed"]
 
@@ -121,7 +124,7 @@ class ZOStep(DPStep):
             elif self.zo.prune_keep_fraction is not None and self.zo.prune_keep_fraction < 1.0:
                 kept = dict(self._prune(model, params))
             kept = {n: (None if i is None else i.to(params[n].device)) for n, i in kept.items()}
-            self.params = {n: p for n, p in params.items() if kept[n] is None or kept[n].numel() > 0}
+            self.params = {n: p for n, p in params.items() if (k := kept[n]) is None or k.numel() > 0}
             self.kept = {n: kept[n] for n in self.params}
             self.perturber = Perturber(model, self.params, self.kept, self.directions)
         self.perturber.install()
@@ -161,8 +164,10 @@ class ZOStep(DPStep):
                 "input shapes: set `self.example_input_array` in the LightningModule (its values are replaced by "
                 "ones) and define `forward`; or set prune_keep_fraction=None."
             )
+        keep_fraction = self.zo.prune_keep_fraction
+        assert keep_fraction is not None  # callers prune only when it is set
         scores = synflow_scores(model, example, params)
-        return select_coordinates(scores, keep_fraction=self.zo.prune_keep_fraction, select=self.zo.prune_select)
+        return select_coordinates(scores, keep_fraction=keep_fraction, select=self.zo.prune_select)
 
     def detach(self) -> None:
         if self.perturber is not None:
@@ -172,7 +177,7 @@ class ZOStep(DPStep):
     def num_trainable(self) -> int:
         """The number of coordinates perturbed and updated (after pruning)."""
         return sum(
-            int(getattr(p, "ds_numel", p.numel())) if self.kept[n] is None else self.kept[n].numel()
+            int(getattr(p, "ds_numel", p.numel())) if (k := self.kept[n]) is None else k.numel()
             for n, p in self.params.items()
         )
 
@@ -296,11 +301,12 @@ class ZOStep(DPStep):
         if local is not None:  # FSDP2: this rank's rows of the parameter, a contiguous slice of its flat z
             from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-            shape, start = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+            dtensor = cast("DTensor", param)  # _dtensor_local returns a shard for DTensors only
+            shape, start = compute_local_shape_and_global_offset(param.shape, dtensor.device_mesh, dtensor.placements)
             if tuple(local.shape) != tuple(shape) or any(start[1:]):
                 raise ValueError(
-                    f"zeroth-order: parameter {name!r} is sharded as {param.placements}; only dim-0 sharding (FSDP2's "
-                    "fully_shard) is supported."
+                    f"zeroth-order: parameter {name!r} is sharded as {dtensor.placements}; only dim-0 sharding "
+                    "(FSDP2's fully_shard) is supported."
                 )
             row = math.prod(param.shape[1:])
             return _flat(local, name), start[0] * row if local.numel() else 0, param.numel()

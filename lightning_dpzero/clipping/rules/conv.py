@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn import grad as conv_grad
+from torch.nn.modules.conv import _ConvNd
 
 from lightning_dpzero.clipping.contributions import Contribution, Kind, full_shape
 from lightning_dpzero.clipping.registry import UnsupportedLayerError, register_rule
 
 
-def _unfold(module: nn.Module, x: Tensor) -> Tensor:
+def _unfold(module: _ConvNd, x: Tensor) -> Tensor:
     """x [n, C, *S] -> patches [n, T, C * prod(kernel)], features ordered (C, k1, k2, ...) like the weight.
 
     1-d and 2-d: torch's im2col (``F.unfold``, [n, C * prod(k), T]), returned transposed as a view: the matmuls that
@@ -27,7 +30,7 @@ def _unfold(module: nn.Module, x: Tensor) -> Tensor:
         numeric = module.padding_mode == "zeros" and not isinstance(module.padding, str)
         if any(pad) and not numeric:
             x = F.pad(x, pad, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
-        padding = module.padding if numeric else (0,) * dims
+        padding = cast(tuple[int, ...], module.padding) if numeric else (0,) * dims
         if dims == 1:  # as a 2-d convolution over [n, C, 1, L]
             x, one = x.unsqueeze(2), (1,)
             kernel, dilation, stride, padding = (
@@ -54,10 +57,10 @@ def _check(module: nn.Module, path: str) -> None:
         raise UnsupportedLayerError(path, module, "transposed convolutions have no rule yet")
 
 
-_WEIGHT_GRADIENTS = (torch.nn.grad.conv1d_weight, torch.nn.grad.conv2d_weight, torch.nn.grad.conv3d_weight)
+_WEIGHT_GRADIENTS = (conv_grad.conv1d_weight, conv_grad.conv2d_weight, conv_grad.conv3d_weight)
 
 
-def _per_example_weight_gradients(module: nn.Module, x: Tensor, grad_output: Tensor) -> Tensor:
+def _per_example_weight_gradients(module: _ConvNd, x: Tensor, grad_output: Tensor) -> Tensor:
     """[n, C_out, C_in / groups * prod(kernel)] fp32: every example's weight gradient, by one weight-gradient
     convolution of the whole batch laid side by side as n * groups groups ([1, n * C_in, *S]). Where the output has
     many positions next to the weight's size (2 T^2 >= P D), this is 2-3x faster on CPU than im2col and a batched
@@ -66,7 +69,7 @@ def _per_example_weight_gradients(module: nn.Module, x: Tensor, grad_output: Ten
     x, grad_output = x.float(), grad_output.float()
     pad = module._reversed_padding_repeated_twice
     numeric = module.padding_mode == "zeros" and not isinstance(module.padding, str)
-    padding = module.padding if numeric else (0,) * dims
+    padding = cast(tuple[int, ...], module.padding) if numeric else (0,) * dims
     if any(pad) and not numeric:
         x = F.pad(x, pad, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
     c_in, c_out = x.shape[1], grad_output.shape[1]
@@ -87,18 +90,26 @@ def _per_example_weight_gradients(module: nn.Module, x: Tensor, grad_output: Ten
 def conv_rule(
     module: nn.Module, activation: Tensor, grad_output: Tensor, params: Mapping[str, str]
 ) -> list[Contribution]:
+    conv = cast(_ConvNd, module)  # registered for nn.Conv1d/2d/3d only
     n, c_out = grad_output.shape[:2]
-    if activation.dim() != len(module.kernel_size) + 2:
-        raise UnsupportedLayerError("", module, "inputs without an example dimension are not supported")
+    if activation.dim() != len(conv.kernel_size) + 2:
+        raise UnsupportedLayerError("", conv, "inputs without an example dimension are not supported")
     b = grad_output.reshape(n, c_out, -1).transpose(1, 2)  # [n, T, C_out]
     out = []
     if "weight" in params:
-        groups, t = module.groups, b.shape[1]
-        p, d = c_out // groups, (activation.shape[1] // groups) * math.prod(module.kernel_size)
-        block = torch.Size((p, *full_shape(module.weight)[1:]))
-        patches = functools.cache(lambda: _unfold(module, activation))  # [n, T, C_in * prod(k)], built on demand
+        groups, t = conv.groups, b.shape[1]
+        p, d = c_out // groups, (activation.shape[1] // groups) * math.prod(conv.kernel_size)
+        block = torch.Size((p, *full_shape(conv.weight)[1:]))
+        patches = functools.cache(lambda: _unfold(conv, activation))  # [n, T, C_in * prod(k)], built on demand
         grouped = 2 * t * t >= p * d  # where the per-example weight-gradient convolution beats im2col (above)
-        per_example = functools.cache(lambda: _per_example_weight_gradients(module, activation, grad_output))
+        per_example = functools.cache(lambda: _per_example_weight_gradients(conv, activation, grad_output))
+
+        def right(g: int) -> Callable[[], Tensor]:
+            return lambda: patches()[..., g * d : (g + 1) * d]
+
+        def instantiate(g: int) -> Callable[[], Tensor]:
+            return lambda: per_example()[:, g * p : (g + 1) * p]
+
         for g in range(groups):
             rows = slice(g * p, (g + 1) * p) if groups > 1 else None
             out.append(
@@ -107,13 +118,14 @@ def conv_rule(
                     Kind.DENSE,
                     b[..., g * p : (g + 1) * p],
                     None,
-                    full_shape(module.weight) if rows is None else block,
+                    full_shape(conv.weight) if rows is None else block,
                     rows=rows,
-                    build_right=lambda g=g: patches()[..., g * d : (g + 1) * d],
-                    instantiate=(lambda g=g: per_example()[:, g * p : (g + 1) * p]) if grouped else None,
+                    build_right=right(g),
+                    instantiate=instantiate(g) if grouped else None,
                     dims=(t, p, d),
                 )
             )
     if "bias" in params:
-        out.append(Contribution(params["bias"], Kind.SAMPLE, b.sum(1), None, full_shape(module.bias)))
+        assert conv.bias is not None  # "bias" is one of its trainable parameters
+        out.append(Contribution(params["bias"], Kind.SAMPLE, b.sum(1), None, full_shape(conv.bias)))
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import cast
 
 from torch import Tensor, nn
 
@@ -14,14 +15,15 @@ from lightning_dpzero.clipping.registry import register_rule, register_rule_by_n
 def linear_rule(
     module: nn.Module, activation: Tensor, grad_output: Tensor, params: Mapping[str, str]
 ) -> list[Contribution]:
+    linear = cast(nn.Linear, module)  # registered for nn.Linear only
     n = grad_output.shape[0]
     b = grad_output.reshape(n, -1, grad_output.shape[-1])  # [n, T, P]: T = all dims between examples and features
     out = []
     if "weight" in params:
         a = activation.reshape(n, -1, activation.shape[-1])  # [n, T, D]
-        out.append(Contribution(params["weight"], Kind.DENSE, b, a, full_shape(module.weight)))
+        out.append(Contribution(params["weight"], Kind.DENSE, b, a, full_shape(linear.weight)))
     if "bias" in params:
-        out.append(Contribution(params["bias"], Kind.SAMPLE, b.sum(1), None, full_shape(module.bias)))
+        out.append(Contribution(params["bias"], Kind.SAMPLE, b.sum(1), None, full_shape(linear.bias)))
     return out
 
 
@@ -35,10 +37,10 @@ def conv1d_transposed_rule(
     out = []
     if "weight" in params:
         a = activation.reshape(n, -1, activation.shape[-1])  # [n, T, in]
-        shape = full_shape(module.weight)  # [in, out]
+        shape = full_shape(cast(Tensor, module.weight))  # [in, out]
         out.append(Contribution(params["weight"], Kind.DENSE, b, a, shape, to_param=_transpose))
     if "bias" in params:
-        out.append(Contribution(params["bias"], Kind.SAMPLE, b.sum(1), None, full_shape(module.bias)))
+        out.append(Contribution(params["bias"], Kind.SAMPLE, b.sum(1), None, full_shape(cast(Tensor, module.bias))))
     return out
 
 

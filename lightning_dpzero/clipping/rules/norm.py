@@ -5,6 +5,7 @@ weight: sum over positions of x_hat * b; bias: sum of b; x_hat is the input norm
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -20,10 +21,10 @@ def _affine_contributions(
     out = []
     if "weight" in params:
         gw = (x_hat * grad).sum(reduce_dims) if reduce_dims else x_hat * grad
-        out.append(Contribution(params["weight"], Kind.SAMPLE, gw, None, full_shape(module.weight)))
+        out.append(Contribution(params["weight"], Kind.SAMPLE, gw, None, full_shape(cast(Tensor, module.weight))))
     if "bias" in params:
         gb = grad.sum(reduce_dims) if reduce_dims else grad
-        out.append(Contribution(params["bias"], Kind.SAMPLE, gb, None, full_shape(module.bias)))
+        out.append(Contribution(params["bias"], Kind.SAMPLE, gb, None, full_shape(cast(Tensor, module.bias))))
     return out
 
 
@@ -74,6 +75,7 @@ def instance_norm_rule(
         # Each example normalised by its own statistics; running statistics, if any, only track them.
         x_hat = F.instance_norm(x, eps=module.eps)  # [n, C, *spatial]
     else:  # eval with tracked statistics: constants of the model, as torch uses them
+        assert module.running_mean is not None and module.running_var is not None  # track_running_stats=True
         mean, var = module.running_mean.float(), module.running_var.float()
         x_hat = F.instance_norm(x, mean, var, use_input_stats=False, eps=module.eps)
     reduce_dims = tuple(range(2, x.dim()))
