@@ -56,7 +56,7 @@ import lightning_dpzero.tasks  # noqa: F401  # makes the tasks selectable by cla
 from lightning_dpzero import config as _config
 from lightning_dpzero.callbacks import PrivacyBudget
 from lightning_dpzero.config import PrivacyConfig
-from lightning_dpzero.strategies._mixin import DPStrategyMixin
+from lightning_dpzero.strategies.query import is_private
 
 __all__ = ["DPLightningCLI", "main", "run"]
 
@@ -90,13 +90,6 @@ def _enum_parser(enum: type[Enum]) -> Any:
         raise ValueError(f"{enum.__name__}: {value!r} is not one of {[m.value for m in enum]}.")
 
     return parse
-
-
-def _is_private(strategy: Any) -> bool:
-    if isinstance(strategy, str):
-        cls = StrategyRegistry[strategy]["strategy"] if strategy in StrategyRegistry else None
-        return isinstance(cls, type) and issubclass(cls, DPStrategyMixin)
-    return isinstance(strategy, DPStrategyMixin)
 
 
 class _SaveConfigWithoutSeed(SaveConfigCallback):
@@ -171,7 +164,7 @@ class DPLightningCLI(LightningCLI):
             return
         strategy = config.trainer.get("strategy")
         if isinstance(strategy, str):
-            if not _is_private(strategy):
+            if not is_private(strategy):
                 raise ValueError(
                     f"lightning-dpzero: a `privacy` section was given, but trainer.strategy={strategy!r} is not a DP "
                     "strategy; choose one of dp, dp_ddp, dp_zero1, dp_zero2, dp_zero3, dp_fsdp."
@@ -207,7 +200,7 @@ class DPLightningCLI(LightningCLI):
         given = [*(config.get("callbacks") or []), *callbacks]
         if (
             privacy_budget
-            and _is_private(config.get("strategy"))
+            and is_private(config.get("strategy"))
             and not any(isinstance(c, PrivacyBudget) for c in given)
         ):
             callbacks = [*callbacks, PrivacyBudget()]

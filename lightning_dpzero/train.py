@@ -45,7 +45,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_dpzero.callbacks import PrivacyBudget, PrivacyCurvePlot
-from lightning_dpzero.step import DPStep
+from lightning_dpzero.strategies.query import dp_step
 
 
 def run(cfg: DictConfig, root_dir: str | Path | None = None) -> dict[str, Any]:
@@ -104,8 +104,8 @@ def run(cfg: DictConfig, root_dir: str | Path | None = None) -> dict[str, Any]:
         "rank": trainer.global_rank,
         "plot": None if plot is None or plot.written is None else str(plot.written),
     }
-    dp = getattr(trainer.strategy, "dp", None)
-    if isinstance(dp, DPStep):
+    dp = dp_step(trainer)
+    if dp is not None:
         summary.update(
             epsilon=dp.epsilon(),
             delta=dp.delta,

@@ -22,7 +22,9 @@ from lightning_dpzero.audit.canaries import (
 )
 from lightning_dpzero.audit.scores import GuessAttempt, best_guess, log_likelihood_ratio
 from lightning_dpzero.clipping.functions import clip_factors
+from lightning_dpzero.config import Method
 from lightning_dpzero.step import DPStep
+from lightning_dpzero.strategies.query import dp_step
 
 __all__ = ["AuditResult", "plot_scores", "run_audit"]
 
@@ -126,8 +128,8 @@ def run_audit(
         canary_gradient_norm=config.canary_gradient_norm,
         canary_lr=config.canary_lr,
     )
-    dp = getattr(trainer.strategy, "dp", None)
-    if type(dp) is not DPStep:
+    dp = dp_step(trainer)
+    if dp is None or dp.config.method is not Method.FIRST_ORDER:
         raise TypeError(
             f"lightning_dpzero.audit: the Trainer's strategy {type(trainer.strategy).__name__} is not a first-order "
             "DP strategy (dp, dp_ddp, dp_zero1/2/3, dp_fsdp with method='first_order'); there is no claim to audit."

@@ -11,6 +11,7 @@ from typing_extensions import override
 
 from lightning_dpzero.config import Accountant
 from lightning_dpzero.step import DPStep
+from lightning_dpzero.strategies.query import dp_step
 
 __all__ = ["PrivacyBudget"]
 
@@ -40,8 +41,8 @@ class PrivacyBudget(Callback):
 
     @staticmethod
     def _dp(trainer: pl.Trainer) -> DPStep:
-        dp = getattr(trainer.strategy, "dp", None)
-        if not isinstance(dp, DPStep):
+        dp = dp_step(trainer)
+        if dp is None:
             raise TypeError(
                 f"PrivacyBudget needs a DP strategy (e.g. strategy='dp'), but the Trainer uses "
                 f"{type(trainer.strategy).__name__}."

@@ -14,9 +14,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import lightning as L
-
-__all__ = ["download_and_verify", "extract_tar", "file_md5", "is_private_trainer"]
+__all__ = ["download_and_verify", "extract_tar", "file_md5"]
 
 
 def file_md5(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
@@ -88,11 +86,3 @@ def extract_tar(archive: str | Path, destination: str | Path, *, owner: str) -> 
         # the "data" filter (Python >= 3.10.12 / 3.11.4) also drops unsafe permission bits; members are checked above
         safe: dict[str, Any] = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
         tar.extractall(destination, members=members, **safe)  # noqa: S202 (members validated above)
-
-
-def is_private_trainer(trainer: L.Trainer | None) -> bool:
-    """Whether ``trainer`` runs one of this library's DP strategies (they hold a ``DPStep`` as ``strategy.dp``)."""
-    from lightning_dpzero.step import DPStep
-
-    strategy = getattr(trainer, "strategy", None) if trainer is not None else None
-    return isinstance(getattr(strategy, "dp", None), DPStep)

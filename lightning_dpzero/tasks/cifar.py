@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_dpzero.strategies.query import is_private
 from lightning_dpzero.tasks._common import ClassifierTask, EncoderBlock
-from lightning_dpzero.tasks._data import download_and_verify, extract_tar, is_private_trainer
+from lightning_dpzero.tasks._data import download_and_verify, extract_tar
 
 if TYPE_CHECKING:
     from lightning.fabric.utilities.data import AttributeDict
@@ -418,7 +419,7 @@ class CIFAR10DataModule(L.LightningDataModule):
             train_x, train_y, test_x, test_y = load_cifar10(h.root, download=h.download)
             train = _subset(train_x, train_y, h.num_train, h.seed)
             val = _subset(test_x, test_y, h.num_val, h.seed + 1)
-        augment = h.augment if h.augment is not None else not is_private_trainer(self.trainer)
+        augment = h.augment if h.augment is not None else not is_private(self.trainer)
         self.train_set = _ImageDataset(*train, augment=augment)
         self.val_set = _ImageDataset(*val, augment=False)
 

@@ -147,8 +147,8 @@ CASES = {
 @pytest.mark.parametrize("style", list(ClippingStyle))
 def test_adversarial_examples_move_the_clipped_sum_by_at_most_c(style, function, norm_mode, dtype) -> None:
     """Reference: the DP bound ||S(D) - S(D')|| <= C, to (1 + 1e-5), over cancellations from 1e-1 to 1e-7 of five
-    models (sequence Linear, 1x1 and 3x3 Conv, a grouped 1x1 Conv, an Embedding tied to a Linear head), at ordinary scale and at the
-    ends of the dtype's range."""
+    models (sequence Linear, 1x1 and 3x3 Conv, a grouped 1x1 Conv, an Embedding tied to a Linear head), at ordinary
+    scale and at the ends of the dtype's range."""
     groups = 2 if style is ClippingStyle.GROUP_WISE else None
     config = dict(clipping_style=style, clipping_function=function, norm_mode=norm_mode, clipping_groups=groups)
     finfo = torch.finfo(DTYPES[dtype])
