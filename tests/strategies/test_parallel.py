@@ -241,7 +241,7 @@ def test_dp_zero3_exchanges_the_same_collectives_as_nonprivate_zero3(tmp_path) -
 
 @pytest.mark.parametrize(
     ("model_name", "strategy"),
-    [(m, s) for m in ("gpt2", "llama") for s in ("zero3", "fsdp")] + [("gpt2_checkpointed", "zero3")],
+    [(m, s) for m in ("gpt2", "llama") for s in ("zero3", "fsdp")] + [("gpt2", "ddp"), ("gpt2_checkpointed", "zero3")],
 )
 def test_transformers_models_match_the_reference_on_two_processes(model_name: str, strategy: str, tmp_path) -> None:
     """Reference: tests/reference.py on the union of both ranks' Poisson samples (Abadi, C = 0.3), divided by
