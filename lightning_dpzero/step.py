@@ -242,6 +242,22 @@ class DPStep:
             <= self.epsilon_limit
         )
 
+    def physical_batch(self, forward: Callable[[], Any], mask: Tensor, device: torch.device) -> tuple[Any, Tensor]:
+        """Run one physical batch: ``forward()`` (the user's training_step) recorded by the engine, then ``backward``.
+
+        Returns:
+            ``training_step``'s output and the detached mean loss over the real examples (for logging only).
+        """
+        assert self.engine is not None, "DPStep.attach() was not called"
+        with self.engine.recording(device, rows=mask.numel()):
+            output = forward()
+        return output, self.backward(output, mask)
+
+    @property
+    def probe_engine(self) -> ClippingEngine | None:
+        """The engine the per-example self-check probes (``None``: it compares losses and buffers only)."""
+        return self.engine
+
     def backward(self, output: Any, mask: Tensor) -> Tensor:
         """Clip and add one physical batch, from the output of ``training_step`` (recorded by the engine).
 

@@ -34,8 +34,6 @@ from lightning_dpzero.zeroth_order.step import ZOStep
 if TYPE_CHECKING:
     from lightning.pytorch.strategies import Strategy
 
-    from lightning_dpzero.clipping.engine import ClippingEngine
-
     # Type checkers see the mixin as the Lightning ``Strategy`` it is always combined with (``super()`` calls,
     # ``self.lightning_module``, ``self.root_device``...); at run time it has no base, so the concrete strategy's MRO
     # is unchanged.
@@ -220,8 +218,6 @@ class DPStrategyMixin(_StrategyBase):
             return None  # Lightning skips the backward and the optimizer step
         self._check_ledger(module)
         self.dp.use_sample(batch.sample_index, batch.sample_rate)
-        zeroth_order = isinstance(self.dp, ZOStep)
-        assert zeroth_order or self.dp.engine is not None
         if self.dp.self_check.due(self.dp.accountant.steps):
             with self._out_of_memory_hint(batch.masks[0].numel()):
                 self._self_check(batch, args, kwargs)
@@ -230,21 +226,13 @@ class DPStrategyMixin(_StrategyBase):
         for index, (physical, mask) in enumerate(batch):
             self._physical_index = index  # read by _physical_batch_context (e.g. ZeRO-3's accumulation)
             physical = self._physical_to_device(physical)
-            with self._out_of_memory_hint(mask.numel()):
-                if zeroth_order:  # 2P forward passes at theta +- beta z, no backward
 
-                    def forward(physical: Any = physical) -> Any:
-                        return self._physical_training_step(physical, *args[1:], **kwargs)
+            def forward(physical: Any = physical) -> Any:
+                return self._physical_training_step(physical, *args[1:], **kwargs)
 
-                    with self._physical_batch_context():
-                        output, shown = cast(ZOStep, self.dp).forward_differences(forward, mask)
-                    losses.append(shown)
-                    continue
-                with self._physical_batch_context():
-                    engine = cast("ClippingEngine", self.dp.engine)  # not None: asserted above
-                    with engine.recording(self.root_device, rows=mask.numel()):
-                        output = self._physical_training_step(physical, *args[1:], **kwargs)
-                    losses.append(self.dp.backward(output, mask))
+            with self._out_of_memory_hint(mask.numel()), self._physical_batch_context():
+                output, shown = self.dp.physical_batch(forward, mask, self.root_device)
+            losses.append(shown)
         self._dp_step_pending = True
         loss = torch.stack(losses).mean()
         if isinstance(output, Mapping):
@@ -289,7 +277,7 @@ class DPStrategyMixin(_StrategyBase):
 
         failure = self.dp.self_check.run(
             module=self._connected_module(),
-            engine=None if isinstance(self.dp, ZOStep) else self.dp.engine,
+            engine=self.dp.probe_engine,
             batches=batches,
             forward=lambda physical: self._physical_training_step(physical, *args[1:], **kwargs),
             context=self._probe_context,

@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
+from typing_extensions import override
 
 from lightning_dpzero.clipping.functions import _FUNCTIONS
 from lightning_dpzero.config import NonFinitePolicy, PrivacyConfig
@@ -186,6 +187,17 @@ class ZOStep(DPStep):
         return self.accountant.steps  # logical steps taken so far: the 0-based index of this one
 
     # --------------------------------------------------------------------------------------- forward passes
+    @override
+    def physical_batch(self, forward: Callable[[], Any], mask: Tensor, device: torch.device) -> tuple[Any, Tensor]:
+        """Run one physical batch: 2P forward passes at theta +- beta z, no backward (``forward_differences``)."""
+        return self.forward_differences(forward, mask)
+
+    @property
+    @override
+    def probe_engine(self) -> None:
+        """Forward passes only: the self-check compares the per-example losses and buffers."""
+        return None
+
     def forward_differences(self, forward: Callable[[], Any], mask: Tensor) -> tuple[Any, Tensor]:
         """Run one physical batch at theta +- beta z_j for every direction; add its clipped differences.
 
