@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
+from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from lightning_dpzero.accounting import PrivacyAccountant, calibrate_noise_multiplier
@@ -280,6 +281,17 @@ class DPStep:
             shown = (loss.detach() * real).sum() / real.sum().clamp(min=1)
         self.engine.backward(total, mask)
         return shown
+
+    def finish_step(
+        self,
+        optimizer: Optimizer | None,
+        named_params: Callable[[], Iterable[tuple[str, nn.Parameter]]],
+        *,
+        all_reduce: Callable[[Tensor], None] | None = None,
+    ) -> None:
+        """End the logical step on a strategy whose parameters are whole on every rank: ``privatize`` the
+        parameters ``named_params()`` lists (``all_reduce`` sums the clipped sums over the ranks)."""
+        self.privatize(named_params(), all_reduce=all_reduce)
 
     def privatize(
         self,

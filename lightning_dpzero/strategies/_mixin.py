@@ -346,10 +346,7 @@ class DPStrategyMixin(_StrategyBase):
 
     def _privatize(self, optimizer: Optimizer) -> None:
         """Noise, normalise and write the gradients of the parameters ``optimizer`` updates."""
-        if isinstance(self.dp, ZOStep):
-            self.dp.update(optimizer)  # in place: the optimizer does not step and holds no gradient
-            return
-        self.dp.privatize(self._named_optimizer_params(optimizer))
+        self.dp.finish_step(optimizer, lambda: self._named_optimizer_params(optimizer))
 
     def _check_selection_agrees(self) -> None:
         """Zeroth-order with pruning under sharding: every rank scored its own full copy; all must keep the same
@@ -366,13 +363,14 @@ class DPStrategyMixin(_StrategyBase):
             )
 
     def _all_reduce_on_device(self, values: Tensor) -> None:
-        """Sum a small tensor (zeroth-order: the P clipped sums) over the ranks in place, through the root device
-        (NCCL reduces device tensors only)."""
+        """Sum a tensor over the ranks in place, through the root device (NCCL reduces device tensors only): the
+        flat clipped sums of data-parallel DP-SGD, or zeroth-order's P clipped sums."""
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return
         on_device = values.to(self.root_device)
         dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
-        values.copy_(on_device.to(values.device))
+        if on_device is not values:
+            values.copy_(on_device.to(values.device))
 
     def _named_optimizer_params(self, optimizer: Optimizer) -> list[tuple[str, torch.nn.Parameter]]:
         assert self.dp.engine is not None

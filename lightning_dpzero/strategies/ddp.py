@@ -5,11 +5,9 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-import torch.distributed as dist
 from lightning.fabric.strategies.registry import _StrategyRegistry
 from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.strategies import DDPStrategy
-from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
@@ -66,10 +64,10 @@ class DPDDPStrategy(DPStrategyMixin, DDPStrategy):
 
     @override
     def _privatize(self, optimizer: Optimizer) -> None:
-        if isinstance(self.dp, ZOStep):
-            self.dp.update(optimizer, all_reduce=self._all_reduce_on_device)  # P numbers, not the gradients
-            return
-        self.dp.privatize(self._named_optimizer_params(optimizer), all_reduce=_all_reduce_sum)
+        # first-order: the clipped sums in one flat buffer; zeroth-order: P numbers, not the gradients
+        self.dp.finish_step(
+            optimizer, lambda: self._named_optimizer_params(optimizer), all_reduce=self._all_reduce_on_device
+        )
 
     @classmethod
     @override
@@ -77,8 +75,3 @@ class DPDDPStrategy(DPStrategyMixin, DDPStrategy):
         strategy_registry.register(
             cls.strategy_name, cls, description="DP-SGD with data-parallel replicas (Poisson shards, one all-reduce)"
         )
-
-
-def _all_reduce_sum(flat: Tensor) -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -252,6 +252,17 @@ class ZOStep(DPStep):
         self._sums = summed if self._sums is None else self._sums + summed
 
     # ----------------------------------------------------------------------------------------------- update
+    @override
+    def finish_step(
+        self,
+        optimizer: Optimizer | None,
+        named_params: Callable[[], Iterable[tuple[str, nn.Parameter]]],
+        *,
+        all_reduce: Callable[[Tensor], None] | None = None,
+    ) -> None:
+        """End the logical step: ``update`` in place (``all_reduce`` sums the P clipped sums over the ranks)."""
+        self.update(optimizer, all_reduce=all_reduce)
+
     def update(self, optimizer: Optimizer | None, *, all_reduce: Callable[[Tensor], None] | None = None) -> Tensor:
         """Noise, normalise and apply the update in place; account the step.
 
