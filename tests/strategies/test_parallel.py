@@ -68,6 +68,9 @@ OFFLOAD = [
     "zero2_dsopt",
     "zero3_offload_dsopt",
 ]
+# The noise goes through the same wrapper with and without parameter offload, and at every stage once the optimizer
+# comes from the DeepSpeed config: one run each of those keeps the suite short.
+OFFLOAD_NOISE = ["zero2_offload", "zero3_offload", "fsdp_offload", "zero3_offload_dsopt"]
 
 
 @pytest.mark.parametrize("strategy", [*STRATEGIES, "zero3_buffered", "fsdp_buffered", *OFFLOAD, "zero3_few", "ddp_few"])
@@ -126,7 +129,7 @@ def test_gradient_matches_single_process_reference(strategy: str, tmp_path) -> N
                     _assert_rel_close(r["grads"][step][name].double(), value / 4.0, f"{style} {name}")
 
 
-@pytest.mark.parametrize("strategy", [*STRATEGIES, *OFFLOAD])
+@pytest.mark.parametrize("strategy", [*STRATEGIES, *OFFLOAD_NOISE])
 def test_noise_is_drawn_once_per_coordinate(strategy: str, tmp_path) -> None:
     """Reference: noise std sigma*C/B over the whole gradient, identical on both ranks (not W times the draws)."""
     ranks = _torchrun(strategy, "noise", tmp_path)
