@@ -36,7 +36,7 @@ Example ``run.yaml``::
     model:
       class_path: lightning_dpzero.tasks.gpt.GPTTask
     data:
-      class_path: lightning_dpzero.tasks.gpt.SyntheticArithmeticDataModule
+      class_path: lightning_dpzero.tasks.text_data.SyntheticArithmeticDataModule
 """
 
 from __future__ import annotations

@@ -274,7 +274,7 @@ def _worker(args: argparse.Namespace) -> None:
 
 def _cpu_deepspeed_strategy():
     """Lightning's DeepSpeedStrategy on the same CPU path as ``DPZeroStrategy``, without DP."""
-    from lightning_dpzero.strategies.deepspeed import DeepSpeedCPUStrategy
+    from lightning_dpzero.strategies.deepspeed_cpu import DeepSpeedCPUStrategy
 
     class NonPrivateZero(DeepSpeedCPUStrategy):
         def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):

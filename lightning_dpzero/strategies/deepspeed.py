@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -26,9 +25,7 @@ from typing import Any, Protocol, cast
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.strategies.registry import _StrategyRegistry
-from lightning.fabric.utilities.seed import reset_seed
-from lightning.pytorch.accelerators import CUDAAccelerator
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.optim import Optimizer
@@ -37,8 +34,9 @@ from typing_extensions import override
 from lightning_dpzero.clipping.contributions import full_shape
 from lightning_dpzero.config import PrivacyConfig
 from lightning_dpzero.precision import dp_precision_for
-from lightning_dpzero.step import DPStep
 from lightning_dpzero.strategies._mixin import DPStrategyMixin
+from lightning_dpzero.strategies._noisy_optimizer import _NoisyPartitionOptimizer
+from lightning_dpzero.strategies.deepspeed_cpu import DeepSpeedCPUStrategy
 from lightning_dpzero.zeroth_order.step import ZOStep
 
 __all__ = ["DPZeroStrategy", "DeepSpeedCPUStrategy"]
@@ -54,124 +52,6 @@ class _ZeRO3Parameter(Protocol):
 
 def _zo_partition_file(rank: int) -> str:
     return f"zo_partitions_rank{rank}.pt"
-
-
-class _NoisyPartitionOptimizer(Optimizer):
-    """Wraps the client optimizer: noise and normalisation on the rank's gradient partition, then the step.
-
-    DeepSpeed calls ``step()`` with ``param_groups`` holding this rank's flat fp32 partition(s), whose ``.grad``
-    is the mean over the W ranks of the clipped sums.
-    """
-
-    def __init__(self, inner: Optimizer, dp: DPStep, world_size: int) -> None:
-        self.inner, self.dp, self.world_size = inner, dp, world_size  # no super().__init__: all state is inner's
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.inner.param_groups
-
-    @param_groups.setter
-    def param_groups(self, groups: list[dict[str, Any]]) -> None:
-        self.inner.param_groups = groups
-
-    @property
-    def state(self) -> Any:
-        return self.inner.state
-
-    @state.setter
-    def state(self, value: Any) -> None:
-        self.inner.state = value
-
-    @property
-    def defaults(self) -> dict[str, Any]:
-        return self.inner.defaults
-
-    @defaults.setter
-    def defaults(self, value: dict[str, Any]) -> None:
-        self.inner.defaults = value
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.inner.load_state_dict(state_dict)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.inner.zero_grad(set_to_none=set_to_none)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        self.inner.add_param_group(param_group)
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        for group in self.inner.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self.dp.add_noise_and_normalise(p.grad, scale=self.world_size)
-        return self.inner.step(closure)
-
-    def __repr__(self) -> str:
-        return f"DPNoise({self.inner!r})"
-
-
-class DeepSpeedCPUStrategy(DeepSpeedStrategy):
-    """Lightning's ``DeepSpeedStrategy``, also on CPU (gloo); on GPUs it is the parent unchanged.
-
-    Lightning refuses CPU in three places: the CUDA check in ``setup_environment``, the device-index check in
-    ``setup_distributed`` (CPU devices have no index) and ``deepspeed.initialize(args=Namespace(device_rank=None))``.
-    DeepSpeed itself runs ZeRO 1/2/3 on CPU. ``DPZeroStrategy`` builds on this; it is public so that non-private
-    baselines run on the same path (``examples/benchmarks/zero_step_time.py``).
-    """
-
-    @override
-    def setup_environment(self) -> None:
-        if isinstance(self.accelerator, CUDAAccelerator):
-            super().setup_environment()
-        else:
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-            DDPStrategy.setup_environment(self)
-
-    @override
-    def setup_distributed(self) -> None:
-        if isinstance(self.accelerator, CUDAAccelerator):
-            return super().setup_distributed()
-        reset_seed()  # as the parent, minus its CUDA device-index check
-        self.set_world_ranks()
-        self._init_deepspeed_distributed()
-
-    @contextlib.contextmanager
-    def _device_rank(self) -> Iterator[None]:
-        """deepspeed.initialize wants an integer device rank; CPU devices have index None."""
-        import deepspeed
-
-        original, local_rank = deepspeed.initialize, self.local_rank
-
-        def initialize(*args: Any, **kwargs: Any) -> Any:
-            ns = kwargs.get("args")
-            if ns is not None and getattr(ns, "device_rank", 0) is None:
-                kwargs["args"] = argparse.Namespace(**{**vars(ns), "device_rank": local_rank})
-            return original(*args, **kwargs)
-
-        deepspeed.initialize = initialize
-        try:
-            yield
-        finally:
-            deepspeed.initialize = original
-
-    @override
-    def _setup_model_and_optimizer(self, model: Any, optimizer: Any, lr_scheduler: Any = None) -> Any:
-        with self._device_rank():
-            return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
-
-    @override
-    def _initialize_deepspeed_inference(self, model: Any) -> None:
-        with self._device_rank():
-            super()._initialize_deepspeed_inference(model)
-
-    @classmethod
-    @override
-    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
-        pass  # not registered by name: Lightning's "deepspeed*" names stay Lightning's
 
 
 class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):

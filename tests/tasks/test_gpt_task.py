@@ -18,10 +18,10 @@ from lightning_dpzero.tasks.gpt import (
     GPT2BPETokenizer,
     GPTTask,
     TextFileDataModule,
-    _bytes_to_unicode,
     load_gpt_checkpoint,
     load_safetensors,
 )
+from lightning_dpzero.tasks.tokenizers import _bytes_to_unicode
 from tests.tasks._helpers import parameters_changed, trainer
 
 
