@@ -437,19 +437,25 @@ class DPStrategyMixin(_StrategyBase):
 
 
 def _replacement(dataset: Any, used: list[int], collate: Callable[[list[Any]], Any], current: Any) -> Any:
-    """The example the self-check swaps in, whose data differ from the replaced one (a duplicate would test nothing):
-    the first that differs of a few examples outside the physical batch, then of the batch's own rows."""
+    """The example the self-check swaps in: of a few examples outside the physical batch and the batch's own rows,
+    the one whose data differ most from the replaced one (sum of absolute differences of every collated tensor; a
+    different shape counts as most different). A duplicate would test nothing, and a near-duplicate can hide a
+    dependence on the data (e.g. a loss normalised by the batch's token count, when both rows count the same)."""
     taken, size = set(used), len(dataset)
     outside = [i for i in range(min(size, len(used) + 8)) if i not in taken][:8]
     reference = list(_tensors(collate([current])))
+    best, best_distance = current, 0.0  # every candidate holds the same data: nothing to swap (the check tests nothing)
     for index in [*outside, *used]:
         example = dataset[index]
         values = list(_tensors(collate([example])))
-        if len(values) != len(reference) or any(
-            a.shape != b.shape or not torch.equal(a, b) for a, b in zip(values, reference)
-        ):
+        if len(values) != len(reference) or any(a.shape != b.shape for a, b in zip(values, reference)):
             return example
-    return current  # every candidate holds the same data: nothing to swap (the check then tests nothing)
+        distance = sum(
+            float((a.double() - b.double()).nan_to_num(0.0, 0.0, 0.0).abs().sum()) for a, b in zip(values, reference)
+        )
+        if distance > best_distance:
+            best, best_distance = example, distance
+    return best
 
 
 def _tensors(value: Any) -> Iterator[Tensor]:
