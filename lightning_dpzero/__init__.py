@@ -22,15 +22,18 @@ from lightning_dpzero.config import (
     ZerothOrderConfig,
 )
 from lightning_dpzero.layers import DPMultiheadAttention, replace_multihead_attention
+from lightning_dpzero.ledger import Binding, PrivacyLedger
+from lightning_dpzero.method import PrivateMethod, Reducer
 from lightning_dpzero.precision import DPPrecision
 from lightning_dpzero.sampling.poisson import LogicalBatch, PoissonBatchSampler
 from lightning_dpzero.selfcheck import PerExampleCheckError
 from lightning_dpzero.step import DPStep, PrivacyBudgetExhausted
-from lightning_dpzero.strategies import DPDDPStrategy, DPFSDPStrategy, DPStrategy, DPZeroStrategy
+from lightning_dpzero.strategies import DPDDPStrategy, DPFSDPStrategy, DPStrategy, DPZeroStrategy, privacy_ledger
 from lightning_dpzero.zeroth_order import ZOStep
 
 __all__ = [
     "Accountant",
+    "Binding",
     "ClippingFunction",
     "ClippingRule",
     "ClippingStyle",
@@ -50,13 +53,17 @@ __all__ = [
     "PrivacyBudget",
     "PrivacyBudgetExhausted",
     "PrivacyConfig",
+    "PrivacyLedger",
+    "PrivateMethod",
     "PruneSelection",
+    "Reducer",
     "DPZeroStrategy",
     "UnsupportedLayerError",
     "ZOStep",
     "ZerothOrderConfig",
     "calibrate_noise_multiplier",
     "epsilon_for",
+    "privacy_ledger",
     "register_rule",
     "replace_multihead_attention",
 ]

@@ -6,7 +6,7 @@ were larger, and a dynamic scaler skips steps depending on whether some example 
 does not cover. ``DPPrecision`` therefore never scales the loss (static scale 1, no ``GradScaler``).
 
 Whatever the compute dtype, the clipping engine computes per-example norms and clip factors and accumulates the
-clipped sums in fp32, and the noise is drawn in fp32 (``DPStep``); the engines' own mechanisms do the rest:
+clipped sums in fp32, and the noise is drawn in fp32 (``PrivacyLedger``); the engines' own mechanisms do the rest:
 
 =============  ==========================================================================================
 strategy       what ``DPPrecision(p)`` becomes
@@ -30,11 +30,12 @@ from contextlib import AbstractContextManager
 from typing import Any, Literal
 
 import torch
-from lightning.fabric.plugins.precision.utils import _convert_fp_tensor, _DtypeContextManager
 from lightning.pytorch.plugins.precision import Precision
 from lightning_utilities import apply_to_collection
 from torch import Tensor, nn
 from typing_extensions import override
+
+from lightning_dpzero._internals.lightning import DtypeContext, convert_fp_tensor
 
 __all__ = ["DPPrecision"]
 
@@ -90,7 +91,7 @@ class DPPrecision(Precision):
 
     @override
     def tensor_init_context(self) -> AbstractContextManager:
-        return _DtypeContextManager(self.dtype) if self.half else contextlib.nullcontext()
+        return DtypeContext(self.dtype) if self.half else contextlib.nullcontext()
 
     @override
     def module_init_context(self) -> AbstractContextManager:
@@ -104,7 +105,7 @@ class DPPrecision(Precision):
             with torch.autocast(device, dtype=self.dtype, cache_enabled=False):
                 yield
         elif self.half:
-            with _DtypeContextManager(self.dtype):
+            with DtypeContext(self.dtype):
                 yield
         else:
             yield
@@ -113,13 +114,13 @@ class DPPrecision(Precision):
     def convert_input(self, data: Any) -> Any:
         if not self.half:
             return data
-        return apply_to_collection(data, function=_convert_fp_tensor, dtype=Tensor, dst_type=self.dtype)
+        return apply_to_collection(data, function=convert_fp_tensor, dtype=Tensor, dst_type=self.dtype)
 
     @override
     def convert_output(self, data: Any) -> Any:
         if not self.half:
             return data
-        return apply_to_collection(data, function=_convert_fp_tensor, dtype=Tensor, dst_type=torch.get_default_dtype())
+        return apply_to_collection(data, function=convert_fp_tensor, dtype=Tensor, dst_type=torch.get_default_dtype())
 
     # --------------------------------------------------------------------------------------- no scaling
     @override

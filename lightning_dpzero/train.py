@@ -109,7 +109,7 @@ def run(cfg: DictConfig, root_dir: str | Path | None = None) -> dict[str, Any]:
         summary.update(
             epsilon=dp.epsilon(),
             delta=dp.delta,
-            noise_multiplier=dp.noise_multiplier,
+            noise_multiplier=dp.ledger.noise_multiplier,
             target_epsilon=dp.config.target_epsilon,
         )
     return summary
@@ -117,11 +117,11 @@ def run(cfg: DictConfig, root_dir: str | Path | None = None) -> dict[str, Any]:
 
 def _progress_bar(cfg: DictConfig) -> list[Callback]:
     """Lightning's rich progress bar (epsilon is logged to it) when rich is installed and the bar is enabled."""
-    from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
+    import importlib.util
 
     if not cfg.get("rich_progress_bar", True) or cfg.trainer.get("enable_progress_bar", True) is False:
         return []
-    if not _RICH_AVAILABLE:
+    if importlib.util.find_spec("rich") is None:
         return []  # Lightning's tqdm bar; rich is a dependency of the package, so this is a stripped install
     from lightning.pytorch.callbacks import RichProgressBar
 

@@ -70,7 +70,9 @@ def test_saved_config_holds_no_privacy_seed(tmp_path) -> None:
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
     cli = run(["fit", "--config", str(path), f"--trainer.default_root_dir={tmp_path / 'out'}"])
-    assert cli.trainer.strategy.dp.key == dpz.DPStep(dpz.PrivacyConfig(noise_multiplier=1.0, seed=seed)).key
+    assert (
+        cli.trainer.strategy.dp.ledger.key == dpz.DPStep(dpz.PrivacyConfig(noise_multiplier=1.0, seed=seed)).ledger.key
+    )
     saved = tmp_path / "out" / "config.yaml"
     text = saved.read_text()
     assert str(seed) not in text

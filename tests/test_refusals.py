@@ -181,7 +181,7 @@ def test_pruning_an_already_sharded_model_is_refused() -> None:
     model = torch.nn.Linear(3, 2)
     model.weight.ds_tensor = torch.zeros(3)  # what a ZeRO-3 partitioned parameter carries
     with pytest.raises(ValueError, match=r"sharded already.*use strategy 'dp' or 'dp_ddp', or set prune_keep_fraction"):
-        ZOStep(privacy).select_before_sharding(model)
+        ZOStep(privacy).before_sharding(model)
 
 
 def test_ranks_with_different_pruning_selections_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:

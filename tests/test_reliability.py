@@ -41,7 +41,7 @@ def test_epsilon_never_exceeds_the_budget_and_equals_dp_accounting(
         config = dpz.PrivacyConfig(noise_multiplier=fixed_sigma, expected_batch_size=b, physical_batch_size=8)
     else:
         config = dpz.PrivacyConfig(target_epsilon=target, expected_batch_size=b, physical_batch_size=8)
-    dp = DPStep(config)
+    dp = DPStep(config).ledger
     loader = DataLoader(TensorDataset(torch.zeros(n, 1)), batch_size=b)
     try:
         dp.bind_data(loader, planned_steps=lambda _: planned, owner="test")
@@ -53,7 +53,7 @@ def test_epsilon_never_exceeds_the_budget_and_equals_dp_accounting(
     asked = max(1, int(planned * run_factor))
     taken = 0
     while taken < asked and dp.may_step():
-        dp.account_step()
+        dp.release([])
         taken += 1
     assert dp.accountant is not None
     limit = dp.epsilon_limit
@@ -66,18 +66,18 @@ def test_epsilon_never_exceeds_the_budget_and_equals_dp_accounting(
     if taken < asked:  # stopped by the budget: the next step would have exceeded it
         nxt = direct_epsilon(Accountant.RDP, [(dp.noise_multiplier, dp.sample_rate, taken + 1)], dp.delta)
         assert nxt > limit
-        assert not dp.may_step()  # and begin_step() raises PrivacyBudgetExhausted (tested below)
+        assert not dp.may_step()  # and release() raises PrivacyBudgetExhausted (tested below)
 
 
 def test_a_step_past_the_budget_is_refused_by_the_step_itself() -> None:
-    """Whatever a callback or loop does, DPStep.begin_step refuses a step that would exceed the budget."""
+    """Whatever a callback or loop does, the ledger refuses to release a step that would exceed the budget."""
     trainer = _trainer(dpz.PrivacyConfig(target_epsilon=1.0, expected_batch_size=8, physical_batch_size=8))
     trainer.fit(Task())
-    dp = trainer.strategy.dp
+    dp = trainer.strategy.dp.ledger
     while dp.may_step():
-        dp.account_step()
+        dp.release([])
     with pytest.raises(PrivacyBudgetExhausted, match="past the budget of 1.0"):
-        dp.begin_step([])
+        dp.release([])
     assert dp.epsilon() <= 1.0
 
 
@@ -106,7 +106,7 @@ def test_secure_rng_trains_and_refuses_a_seed() -> None:
     task = ZeroGrad(lr=1.0)
     before = task.lin.weight.detach().clone()
     trainer.fit(task)
-    assert isinstance(trainer.strategy.dp.noise, SecureGaussianNoise)
+    assert isinstance(trainer.strategy.dp.ledger.noise, SecureGaussianNoise)
     update = (before - task.lin.weight.detach()).flatten()
     assert update.std().item() == pytest.approx(2.0 * 0.5 / 16 * math.sqrt(2), rel=0.05)  # two steps of noise
     with pytest.raises(ValueError, match="secure_rng=True.*cannot be seeded"):

@@ -206,7 +206,7 @@ def run(label: str, args: argparse.Namespace, privacy: dpz.PrivacyConfig, steps:
         peak_mb=(measure.static + measure.working) / 2**20,
         val_loss=float(loss),
         epsilon=dp.epsilon(),
-        sigma=float(dp.noise_multiplier),
+        sigma=float(dp.ledger.noise_multiplier),
         extra={"trainable": getattr(dp, "num_trainable", sum(p.numel() for p in task.parameters()))},
     )
 

@@ -26,6 +26,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
+from lightning_dpzero._internals import deepspeed as ds_internals
+
 __all__ = ["AuditConfig", "CanaryDataset", "CanaryModule", "CanaryObserver", "canary_dataloader", "draw_inclusion"]
 
 CANARY_PARAMETER = "canary.weight"  # the canonical name of u in CanaryModule
@@ -203,7 +205,7 @@ def full_canary_weights(module: CanaryModule) -> Tensor:
     if hasattr(weight, "full_tensor"):
         return weight.full_tensor().detach().float().flatten().cpu()
     gather: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-    if hasattr(weight, "ds_id"):
+    if ds_internals.is_partitioned(weight):
         import deepspeed
 
         gather = deepspeed.zero.GatheredParameters([weight])

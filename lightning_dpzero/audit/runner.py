@@ -21,9 +21,9 @@ from lightning_dpzero.audit.canaries import (
     draw_inclusion,
 )
 from lightning_dpzero.audit.scores import GuessAttempt, best_guess, log_likelihood_ratio
+from lightning_dpzero.clipping.engine import ClippingEngine
 from lightning_dpzero.clipping.functions import clip_factors
-from lightning_dpzero.config import Method
-from lightning_dpzero.step import DPStep
+from lightning_dpzero.config import Method, PrivacyConfig
 from lightning_dpzero.strategies.query import dp_step
 
 __all__ = ["AuditResult", "plot_scores", "run_audit"]
@@ -88,20 +88,20 @@ class AuditResult:
         )
 
 
-def _canary_signal(dp: DPStep, canary_gradient_norm: float) -> float:
+def _canary_signal(engine: ClippingEngine | None, config: PrivacyConfig, canary_gradient_norm: float) -> float:
     """s / C: the norm the library's clipping gives a canary gradient of norm w, in units of C."""
-    assert dp.engine is not None
-    groups = dp.engine.groups
+    assert engine is not None  # a first-order method clips through its engine
+    groups = engine.groups
     clip = groups.clip_norms[groups.group_of[CANARY_PARAMETER]]
     norm = torch.tensor([canary_gradient_norm])
     factor = clip_factors(
         norm,
         torch.ones(1),
         clip_norm=clip,
-        fn=dp.config.clipping_function,
-        stability_constant=dp.config.stability_constant,
+        fn=config.clipping_function,
+        stability_constant=config.stability_constant,
     )
-    return float(factor[0]) * canary_gradient_norm / dp.config.clip_norm
+    return float(factor[0]) * canary_gradient_norm / config.clip_norm
 
 
 def run_audit(
@@ -134,35 +134,37 @@ def run_audit(
             f"lightning_dpzero.audit: the Trainer's strategy {type(trainer.strategy).__name__} is not a first-order "
             "DP strategy (dp, dp_ddp, dp_zero1/2/3, dp_fsdp with method='first_order'); there is no claim to audit."
         )
+    ledger = dp.ledger
     observer = CanaryObserver()
     # Trainer.callbacks is set by Lightning's callback connector, not declared on Trainer
     trainer.callbacks.append(observer)  # type: ignore[attr-defined]
     trainer.fit(module, train_dataloaders=canary_dataloader(train_dataloader, included))
     if not observer.increments:
         raise RuntimeError("lightning_dpzero.audit: the run took no logical step; set Trainer(max_steps=...) > 0.")
-    assert dp.expected_batch_size is not None and dp.noise_multiplier is not None and dp.sample_rate is not None
-    assert dp.delta is not None
+    binding, delta = ledger.binding, ledger.delta
+    assert binding is not None and delta is not None  # bound when the run trained
     # u moves by lr (s 1[sampled] + noise) / B: in units of C / B the signal is s / C and the noise std is sigma.
     x = (
         torch.stack(observer.increments).double().numpy()
-        * dp.expected_batch_size
+        * binding.expected_batch_size
         / (config.canary_lr * dp.config.clip_norm)
     )  # [T, m]
-    signal = _canary_signal(dp, config.canary_gradient_norm)
-    scores = log_likelihood_ratio(x, signal=signal, noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate)
+    signal = _canary_signal(dp.probe_engine, dp.config, config.canary_gradient_norm)
+    sigma, q = binding.noise_multiplier, binding.sample_rate
+    scores = log_likelihood_ratio(x, signal=signal, noise_multiplier=sigma, sample_rate=q)
     best, attempts = best_guess(
-        scores, included, delta=dp.delta, confidence=config.confidence, guess_fractions=config.guess_fractions
+        scores, included, delta=delta, confidence=config.confidence, guess_fractions=config.guess_fractions
     )
     return AuditResult(
-        claimed_epsilon=dp.epsilon(),
-        delta=dp.delta,
+        claimed_epsilon=ledger.epsilon(),
+        delta=delta,
         epsilon_lower_bound=best.epsilon_lower_bound,
         confidence=config.confidence,
         num_canaries=config.num_canaries,
         num_included=int(included.sum()),
         steps=x.shape[0],
-        noise_multiplier=dp.noise_multiplier,
-        sample_rate=dp.sample_rate,
+        noise_multiplier=sigma,
+        sample_rate=q,
         canary_signal=signal,
         best=best,
         attempts=attempts,

@@ -10,8 +10,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from lightning_dpzero.config import Accountant
-from lightning_dpzero.step import DPStep
-from lightning_dpzero.strategies.query import dp_step
+from lightning_dpzero.ledger import PrivacyLedger
+from lightning_dpzero.strategies.query import privacy_ledger
 
 __all__ = ["PrivacyBudget"]
 
@@ -40,8 +40,8 @@ class PrivacyBudget(Callback):
         self.log_every_n_steps = log_every_n_steps
 
     @staticmethod
-    def _dp(trainer: pl.Trainer) -> DPStep:
-        dp = dp_step(trainer)
+    def _dp(trainer: pl.Trainer) -> PrivacyLedger:
+        dp = privacy_ledger(trainer)
         if dp is None:
             raise TypeError(
                 f"PrivacyBudget needs a DP strategy (e.g. strategy='dp'), but the Trainer uses "
@@ -69,7 +69,7 @@ class PrivacyBudget(Callback):
         if every is None:
             # Trainer.log_every_n_steps is set by Lightning's logger connector, not declared on Trainer
             every = 1 if dp.config.accountant is Accountant.RDP else max(1, trainer.log_every_n_steps)  # type: ignore[attr-defined]
-        steps = 0 if dp.accountant is None else dp.accountant.steps
+        steps = dp.steps
         if steps and (steps % every == 0 or not dp.may_step()):
             pl_module.log("epsilon", dp.epsilon(), prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
         if not dp.may_step():

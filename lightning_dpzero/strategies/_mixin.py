@@ -1,8 +1,9 @@
 """The Lightning glue every DP strategy shares: data, the per-physical-batch loop, noise, checkpoints.
 
 Each DP strategy is ``class DPxStrategy(DPStrategyMixin, LightningXStrategy)``: the mixin overrides only the hooks
-where DP differs and delegates the maths to one ``DPStep``; the Lightning parent keeps doing device placement,
-wrapping and communication.
+where DP differs and delegates the maths to one ``PrivateMethod`` (``DPStep`` or ``ZOStep``); the strategy chooses
+a ``Reducer`` (where the clipped sums are summed and which coordinates each rank owns); the Lightning parent keeps
+doing device placement, wrapping and communication.
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from lightning_dpzero._internals import lightning as lightning_internals
+from lightning_dpzero._internals import torch as torch_internals
 from lightning_dpzero.config import PrivacyConfig
 from lightning_dpzero.loss import training_step_loss
+from lightning_dpzero.method import PrivateMethod, Reducer, make_method
 from lightning_dpzero.precision import DPPrecision, dp_precision_for, refuse_loss_scaler
 from lightning_dpzero.sampling.poisson import LogicalBatch
 from lightning_dpzero.selfcheck import PerExampleCheckError
-from lightning_dpzero.step import DPStep
-from lightning_dpzero.zeroth_order.step import ZOStep
+from lightning_dpzero.strategies.reducers import LocalReducer
 
 if TYPE_CHECKING:
     from lightning.pytorch.strategies import Strategy
@@ -46,22 +49,31 @@ __all__ = ["DPStrategyMixin"]
 _CHECKPOINT_KEY = "lightning_dpzero"
 # LightningModule -> the DP step that last trained it in this process: a new Trainer (a new ledger at epsilon 0) must
 # not silently train a module whose weights already spent budget under another one.
-_LEDGERS: weakref.WeakKeyDictionary[Any, DPStep] = weakref.WeakKeyDictionary()
+_LEDGERS: weakref.WeakKeyDictionary[Any, PrivateMethod] = weakref.WeakKeyDictionary()
 
 
 class DPStrategyMixin(_StrategyBase):
     """DP-SGD hooks for a Lightning strategy. Put it first in the bases: ``(DPStrategyMixin, DDPStrategy)``."""
 
-    dp: DPStep
+    dp: PrivateMethod
 
     def _init_dp(self, privacy: PrivacyConfig | None) -> None:
         if privacy is not None and not isinstance(privacy, PrivacyConfig):
             raise TypeError(f"{type(self).__name__}: `privacy` must be a PrivacyConfig, got {type(privacy).__name__}.")
-        config = privacy or PrivacyConfig.default()
-        # Zeroth-order: forward passes only, the update in place (ZOStep); first-order: DP-SGD (DPStep).
-        self.dp = ZOStep(config) if config.zeroth_order is not None else DPStep(config)
+        self.dp = make_method(privacy or PrivacyConfig.default())
+        self._reducer: Reducer | None = None
         self._dp_step_pending = False
-        self._physical_index = 0  # the physical batch of the logical step being run
+
+    @property
+    def reducer(self) -> Reducer:
+        """This strategy's reduction of the clipped sums (built on first use, once the root device is known)."""
+        if self._reducer is None:
+            self._reducer = self._make_reducer()
+        return self._reducer
+
+    def _make_reducer(self) -> Reducer:
+        """The reducer this strategy uses (one device: ``LocalReducer``)."""
+        return LocalReducer(self.root_device, type(self).__name__)
 
     @property
     def privacy(self) -> PrivacyConfig:
@@ -73,12 +85,12 @@ class DPStrategyMixin(_StrategyBase):
     # with a loss scaler is refused in ``_check_trainer``.
     @property
     def precision_plugin(self) -> Any:
-        plugin = getattr(self, "_precision_plugin", None)
+        plugin = lightning_internals.stored_precision_plugin(self)
         return plugin if plugin is not None else self._dp_precision(DPPrecision())
 
     @precision_plugin.setter
     def precision_plugin(self, plugin: Any) -> None:
-        self._precision_plugin = None if plugin is None else self._dp_precision(plugin)
+        lightning_internals.store_precision_plugin(self, None if plugin is None else self._dp_precision(plugin))
 
     def _dp_precision(self, plugin: Any) -> Any:
         """The plugin this strategy runs for ``plugin`` (``DPPrecision``; DeepSpeed's for ``dp_zero*``)."""
@@ -89,7 +101,7 @@ class DPStrategyMixin(_StrategyBase):
     def setup(self, trainer: pl.Trainer) -> None:
         self._check_trainer(trainer)
         super().setup(trainer)
-        self.dp.attach(self._connected_module())
+        self.dp.attach(self._connected_module(), self.reducer)
         self._check_selection_agrees()  # dp_ddp: each rank pruned its own (synchronised) replica
         if trainer.state.fn == TrainerFn.FITTING:
             self._check_optimizers()
@@ -107,10 +119,10 @@ class DPStrategyMixin(_StrategyBase):
     def _share_seed_and_set_rank(self) -> None:
         """One secret key for the run, rank 0's, shared in memory over the process group (the ranks' Poisson sample
         sizes must agree); each rank derives its own streams from it."""
-        key = [self.dp.key.to_bytes()]
+        key = [self.dp.ledger.key.to_bytes()]
         if dist.is_available() and dist.is_initialized():
             dist.broadcast_object_list(key, src=0)
-        self.dp.set_rank(self.global_rank, self.world_size, key=key[0])  # type: ignore[attr-defined]
+        self.dp.ledger.set_rank(self.global_rank, self.world_size, key=key[0])  # type: ignore[attr-defined]
 
     def _check_trainer(self, trainer: pl.Trainer) -> None:
         name = type(self).__name__
@@ -127,7 +139,7 @@ class DPStrategyMixin(_StrategyBase):
                 f"{name}: manual optimization is not supported under DP yet: the strategy must own the step "
                 "(clip, noise, normalise, account). Use automatic optimization with one optimizer."
             )
-        compiled = _compiled_modules(module)
+        compiled = torch_internals.compiled_modules(module)
         if compiled:
             raise ValueError(
                 f"{name}: torch.compile is not supported under DP ({compiled[0]!r} is compiled): the clipping "
@@ -135,8 +147,7 @@ class DPStrategyMixin(_StrategyBase):
                 "around or bakes into a graph without them. Train without torch.compile (compiling the trained model "
                 "for inference is fine)."
             )
-        connector = getattr(trainer, "_accelerator_connector", None)
-        refuse_loss_scaler(getattr(connector, "_precision_plugin_flag", None), name)  # a plugin the user built
+        refuse_loss_scaler(lightning_internals.user_precision_plugin(trainer), name)  # a plugin the user built
         refuse_loss_scaler(self.precision_plugin, name)
         plugin = self.precision_plugin
         if isinstance(plugin, DPPrecision) and plugin.device is None:
@@ -184,15 +195,13 @@ class DPStrategyMixin(_StrategyBase):
         ``on_before_batch_transfer``, which passes it through here; ``training_step`` then sends every physical
         batch through all three hooks."""
         module = self._connected_module()
-        if "_on_before_batch_transfer" in vars(module):
-            return
-        route = module._on_before_batch_transfer
+        route = lightning_internals.batch_route(module)
 
         def skip_logical(batch: Any, dataloader_idx: int = 0) -> Any:
             return batch if isinstance(batch, LogicalBatch) else route(batch, dataloader_idx)
 
-        # an instance attribute shadowing Lightning's hook routing for this module (deleted again in teardown)
-        module._on_before_batch_transfer = skip_logical  # type: ignore[method-assign]
+        # shadows Lightning's hook routing for this module instance (undone in teardown); no-op if shadowed already
+        lightning_internals.set_batch_route(module, skip_logical)
 
     @override
     def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
@@ -207,31 +216,33 @@ class DPStrategyMixin(_StrategyBase):
             return super().training_step(*args, **kwargs)
         module = self._connected_module()
         trainer = module.trainer
-        # a LogicalBatch comes only from the loader bind_data made, which set up the accountant
-        assert self.dp.accountant is not None, "bind_data() must run before a step"
-        if not self.dp.may_step():
+        ledger = self.dp.ledger
+        if not ledger.may_step():
             rank_zero_warn(
                 f"{type(self).__name__}: stopping: one more logical step would take epsilon past the budget of "
-                f"{self.dp.epsilon_limit} (now {self.dp.epsilon():.4g} after {self.dp.accountant.steps} steps)."
+                f"{ledger.epsilon_limit} (now {ledger.epsilon():.4g} after {ledger.steps} steps)."
             )
             trainer.should_stop = True
             return None  # Lightning skips the backward and the optimizer step
         self._check_ledger(module)
-        self.dp.use_sample(batch.sample_index, batch.sample_rate)
-        if self.dp.self_check.due(self.dp.accountant.steps):
+        ledger.use_sample(batch.sample_index, batch.sample_rate)
+        if ledger.self_check.due(ledger.steps):
             with self._out_of_memory_hint(batch.masks[0].numel()):
                 self._self_check(batch, args, kwargs)
         losses: list[Tensor] = []
         output: Any = None
+        reducer = self.reducer
         for index, (physical, mask) in enumerate(batch):
-            self._physical_index = index  # read by _physical_batch_context (e.g. ZeRO-3's accumulation)
             physical = self._physical_to_device(physical)
 
             def forward(physical: Any = physical) -> Any:
                 return self._physical_training_step(physical, *args[1:], **kwargs)
 
             with self._out_of_memory_hint(mask.numel()), self._physical_batch_context():
+                reducer.start(index)
                 output, shown = self.dp.physical_batch(forward, mask, self.root_device)
+                if reducer.streams:
+                    reducer.flush()  # this physical batch's clipped sums are reduced
             losses.append(shown)
         self._dp_step_pending = True
         loss = torch.stack(losses).mean()
@@ -250,20 +261,21 @@ class DPStrategyMixin(_StrategyBase):
             raise torch.OutOfMemoryError(
                 f"{type(self).__name__}: out of memory in a physical batch of {rows} examples. Lower "
                 "PrivacyConfig(physical_batch_size=...): it sets memory and speed only, not the privacy "
-                f"guarantee (the logical batch stays B = qN = {self.dp.expected_batch_size:.0f}, split into more "
-                "physical batches). Original error: " + str(err).split("\n")[0]
+                f"guarantee (the logical batch stays B = qN = {self.dp.ledger.expected_batch_size:.0f}, split into "
+                "more physical batches). Original error: " + str(err).split("\n")[0]
             ) from err
 
     def _physical_to_device(self, physical: Any) -> Any:
         """One physical batch through the batch hooks, as Lightning routes them, and to the device."""
-        physical = self._connected_module()._on_before_batch_transfer(physical, 0)
+        physical = lightning_internals.batch_route(self._connected_module())(physical, 0)
         return super().batch_to_device(physical)
 
     def _self_check(self, batch: LogicalBatch, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """The per-example self-check (``lightning_dpzero.selfcheck``) on this step's first physical batch, the same
         on every rank; a failure on any rank refuses the run on all of them."""
-        dataset, collate, indices = self.dp.dataset, self.dp.collate, batch.indices[0][: self.dp.self_check.ROWS]
-        assert dataset is not None and collate is not None and self.dp.accountant is not None
+        ledger = self.dp.ledger
+        dataset, collate, indices = ledger.dataset, ledger.collate, batch.indices[0][: ledger.self_check.ROWS]
+        assert dataset is not None and collate is not None
         items = [dataset[i] for i in indices]
         changed = len(indices) // 2  # the row the check replaces (SelfCheck.run's choice)
         other = _replacement(dataset, indices, collate, items[changed])
@@ -275,7 +287,7 @@ class DPStrategyMixin(_StrategyBase):
             # as Lightning's loop treats the logical batch: precision's input conversion, then the transfer hooks
             return self._physical_to_device(self.precision_plugin.convert_input(collate(chosen)))
 
-        failure = self.dp.self_check.run(
+        failure = ledger.self_check.run(
             module=self._connected_module(),
             engine=self.dp.probe_engine,
             batches=batches,
@@ -285,7 +297,7 @@ class DPStrategyMixin(_StrategyBase):
             loss_of=training_step_loss,
             parameter_reference=self._whole_parameters,
             rows=len(indices),
-            step=self.dp.accountant.steps,
+            step=ledger.steps,
         )
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             failures: list[str | None] = [None] * dist.get_world_size()
@@ -306,9 +318,8 @@ class DPStrategyMixin(_StrategyBase):
     def _check_ledger(self, module: Any) -> None:
         """Refuse to start a new ledger (epsilon 0) on a module another DP run of this process already trained."""
         previous = _LEDGERS.get(module)
-        assert self.dp.accountant is not None, "bind_data() must run before a step"
-        if previous is not None and previous is not self.dp and self.dp.accountant.steps == 0:
-            steps = previous.accountant.steps if previous.accountant is not None else 0
+        if previous is not None and previous is not self.dp and self.dp.ledger.steps == 0:
+            steps = previous.ledger.steps
             raise RuntimeError(
                 f"{type(self).__name__}: this {type(module).__name__} was already trained privately by another "
                 f"Trainer ({steps} logical steps, epsilon={previous.epsilon():.4g}); a new Trainer starts a new ledger "
@@ -345,46 +356,23 @@ class DPStrategyMixin(_StrategyBase):
         return contextlib.nullcontext()
 
     def _privatize(self, optimizer: Optimizer) -> None:
-        """Noise, normalise and write the gradients of the parameters ``optimizer`` updates."""
-        self.dp.finish_step(optimizer, lambda: self._named_optimizer_params(optimizer))
+        """End the logical step: the method releases it through this strategy's reducer."""
+        self.dp.finish_step(optimizer, self.reducer)
 
     def _check_selection_agrees(self) -> None:
-        """Zeroth-order with pruning under sharding: every rank scored its own full copy; all must keep the same
-        coordinates (the same public z), or the ranks would perturb and update inconsistently."""
-        if not (isinstance(self.dp, ZOStep) and dist.is_available() and dist.is_initialized()):
+        """What the method selected on each rank's own full copy (zeroth-order's pruned coordinates) must agree, or
+        the ranks would perturb and update inconsistently."""
+        digest = self.dp.selection_digest()
+        if digest is None or not (dist.is_available() and dist.is_initialized()):
             return
         digests: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(digests, self.dp.selection_digest())
+        dist.all_gather_object(digests, digest)
         if len(set(digests)) > 1:
             raise RuntimeError(
                 f"{type(self).__name__}: the ranks selected different coordinates to train (SynFlow scores differ, "
                 "e.g. from non-deterministic kernels or different initial weights). Seed the model's initialisation "
                 "identically on every rank (seed_everything) or set prune_keep_fraction=None."
             )
-
-    def _all_reduce_on_device(self, values: Tensor) -> None:
-        """Sum a tensor over the ranks in place, through the root device (NCCL reduces device tensors only): the
-        flat clipped sums of data-parallel DP-SGD, or zeroth-order's P clipped sums."""
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return
-        on_device = values.to(self.root_device)
-        dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
-        if on_device is not values:
-            values.copy_(on_device.to(values.device))
-
-    def _named_optimizer_params(self, optimizer: Optimizer) -> list[tuple[str, torch.nn.Parameter]]:
-        assert self.dp.engine is not None
-        names = {id(p): name for name, p in self.dp.engine.params.items()}
-        named = []
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if id(p) not in names:
-                    raise ValueError(
-                        f"{type(self).__name__}: the optimizer holds a parameter of shape {tuple(p.shape)} that is "
-                        "not a trainable parameter of the LightningModule; DP cannot bound its sensitivity."
-                    )
-                named.append((names[id(p)], p))
-        return named
 
     # ------------------------------------------------------------------------------------- checkpoints
     @override
@@ -431,8 +419,8 @@ class DPStrategyMixin(_StrategyBase):
     def teardown(self) -> None:
         self.dp.detach()
         module = self.lightning_module
-        if module is not None and "_on_before_batch_transfer" in vars(module):
-            del module._on_before_batch_transfer  # Lightning's own routing again (validation, a later fit)
+        if module is not None:
+            lightning_internals.unset_batch_route(module)  # Lightning's own routing again (validation, a later fit)
         super().teardown()
 
 
@@ -476,15 +464,3 @@ def _tensors(value: Any) -> Iterator[Tensor]:
 def _is_out_of_memory(err: RuntimeError) -> bool:
     """CUDA's ``OutOfMemoryError``, or the CPU allocator's failure (a plain RuntimeError)."""
     return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)
-
-
-def _compiled_modules(module: torch.nn.Module) -> list[str]:
-    """Paths of modules compiled with ``torch.compile`` (Lightning unwraps a compiled LightningModule, keeping a
-    ``_compiler_ctx``; ``nn.Module.compile()`` sets ``_compiled_call_impl``; ``torch.compile(sub)`` wraps it)."""
-    from torch._dynamo.eval_frame import OptimizedModule
-
-    found = ["<LightningModule>"] if getattr(module, "_compiler_ctx", None) else []
-    for path, sub in module.named_modules():
-        if isinstance(sub, OptimizedModule) or getattr(sub, "_compiled_call_impl", None) is not None:
-            found.append(path or "<LightningModule>")
-    return found

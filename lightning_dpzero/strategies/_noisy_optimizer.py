@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.optim import Optimizer
 
-from lightning_dpzero.step import DPStep
+if TYPE_CHECKING:
+    from lightning_dpzero.strategies.deepspeed import PartitionReducer
 
 
 class _NoisyPartitionOptimizer(Optimizer):
-    """Wraps the client optimizer: noise and normalisation on the rank's gradient partition, then the step.
+    """Wraps the client optimizer: the logical step's release on the rank's gradient partitions, then the step.
 
     DeepSpeed calls ``step()`` with ``param_groups`` holding this rank's flat fp32 partition(s), whose ``.grad``
-    is the mean over the W ranks of the clipped sums.
+    is the mean over the W ranks of the clipped sums; the reducer has the ledger release them (x W, noise, / B,
+    accounting), all partitions of the step together.
     """
 
-    def __init__(self, inner: Optimizer, dp: DPStep, world_size: int) -> None:
-        self.inner, self.dp, self.world_size = inner, dp, world_size  # no super().__init__: all state is inner's
+    def __init__(self, inner: Optimizer, reducer: PartitionReducer) -> None:
+        self.inner, self.reducer = inner, reducer  # no super().__init__: all state is inner's
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -58,10 +60,8 @@ class _NoisyPartitionOptimizer(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        for group in self.inner.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self.dp.add_noise_and_normalise(p.grad, scale=self.world_size)
+        grads = [p.grad for group in self.inner.param_groups for p in group["params"] if p.grad is not None]
+        self.reducer.release_partitions(grads)
         return self.inner.step(closure)
 
     def __repr__(self) -> str:

@@ -16,42 +16,90 @@ Runs on CPU (gloo) as well as on GPUs: Lightning refuses DeepSpeed on CPU; this 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any, Protocol, cast
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.strategies.registry import _StrategyRegistry
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_dpzero._internals import deepspeed as ds_internals
+from lightning_dpzero._internals import lightning as lightning_internals
+from lightning_dpzero._internals.lightning import StrategyRegistry
 from lightning_dpzero.clipping.contributions import full_shape
 from lightning_dpzero.config import PrivacyConfig
+from lightning_dpzero.ledger import PrivacyLedger
+from lightning_dpzero.method import Reducer
 from lightning_dpzero.precision import dp_precision_for
 from lightning_dpzero.strategies._mixin import DPStrategyMixin
 from lightning_dpzero.strategies._noisy_optimizer import _NoisyPartitionOptimizer
 from lightning_dpzero.strategies.deepspeed_cpu import DeepSpeedCPUStrategy
-from lightning_dpzero.zeroth_order.step import ZOStep
+from lightning_dpzero.strategies.reducers import ReducerBase
 
-__all__ = ["DPZeroStrategy", "DeepSpeedCPUStrategy"]
-
-_ZO_CHECKPOINT = "checkpoint.pt"  # zeroth-order at ZeRO-3: the Lightning state, next to one partition file per rank
+__all__ = ["DPZeroStrategy", "DeepSpeedCPUStrategy", "PartitionReducer"]
 
 
-class _ZeRO3Parameter(Protocol):
-    """What DeepSpeed ZeRO-3 adds to a parameter it partitions (deepspeed ships no type information)."""
+class PartitionReducer(ReducerBase):
+    """DeepSpeed ZeRO's partitions: the clipped sums enter DeepSpeed's own reduction, and DeepSpeed hands each rank
+    its partition of the (averaged) sums at ``engine.step()``, where the noise wrapper releases it.
 
-    ds_tensor: torch.Tensor  # this rank's partition of the flat parameter, padding included
+    ``add``: at ZeRO-1/2 through autograd (``p.backward(g)`` fires the hooks a loss backward does); at ZeRO-3 straight
+    into the reduce-scatter bucket, without gathering the parameter. ``flush``: DeepSpeed's backward epilogue.
 
+    Args:
+        device: the rank's root device.
+        owner: the strategy's class name, for messages.
+        engine: returns the ``DeepSpeedEngine`` (built after the reducer).
+        streams: stage 3: each physical batch's sums as soon as they are clipped (micro-steps accumulate them).
+        world_size: W (DeepSpeed averages over the ranks; the release multiplies by W).
+    """
 
-def _zo_partition_file(rank: int) -> str:
-    return f"zo_partitions_rank{rank}.pt"
+    def __init__(
+        self, device: torch.device, owner: str, *, engine: Callable[[], Any], streams: bool, world_size: int
+    ) -> None:
+        super().__init__(device, owner)
+        self.streams, self.world_size = streams, world_size
+        self._engine = engine
+        self._ledger: PrivacyLedger | None = None
+
+    def select(self, params: dict[str, nn.Parameter], optimizer: Optimizer | None) -> list[tuple[str, nn.Parameter]]:
+        return list(params.items())  # DeepSpeed's optimizer holds flat partitions, not the parameters
+
+    def start(self, physical_index: int) -> None:
+        if self.streams:  # the first physical batch of the step overwrites the gradient partitions, the next ones add
+            ds_internals.set_micro_step(self._engine().optimizer, physical_index)
+
+    def add(self, name: str, clipped_sum: Tensor | None) -> None:
+        param = self.params[name]
+        grad = torch.zeros(full_shape(param), device=self.device) if clipped_sum is None else clipped_sum
+        grad = grad.to(param.dtype)
+        if ds_internals.is_partitioned(param):
+            ds_internals.reduce_partitioned(self._engine().optimizer, param, grad)
+        else:
+            param.backward(grad)  # fires DeepSpeed's reduce hooks, as a loss backward would
+
+    def flush(self) -> None:
+        self._engine().allreduce_gradients()
+
+    def release(self, ledger: PrivacyLedger, named: list[tuple[str, nn.Parameter]]) -> None:
+        """The sums are in DeepSpeed's partitions: the release happens when ``engine.step()`` hands them over."""
+        self._ledger = ledger
+
+    def release_partitions(self, grads: list[Tensor]) -> None:
+        """Called by the noise wrapper with this rank's gradient partitions (the mean over W ranks)."""
+        ledger, self._ledger = self._ledger, None
+        if ledger is None:
+            raise RuntimeError(
+                "DeepSpeed stepped the optimizer without a logical step to release (an optimizer step outside "
+                "Lightning's training loop?); refusing to hand it un-noised gradients."
+            )
+        ledger.release(grads, scale=self.world_size)
 
 
 class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
@@ -59,7 +107,8 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
 
     Args:
         stage: the ZeRO stage.
-        privacy: the privacy settings; ``None`` uses ``PrivacyConfig.default()``.
+        privacy: the privacy settings; ``None`` uses ``PrivacyConfig.default()``. With ``method="zeroth_order"``
+            the strategy is a ``DPZeroZerothOrderStrategy`` (stage 3; ``strategies/deepspeed_zo.py``).
         stream_clipped_sums: stage 3 only (its default): each physical batch's clipped sum of each parameter
             enters DeepSpeed's reduce-scatter bucket as soon as it is clipped, and accumulates in this rank's
             gradient partition, as non-private ZeRO-3 does with gradient accumulation: no full-size gradient buffer
@@ -75,16 +124,24 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
     Privacy:
         Same step as ``DPStrategy``: Poisson shards per rank, per-example clipping, noise N(0, sigma^2 C^2) once per
         coordinate per logical step (drawn by the rank that owns the coordinate's partition), division by B.
-
-    Zeroth-order (``PrivacyConfig(method="zeroth_order")``, stage 3 only): DeepSpeed partitions the parameters
-    but builds no optimizer (no fp32 master copy, no gradient partitions). Each module's gathered parameters are
-    perturbed (same public z on every rank) after ZeRO-3's gather and restored before its release; the P clipped
-    sums are all-reduced (noise from rank 0 only) and each rank updates its own partition ``param.ds_tensor`` in
-    place, regenerating only its slice of z. Pruning selects on the full weights before DeepSpeed partitions them.
-    Checkpoints: each rank saves its own partitions (``zo_partitions_rank<r>.pt``) beside the Lightning state.
     """
 
     strategy_name = "dp_zero"
+
+    def __new__(
+        cls,
+        stage: int = 3,
+        privacy: PrivacyConfig | None = None,
+        stream_clipped_sums: bool | None = None,
+        **kwargs: Any,
+    ) -> DPZeroStrategy:
+        # The method is chosen once, from the config: zeroth-order at ZeRO-3 is its own strategy class. (The same
+        # signature as __init__: Lightning's registry, Hydra and jsonargparse read the class's signature.)
+        if cls is DPZeroStrategy and isinstance(privacy, PrivacyConfig) and privacy.zeroth_order is not None:
+            from lightning_dpzero.strategies.deepspeed_zo import DPZeroZerothOrderStrategy
+
+            cls = DPZeroZerothOrderStrategy
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -106,11 +163,6 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
         if stage == 3 and isinstance(self.config, dict):
             self._use_torch_linear(self.config.setdefault("zero_optimization", {}))
         self.stream_clipped_sums = stage == 3 if stream_clipped_sums is None else stream_clipped_sums
-        if isinstance(self.dp, ZOStep) and stage != 3:
-            raise ValueError(
-                f"DPZeroStrategy(stage={stage}): zeroth-order DP runs at ZeRO stage 3 (each rank updates its own "
-                "parameter partition); at stages 1 and 2 the parameters are replicated: use strategy 'dp_ddp'."
-            )
 
     @staticmethod
     def _use_torch_linear(zero: dict[str, Any]) -> None:
@@ -130,6 +182,16 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
         zero.setdefault("memory_efficient_linear", False)
 
     @override
+    def _make_reducer(self) -> Reducer:
+        return PartitionReducer(
+            self.root_device,
+            type(self).__name__,
+            engine=lambda: self.model,
+            streams=self.stream_clipped_sums,
+            world_size=self.world_size,
+        )
+
+    @override
     def setup_environment(self) -> None:
         super().setup_environment()
         self._share_seed_and_set_rank()
@@ -137,11 +199,11 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
     @override
     def _setup_model_and_optimizer(self, model: Any, optimizer: Any, lr_scheduler: Any = None) -> Any:
         self._check_deepspeed_config()
-        if isinstance(self.dp, ZOStep):
-            return self._setup_zeroth_order(model, optimizer)
+        reducer = self.reducer
+        assert isinstance(reducer, PartitionReducer)
         if optimizer is not None:
             self._allow_offload_with(optimizer)
-            optimizer = _NoisyPartitionOptimizer(optimizer, self.dp, self.world_size)
+            optimizer = _NoisyPartitionOptimizer(optimizer, reducer)
             return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
         # The optimizer is in the DeepSpeed config: DeepSpeed builds it (DeepSpeedCPUAdam under ZeRO-Offload) and its
         # ZeRO optimizer steps it on the rank's fp32 partitions; the noise wrapper goes between the two.
@@ -153,7 +215,7 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
                 "so the noise cannot be added before it: define the optimizer in configure_optimizers instead of the "
                 "DeepSpeed config."
             )
-        zero_optimizer.optimizer = _NoisyPartitionOptimizer(inner, self.dp, self.world_size)
+        zero_optimizer.optimizer = _NoisyPartitionOptimizer(inner, reducer)
         return engine, zero_optimizer
 
     def _allow_offload_with(self, optimizer: Optimizer) -> None:
@@ -194,11 +256,6 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
                 "steps depending on the data, and the clipped sums enter DeepSpeed unscaled. Use fp16.loss_scale=1 "
                 "or bf16 (DPPrecision('bf16-mixed'))."
             )
-        if "optimizer" in config and isinstance(self.dp, ZOStep):
-            raise ValueError(
-                "DPZeroStrategy: zeroth-order DP updates the parameters itself; remove the optimizer from the "
-                "DeepSpeed config (the learning rate is the ZO method's)."
-            )
         offload = config.get("zero_optimization", {}).get("offload_optimizer") or {}
         bypass = {
             "zero_optimization.offload_optimizer.ratio < 1 (partial offload)": offload.get("ratio", 1.0) < 1.0,
@@ -226,25 +283,21 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
     @override
     def setup(self, trainer: pl.Trainer) -> None:
         self._check_trainer(trainer)
-        if isinstance(self.dp, ZOStep):
-            DeepSpeedStrategy.setup(self, trainer)
-            # After deepspeed.initialize: the perturbation pre-hooks then run after ZeRO-3's gather, and the restoring
-            # post-hooks (prepended) before its release.
-            self.dp.attach(self._connected_module())
-            self._check_selection_agrees()
-            if trainer.state.fn == TrainerFn.FITTING:
-                self._check_optimizers()
-            return
-        self.dp.attach(self._connected_module())  # before deepspeed.initialize: ZeRO-3 then wraps hooked modules
+        module = self._connected_module()
+        # First-order: the engine hooks the modules before deepspeed.initialize, so ZeRO-3 wraps hooked modules.
+        # Zeroth-order: pruning scores the full weights before DeepSpeed partitions them.
+        self.dp.before_sharding(module)
         config = self.config
         assert isinstance(config, dict)  # DeepSpeedStrategy.__init__ always builds one
         if self.zero_stage_3 and not config["zero_optimization"].get("memory_efficient_linear", True):
-            _restore_torch_linear()
+            ds_internals.restore_torch_linear()
         DeepSpeedStrategy.setup(self, trainer)
+        # After deepspeed.initialize: the reducer streams into DeepSpeed's buckets; zeroth-order's perturbation
+        # pre-hooks run after ZeRO-3's gather, and its restoring post-hooks (prepended) before its release.
+        self.dp.attach(module, self.reducer)
+        self._check_selection_agrees()
         if trainer.state.fn == TrainerFn.FITTING:
             self._check_optimizers()
-        assert self.dp.engine is not None
-        self.dp.engine.sink = self._reduce_clipped_sum if self.stream_clipped_sums else None
 
     @override
     def _check_optimizers(self) -> None:
@@ -259,202 +312,23 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
         # of every backward, including the per-example backward that produces none.
         module = self._connected_module()
         with self.precision_plugin.train_step_context():
-            return self._forward_redirection(module, module, "training_step", *args, **kwargs)
+            return lightning_internals.call_through_wrapper(self, module, module, "training_step", *args, **kwargs)
 
     @override
     @contextlib.contextmanager
     def _physical_batch_context(self) -> Iterator[None]:
-        streaming = self.stream_clipped_sums and not isinstance(self.dp, ZOStep)
-        engine: Any = self.model  # the DeepSpeedEngine (deepspeed ships no type information)
-        if streaming:
-            # The first physical batch of the step overwrites the gradient partitions, the next ones add to them.
-            engine.optimizer.micro_step_id = self._physical_index
         yield
-        if streaming:
-            engine.allreduce_gradients()  # flush the bucket: this physical batch's reduce-scatters are done
-        offload = getattr(getattr(self.model, "optimizer", None), "parameter_offload", None)
-        if offload is not None:
-            # ZeRO-3 releases a module's gathered parameters in its backward; the per-example backward stops at the
-            # lowest tap, so the lowest modules' backward never runs: release their parameters here.
-            offload.partition_all_parameters()
+        ds_internals.release_gathered(self.model)
 
     @property
     @override
     def _whole_parameters(self) -> bool:
         return not self.zero_stage_3
 
-    @override
-    @contextlib.contextmanager
-    def _probe_context(self) -> Iterator[None]:
-        # No gradient accumulation state to set and nothing to flush; ZeRO-3's gathered parameters are released.
-        yield
-        offload = getattr(getattr(self.model, "optimizer", None), "parameter_offload", None)
-        if offload is not None:
-            offload.partition_all_parameters()
-
-    @override
-    def _privatize(self, optimizer: Optimizer) -> None:
-        """Feed the clipped sums into DeepSpeed's reduction; noise is added in the client optimizer's step."""
-        import deepspeed
-
-        if isinstance(self.dp, ZOStep):  # P numbers summed over the ranks; each rank updates its own partitions
-            self.dp.update(optimizer, all_reduce=self._all_reduce_on_device)
-            return
-
-        engine = self.model
-        assert isinstance(engine, deepspeed.DeepSpeedEngine)
-        assert self.dp.engine is not None  # first-order: attached in setup
-        named = list(self.dp.engine.params.items())
-        summed = self.dp.begin_step([name for name, _ in named])
-        if self.stream_clipped_sums:  # already in the gradient partitions, physical batch by physical batch
-            self.dp.account_step()
-            return
-        for name, param in named:
-            grad = summed.pop(name, None)
-            if grad is None:
-                grad = torch.zeros(full_shape(param), device=self.root_device)
-            grad = grad.to(param.dtype)
-            if hasattr(param, "ds_id"):
-                _reduce_partitioned(engine.optimizer, param, grad)
-            else:
-                param.backward(grad)  # fires DeepSpeed's reduce hooks, as a loss backward would
-            del grad  # the fp32 clipped sum of this parameter is freed as soon as it is in a bucket
-        engine.allreduce_gradients()
-        self.dp.account_step()
-
-    def _reduce_clipped_sum(self, name: str, grad: torch.Tensor | None) -> None:
-        """The engine's sink (streaming, stage 3): one parameter's clipped sum of one physical batch, into
-        DeepSpeed's reduce-scatter bucket; a parameter nothing reached sends zeros (every rank, the same calls)."""
-        assert self.dp.engine is not None
-        param = self.dp.engine.params[name]
-        if grad is None:
-            grad = torch.zeros(full_shape(param), device=self.root_device)
-        engine: Any = self.model  # the DeepSpeedEngine (deepspeed ships no type information)
-        _reduce_partitioned(engine.optimizer, param, grad.to(param.dtype))
-
-    # ------------------------------------------------------------------------------------- zeroth-order
-    def _setup_zeroth_order(self, model: Any, optimizer: Optimizer | None) -> Any:
-        """ZeRO-3 parameter partitioning without a DeepSpeed optimizer: no fp32 master copy, no gradient buffers.
-
-        DeepSpeed builds its parameter offload only (inference-style): the weights live in each rank's partition
-        ``param.ds_tensor``, which ``ZOStep`` updates in place, so nothing can overwrite them or go stale. The
-        client optimizer is returned as Lightning's optimizer: it never steps, only its learning rates are read.
-        """
-        import deepspeed
-
-        config = self.config
-        assert isinstance(config, dict)
-        # Persistent (never released) small parameters would keep a gathered copy that the in-place update of
-        # the partitions leaves stale: every parameter is gathered for each use instead.
-        config.setdefault("zero_optimization", {})["stage3_param_persistence_threshold"] = 0
-        assert isinstance(self.dp, ZOStep)
-        self.dp.select_before_sharding(self._connected_module())  # pruning: SynFlow on the full weights
-        with self._device_rank():
-            engine, *_ = deepspeed.initialize(
-                args=argparse.Namespace(device_rank=self.local_rank),
-                config=config,
-                model=model,
-                dist_init_required=False,
-            )
-        return engine, optimizer
-
-    @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
-        if not isinstance(self.dp, ZOStep):
-            return super().save_checkpoint(checkpoint, filepath, storage_options)
-        # Zeroth-order: no DeepSpeed optimizer, so DeepSpeed's checkpoint (whose ZeRO-3 weights live in the optimizer
-        # states) would hold none. Each rank writes its own parameter partitions (padding included, as DeepSpeed
-        # holds them), rank 0 the Lightning state with every rank's DP state.
-        self._add_dp_state(checkpoint)
-        directory = Path(self.broadcast(str(filepath)))
-        if self.is_global_zero:
-            directory.mkdir(parents=True, exist_ok=True)
-        self.barrier()
-        module = self._connected_module()
-        partitions = {
-            name: cast(_ZeRO3Parameter, p).ds_tensor.detach().cpu().clone() for name, p in module.named_parameters()
-        }
-        torch.save(partitions, directory / _zo_partition_file(self.global_rank))
-        if self.is_global_zero:
-            kept = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
-            kept["buffers"] = {name: b.detach().cpu() for name, b in module.named_buffers()}
-            torch.save(kept, directory / _ZO_CHECKPOINT)
-        self.barrier()
-
-    @override
-    def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        if not isinstance(self.dp, ZOStep):
-            return super().load_checkpoint(checkpoint_path, *args, **kwargs)
-        directory = Path(self.broadcast(str(checkpoint_path)))
-        partition_file = directory / _zo_partition_file(self.global_rank)
-        if not (directory / _ZO_CHECKPOINT).is_file() or not partition_file.is_file():
-            raise ValueError(
-                f"DPZeroStrategy: {directory} is not a zeroth-order ZeRO-3 checkpoint of this run's rank "
-                f"{self.global_rank} (it needs {_ZO_CHECKPOINT} and {partition_file.name}); resume a zeroth-order run "
-                "from a checkpoint it wrote, with the same number of ranks."
-            )
-        checkpoint = torch.load(directory / _ZO_CHECKPOINT, map_location="cpu", weights_only=False)
-        partitions = torch.load(partition_file, map_location="cpu", weights_only=True)
-        module = self._connected_module()
-        with torch.no_grad():
-            for name, param in module.named_parameters():
-                partition = cast(_ZeRO3Parameter, param).ds_tensor
-                if partitions[name].shape != partition.shape:
-                    raise ValueError(
-                        f"DPZeroStrategy: the checkpoint's partition of {name!r} has shape "
-                        f"{tuple(partitions[name].shape)}, this run's {tuple(partition.shape)}: the model or the "
-                        "number of ranks changed."
-                    )
-                partition.copy_(partitions[name])
-            buffers = dict(module.named_buffers())
-            for name, value in checkpoint.pop("buffers").items():
-                buffers[name].copy_(value)
-        self._restore_dp_state(checkpoint, checkpoint_path)
-        return checkpoint
-
-    @override
-    def optimizer_step(self, optimizer: Optimizer, closure: Any, model: Any = None, **kwargs: Any) -> Any:
-        if not isinstance(self.dp, ZOStep):
-            return super().optimizer_step(optimizer, closure, model, **kwargs)
-        out = closure()  # the forward passes (training_step) and Lightning's bookkeeping; no backward
-        if self._dp_step_pending:
-            self._dp_step_pending = False
-            self._privatize(optimizer)  # the update, in place on the partitions; DeepSpeed's engine never steps
-        return out
-
     @classmethod
     @override
-    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+    def register_strategies(cls, strategy_registry: StrategyRegistry) -> None:
         for stage in (1, 2, 3):
             strategy_registry.register(
                 f"dp_zero{stage}", cls, description=f"DP-SGD in DeepSpeed ZeRO stage {stage}", stage=stage
             )
-
-
-def _restore_torch_linear() -> None:
-    """Undo the ``F.linear`` replacement an earlier ``zero.Init`` of this process left behind (DeepSpeed keeps it
-    "unless manually reset"; e.g. a non-private ZeRO-3 run before this one in a Hydra multirun)."""
-    from deepspeed.runtime.zero.linear import zero3_linear_wrap
-    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses
-
-    original = getattr(InsertPostInitMethodToModuleSubClasses, "linear_bk", None)
-    if torch.nn.functional.linear is zero3_linear_wrap and original is not None:
-        torch.nn.functional.linear = original
-
-
-def _reduce_partitioned(optimizer: Any, param: torch.nn.Parameter, grad: torch.Tensor) -> None:
-    """ZeRO-3: hand ``grad`` (full shape) to DeepSpeed's reduce-scatter bucket for a partitioned ``param``.
-
-    What DeepSpeed's gradient hook does after a loss backward, without gathering the parameter first (a loss
-    backward finds it gathered; here it is partitioned, with ``data`` of shape (0,)). ``param.grad`` must have the
-    parameter's shape when assigned, so ``data`` is swapped for a zero-stride full-shape view of one element (no
-    memory, no communication) for the assignment only. DeepSpeed copies the gradient into its bucket, reduce-scatters
-    it into each rank's partition and drops ``param.grad``, as for any gradient.
-    """
-    partition = param.data
-    param.data = grad.new_empty(()).expand(grad.shape)
-    try:
-        param.grad = grad
-    finally:
-        param.data = partition
-    optimizer.reduce_ready_partitions_and_remove_grads(param)

@@ -3,17 +3,17 @@ non-private baselines."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
-from collections.abc import Iterator
 from typing import Any
 
-from lightning.fabric.strategies.registry import _StrategyRegistry
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from typing_extensions import override
+
+from lightning_dpzero._internals import deepspeed as ds_internals
+from lightning_dpzero._internals.lightning import StrategyRegistry
 
 __all__ = ["DeepSpeedCPUStrategy"]
 
@@ -43,24 +43,9 @@ class DeepSpeedCPUStrategy(DeepSpeedStrategy):
         self.set_world_ranks()
         self._init_deepspeed_distributed()
 
-    @contextlib.contextmanager
-    def _device_rank(self) -> Iterator[None]:
+    def _device_rank(self) -> contextlib.AbstractContextManager[None]:
         """deepspeed.initialize wants an integer device rank; CPU devices have index None."""
-        import deepspeed
-
-        original, local_rank = deepspeed.initialize, self.local_rank
-
-        def initialize(*args: Any, **kwargs: Any) -> Any:
-            ns = kwargs.get("args")
-            if ns is not None and getattr(ns, "device_rank", 0) is None:
-                kwargs["args"] = argparse.Namespace(**{**vars(ns), "device_rank": local_rank})
-            return original(*args, **kwargs)
-
-        deepspeed.initialize = initialize
-        try:
-            yield
-        finally:
-            deepspeed.initialize = original
+        return ds_internals.device_rank_for_initialize(self.local_rank)
 
     @override
     def _setup_model_and_optimizer(self, model: Any, optimizer: Any, lr_scheduler: Any = None) -> Any:
@@ -74,5 +59,5 @@ class DeepSpeedCPUStrategy(DeepSpeedStrategy):
 
     @classmethod
     @override
-    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+    def register_strategies(cls, strategy_registry: StrategyRegistry) -> None:
         pass  # not registered by name: Lightning's "deepspeed*" names stay Lightning's

@@ -8,21 +8,17 @@ by B and hands the sharded gradient to the optimizer.
 
 Zeroth-order (``PrivacyConfig(method="zeroth_order")``): forward passes only. Each module's gathered parameters are
 perturbed (the same public z on every rank) between FSDP2's gather and release; the P clipped sums are all-reduced
-(noise drawn by rank 0 alone) and each rank updates its own shard in place, regenerating only its rows' slice of z.
+(released by rank 0 alone) and each rank updates its own shard in place, regenerating only its rows' slice of z.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
-from lightning.fabric.strategies.registry import _StrategyRegistry
-from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -30,12 +26,79 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_dpzero._internals import lightning as lightning_internals
+from lightning_dpzero._internals import torch as torch_internals
+from lightning_dpzero._internals.lightning import StrategyRegistry, optimizers_to_device
 from lightning_dpzero.config import PrivacyConfig
+from lightning_dpzero.ledger import PrivacyLedger
+from lightning_dpzero.method import Reducer
 from lightning_dpzero.precision import DPPrecision
 from lightning_dpzero.strategies._mixin import DPStrategyMixin
-from lightning_dpzero.zeroth_order.step import ZOStep
+from lightning_dpzero.strategies.reducers import ReducerBase
 
-__all__ = ["DPFSDPStrategy", "FSDP2Strategy", "shard_lightning_module"]
+__all__ = ["DPFSDPStrategy", "FSDP2Strategy", "ShardReducer", "shard_lightning_module"]
+
+
+class ShardReducer(ReducerBase):
+    """FSDP2's dim-0 shards: each rank owns its rows of every parameter. The clipped sums are reduce-scattered in
+    coalesced buckets (``_ReduceScatterBucket``) into the rank's rows, which it releases and hands the optimizer as
+    sharded gradients.
+
+    Args:
+        device: the rank's root device.
+        owner: the strategy's class name, for messages.
+        streams: each physical batch's sums as soon as they are clipped (else the step's, once).
+        world_size: W.
+    """
+
+    def __init__(self, device: torch.device, owner: str, *, streams: bool, world_size: int) -> None:
+        super().__init__(device, owner)
+        self.streams, self.world_size = streams, world_size
+        self._shards: dict[str, Tensor] = {}  # this rank's rows of the step's clipped sums
+        self._bucket = _ReduceScatterBucket()
+
+    def add(self, name: str, clipped_sum: Tensor | None) -> None:
+        """One parameter's clipped sum (``None``: zeros) into the bucket, reduced as soon as the bucket is full."""
+        param = self.params[name]
+        local = _local(param)
+        if self.world_size == 1:
+            self._add_shard(name, torch.zeros(local.shape, device=self.device) if clipped_sum is None else clipped_sum)
+        elif self._bucket.add(name, clipped_sum, tuple(param.shape), local.shape[0]):
+            self.flush()
+
+    def flush(self) -> None:
+        for name, shard in self._bucket.reduce_scatter(self.world_size, self.device):
+            self._add_shard(name, shard)
+
+    def _add_shard(self, name: str, shard: Tensor) -> None:
+        if name in self._shards:
+            self._shards[name] += shard
+        else:
+            self._shards[name] = shard
+
+    def release(self, ledger: PrivacyLedger, named: list[tuple[str, nn.Parameter]]) -> None:
+        from torch.distributed.tensor import DTensor
+
+        shards, self._shards = self._shards, {}
+        owned = []
+        for name, param in named:
+            grad = shards.pop(name, None)
+            owned.append(torch.zeros(_local(param).shape, device=self.device) if grad is None else grad)
+        ledger.release(owned)  # this rank's rows: noise once per coordinate, / B, and the accounting event
+        for (_, param), grad in zip(named, owned):
+            local = _local(param)
+            grad = grad.to(local.device, local.dtype)  # the host, under CPU offload
+            if isinstance(param, DTensor):
+                grad = DTensor.from_local(
+                    grad, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
+                )
+            param.grad = grad
+
+
+def _local(param: Tensor) -> Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return param.to_local() if isinstance(param, DTensor) else param.data
 
 
 class DPFSDPStrategy(DPStrategyMixin, ModelParallelStrategy):
@@ -72,13 +135,16 @@ class DPFSDPStrategy(DPStrategyMixin, ModelParallelStrategy):
         self._init_dp(privacy)
         self.cpu_offload = cpu_offload
         self.stream_clipped_sums = stream_clipped_sums
-        self._shard_sums: dict[str, Tensor] = {}  # this rank's rows of the step's clipped sums
-        self._bucket = _ReduceScatterBucket()
+
+    @override
+    def _make_reducer(self) -> Reducer:
+        return ShardReducer(
+            self.root_device, type(self).__name__, streams=self.stream_clipped_sums, world_size=self.world_size
+        )
 
     @override
     def setup_environment(self) -> None:
-        if self._data_parallel_size == "auto":
-            self._data_parallel_size = self.world_size
+        lightning_internals.data_parallel_over_all_ranks(self)
         super().setup_environment()
         self._share_seed_and_set_rank()
 
@@ -86,25 +152,18 @@ class DPFSDPStrategy(DPStrategyMixin, ModelParallelStrategy):
     def setup(self, trainer: pl.Trainer) -> None:
         self._check_trainer(trainer)
         module = self._connected_module()
-        zeroth_order = isinstance(self.dp, ZOStep)
-        if isinstance(self.dp, ZOStep):  # zeroth_order
-            self.dp.select_before_sharding(module)  # pruning: SynFlow on the full weights
-        else:
-            self.dp.attach(module)  # before sharding: rules are looked up by the modules' own types
+        # First-order: the engine hooks the model as written (rules by the modules' own types); zeroth-order: pruning
+        # scores the full weights.
+        self.dp.before_sharding(module)
         if is_overridden("configure_model", module):
             ModelParallelStrategy.setup(self, trainer)
         else:
             _setup_and_shard(self, trainer, self._shard)
-        if zeroth_order:
-            # After sharding: the direction coordinates of each rank's shard come from its DTensor placement, and
-            # the perturbation pre-hooks run after FSDP2's gather (its own are prepended) and restore before its
-            # release (ours are prepended to its post-forward hooks).
-            self.dp.attach(module)
-            self._check_selection_agrees()
-        else:
-            assert self.dp.engine is not None
-            self.dp.engine.refresh_params(module)  # fully_shard replaced the parameters by sharded DTensors
-            self.dp.engine.sink = self._reduce_clipped_sum if self.stream_clipped_sums else None
+        # After sharding: the engine re-reads the sharded DTensor parameters and streams into the reducer; zeroth-order
+        # takes each rank's direction coordinates from its DTensor placement, and its perturbation pre-hooks run after
+        # FSDP2's gather (its own are prepended) and restore before its release.
+        self.dp.attach(module, self.reducer)
+        self._check_selection_agrees()
         if trainer.state.fn == TrainerFn.FITTING:
             self._check_optimizers()
 
@@ -122,78 +181,23 @@ class DPFSDPStrategy(DPStrategyMixin, ModelParallelStrategy):
 
     @override
     def _privatize(self, optimizer: Optimizer) -> None:
-        from torch.distributed.tensor import DTensor
+        # A group left gathered after its forward (FSDP2 keeps the root's, or reshard_after_forward=False) is released
+        # first: zeroth-order updates the shards in place, which would leave a gathered copy stale.
+        from torch.distributed.fsdp import FSDPModule
 
-        if isinstance(self.dp, ZOStep):
-            # Each rank updates its own shard in place. A group left gathered after its forward (FSDP2 keeps the
-            # root's, or reshard_after_forward=False) would then be stale: release every gathered copy first.
-            from torch.distributed.fsdp import FSDPModule
-
-            for sub in self._connected_module().modules():
-                if isinstance(sub, FSDPModule):
-                    sub.reshard()
-            self.dp.update(optimizer, all_reduce=self._all_reduce_on_device)  # P numbers summed over the ranks
-            return
-
-        named = self._named_optimizer_params(optimizer)
-        summed = self.dp.begin_step([name for name, _ in named])
-        if not self.stream_clipped_sums:  # the step's full-size sums, reduce-scattered now
-            for name, _ in named:
-                self._reduce_clipped_sum(name, summed.pop(name, None))
-            self._flush_clipped_sums()
-        shard_sums, self._shard_sums = self._shard_sums, {}
-        for name, param in named:
-            local = param.to_local() if isinstance(param, DTensor) else param.data
-            grad = shard_sums.pop(name, None)
-            if grad is None:
-                grad = torch.zeros(local.shape, device=self.root_device)
-            self.dp.add_noise_and_normalise(grad)  # this rank's rows: noise once per coordinate
-            grad = grad.to(local.device, local.dtype)  # the host, under CPU offload
-            if isinstance(param, DTensor):
-                grad = DTensor.from_local(
-                    grad, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
-                )
-            param.grad = grad
-        self.dp.account_step()
+        for sub in self._connected_module().modules():
+            if isinstance(sub, FSDPModule):
+                sub.reshard()
+        super()._privatize(optimizer)
 
     @property
     @override
     def _whole_parameters(self) -> bool:
         return False  # DTensor shards
 
-    @override
-    @contextlib.contextmanager
-    def _physical_batch_context(self) -> Iterator[None]:
-        yield
-        if self.stream_clipped_sums and not isinstance(self.dp, ZOStep):
-            self._flush_clipped_sums()  # this physical batch's last bucket
-
-    def _reduce_clipped_sum(self, name: str, full: Tensor | None) -> None:
-        """The engine's sink (streaming): one parameter's clipped sum of one physical batch (``None``: zeros), into
-        the reduce-scatter bucket; reduced as soon as the bucket is full, and at the end of the physical batch."""
-        from torch.distributed.tensor import DTensor
-
-        assert self.dp.engine is not None
-        param = self.dp.engine.params[name]
-        local = param.to_local() if isinstance(param, DTensor) else param.data
-        if self.world_size == 1:
-            self._add_shard(name, torch.zeros(local.shape, device=self.root_device) if full is None else full)
-        elif self._bucket.add(name, full, tuple(param.shape), local.shape[0]):
-            self._flush_clipped_sums()
-
-    def _flush_clipped_sums(self) -> None:
-        for name, shard in self._bucket.reduce_scatter(self.world_size, self.root_device):
-            self._add_shard(name, shard)
-
-    def _add_shard(self, name: str, shard: Tensor) -> None:
-        if name in self._shard_sums:
-            self._shard_sums[name] += shard
-        else:
-            self._shard_sums[name] = shard
-
     @classmethod
     @override
-    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+    def register_strategies(cls, strategy_registry: StrategyRegistry) -> None:
         strategy_registry.register(cls.strategy_name, cls, description="DP-SGD with FSDP2 (fully_shard)")
 
 
@@ -215,8 +219,7 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     @override
     def setup_environment(self) -> None:
-        if self._data_parallel_size == "auto":
-            self._data_parallel_size = self.world_size
+        lightning_internals.data_parallel_over_all_ranks(self)
         super().setup_environment()
 
     @override
@@ -230,7 +233,7 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     @classmethod
     @override
-    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+    def register_strategies(cls, strategy_registry: StrategyRegistry) -> None:
         pass  # a baseline, selected by class path
 
 
@@ -257,7 +260,7 @@ def _setup_and_shard(strategy: ModelParallelStrategy, trainer: pl.Trainer, shard
         strategy.setup_optimizers(trainer)
     strategy.setup_precision_plugin()
     if trainer.state.fn == TrainerFn.FITTING:
-        _optimizers_to_device(strategy.optimizers, strategy.root_device)
+        optimizers_to_device(strategy.optimizers, strategy.root_device)
 
 
 def shard_lightning_module(module: nn.Module, mesh: Any, *, owner: str, **kwargs: Any) -> None:
@@ -344,15 +347,8 @@ class _ReduceScatterBucket:
                 chunk = rows[rank * per : (rank + 1) * per]
                 send[rank, start : start + chunk.shape[0] * width] = chunk.reshape(-1)
         out = torch.empty(offset, device=device)
-        _reduce_scatter(out, send.view(-1), op=dist.ReduceOp.SUM)
+        torch_internals.reduce_scatter(out, send.view(-1))
         return [
             (name, out[start : start + per * width].view(per, width)[:local_rows].reshape(local_rows, *shape[1:]))
             for (name, _, shape, local_rows), (start, per, width) in zip(entries, layout)
         ]
-
-
-def _reduce_scatter(output: Tensor, input: Tensor, op: Any) -> None:
-    """torch 2.13 renamed reduce_scatter_tensor (now a deprecated alias) to reduce_scatter_single; older releases
-    have only the former."""
-    reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    reduce_scatter(output, input, op=op)

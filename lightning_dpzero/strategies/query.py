@@ -10,13 +10,14 @@ from typing import Any
 
 from lightning.pytorch.strategies import StrategyRegistry
 
-from lightning_dpzero.step import DPStep
+from lightning_dpzero.ledger import PrivacyLedger
+from lightning_dpzero.method import PrivateMethod
 from lightning_dpzero.strategies._mixin import DPStrategyMixin
 
-__all__ = ["dp_step", "is_private"]
+__all__ = ["dp_step", "is_private", "privacy_ledger"]
 
 
-def dp_step(trainer_or_strategy: Any) -> DPStep | None:
+def dp_step(trainer_or_strategy: Any) -> PrivateMethod | None:
     """The DP step (first- or zeroth-order) of a Trainer's strategy or of a strategy; ``None`` when it is not one
     of this library's DP strategies (it trains without a guarantee)."""
     strategy = getattr(trainer_or_strategy, "strategy", trainer_or_strategy)
@@ -31,3 +32,9 @@ def is_private(trainer_strategy_or_name: Any) -> bool:
         cls = StrategyRegistry[name]["strategy"] if name in StrategyRegistry else None
         return isinstance(cls, type) and issubclass(cls, DPStrategyMixin)
     return dp_step(trainer_strategy_or_name) is not None
+
+
+def privacy_ledger(trainer_or_strategy: Any) -> PrivacyLedger | None:
+    """The privacy ledger (sampling, noise, accounting, budget) of a Trainer's or a strategy's DP method."""
+    method = dp_step(trainer_or_strategy)
+    return None if method is None else method.ledger

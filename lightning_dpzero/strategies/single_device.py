@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from lightning.fabric.strategies.registry import _StrategyRegistry
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from typing_extensions import override
 
+from lightning_dpzero._internals import lightning as lightning_internals
+from lightning_dpzero._internals.lightning import StrategyRegistry
 from lightning_dpzero.config import PrivacyConfig
 from lightning_dpzero.strategies._mixin import DPStrategyMixin
 
@@ -38,7 +39,7 @@ class DPStrategy(DPStrategyMixin, SingleDeviceStrategy):
     @override
     def setup(self, trainer: Any) -> None:
         # Lightning's connector silently gives a single-device strategy one of the devices the user asked for.
-        requested = getattr(getattr(trainer, "_accelerator_connector", None), "_devices_flag", 1)
+        requested = lightning_internals.requested_devices(trainer)
         if _device_count(requested) > 1:
             raise ValueError(
                 f"DPStrategy runs on one device, but the Trainer asks for devices={requested!r}; it would train on one "
@@ -59,7 +60,7 @@ class DPStrategy(DPStrategyMixin, SingleDeviceStrategy):
 
     @classmethod
     @override
-    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+    def register_strategies(cls, strategy_registry: StrategyRegistry) -> None:
         strategy_registry.register(
             cls.strategy_name, cls, description="DP-SGD on one device (Poisson sampling, clipping, noise)"
         )

@@ -1,7 +1,7 @@
 """Zeroth-order DP fine-tuning (DP-ZO / DPZero / stagewise DP-ZOSO with data-free pruning), at inference memory.
 
 Selected with ``PrivacyConfig(method="zeroth_order", zeroth_order=ZerothOrderConfig(...))``; every strategy that
-supports it runs ``ZOStep`` in place of ``DPStep``.
+supports it runs ``ZOStep`` in place of ``DPStep`` (both are ``PrivateMethod``s).
 """
 
 from lightning_dpzero.zeroth_order.perturbation import DirectionSampler, Perturber

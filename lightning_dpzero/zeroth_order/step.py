@@ -1,4 +1,4 @@
-"""``ZOStep``: one logical zeroth-order DP step (docs/design.md), with ``DPStep``'s sampling and accounting.
+"""``ZOStep``: one logical zeroth-order DP step (docs/design.md), released through the same ``PrivacyLedger``.
 
 Notation: P directions z_1..z_P ~ N(0, I) over the trainable (kept) coordinates, regenerated from a public seed;
 beta, eta, lambda of the current stage; C the clip norm, sigma the noise multiplier, B = qN.
@@ -17,27 +17,27 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
-from typing_extensions import override
+from torch.utils.data import DataLoader
 
+from lightning_dpzero._internals import deepspeed as ds_internals
+from lightning_dpzero._internals import torch as torch_internals
 from lightning_dpzero.clipping.functions import _FUNCTIONS
 from lightning_dpzero.config import NonFinitePolicy, PrivacyConfig
+from lightning_dpzero.ledger import PrivacyLedger
 from lightning_dpzero.loss import training_step_loss
+from lightning_dpzero.method import Reducer
 from lightning_dpzero.randomness import SecretKey
 from lightning_dpzero.selfcheck import eval_mode
-from lightning_dpzero.step import DPStep, PrivacyBudgetExhausted
 from lightning_dpzero.zeroth_order.perturbation import BLOCK, DirectionSampler, Perturber, _flat
 from lightning_dpzero.zeroth_order.pruning import select_coordinates, synflow_scores
 from lightning_dpzero.zeroth_order.schedule import StageSchedule
-
-if TYPE_CHECKING:
-    from torch.distributed.tensor import DTensor
 
 __all__ = ["ZOStep", "public_direction_seed"]
 
@@ -64,8 +64,8 @@ def per_example_losses(output: Any, physical_batch_size: int) -> Tensor:
     return loss
 
 
-class ZOStep(DPStep):
-    """The zeroth-order DP step for one LightningModule: ``DPStep``'s sampler, noise stream and accountant.
+class ZOStep:
+    """The zeroth-order DP step for one LightningModule, a peer of ``DPStep`` with its own ``PrivacyLedger``.
 
     Args:
         config: the validated privacy settings, with ``method="zeroth_order"``.
@@ -82,10 +82,11 @@ class ZOStep(DPStep):
             raise ValueError(
                 "ZOStep: the PrivacyConfig has method='first_order'; use DPStep, or method='zeroth_order'."
             )
-        super().__init__(config)
+        self.config = config
+        self.ledger = PrivacyLedger(config)
         self.zo = config.zeroth_order
         self.schedule = StageSchedule(self.zo)
-        self.directions = DirectionSampler(public_direction_seed(self.key))
+        self.directions = DirectionSampler(public_direction_seed(self.ledger.key))
         self.model: nn.Module | None = None
         self.params: dict[str, nn.Parameter] = {}  # canonical name -> trainable parameter with kept coordinates
         self.kept: dict[str, Tensor | None] = {}  # name -> sorted flat indices of its kept coordinates, or all
@@ -97,6 +98,7 @@ class ZOStep(DPStep):
         self._anchor_stage: int | None = None
         self._pending_kept: dict[str, Tensor | None] | None = None
         self._warned_optimizer = False
+        self._checked_coverage = False
 
     @property
     def method_name(self) -> str:
@@ -107,19 +109,31 @@ class ZOStep(DPStep):
         return f"{self.config.clipping_function} clipping of each example's finite differences"
 
     # --------------------------------------------------------------------------------------------- set-up
-    def set_rank(self, rank: int, world_size: int, key: bytes | None = None) -> None:
-        super().set_rank(rank, world_size, key)
-        self.directions.direction_seed = public_direction_seed(self.key)  # the same on every rank
+    def bind_data(
+        self, dataloader: DataLoader, *, planned_steps: Callable[[int], int | None], owner: str = "ZOStep"
+    ) -> DataLoader:
+        """Poisson logical batches from ``dataloader``; N, q, B, p, delta and sigma bound (see
+        ``PrivacyLedger.bind_data``)."""
+        return self.ledger.bind_data(
+            dataloader,
+            planned_steps=planned_steps,
+            owner=owner,
+            method=self.method_name,
+            clipping=self.clipping_description,
+        )
 
-    def attach(self, model: nn.Module) -> None:
-        """Select the trainable coordinates (SynFlow when pruning) and install the perturbation hooks."""
+    def attach(self, model: nn.Module, reducer: Reducer | None = None) -> None:
+        """Select the trainable coordinates (SynFlow when pruning) and install the perturbation hooks (``reducer``:
+        not needed, the P clipped sums reach it in ``finish_step``)."""
+        # the key is final here (a distributed run shares rank 0's before setup): z's public seed derives from it
+        self.directions.direction_seed = public_direction_seed(self.ledger.key)
         if self.perturber is None:
             self.model = model
             params = {name: p for name, p in model.named_parameters() if p.requires_grad}  # tied: first name only
             if not params:
                 raise ValueError("ZOStep: the LightningModule has no trainable parameter.")
             kept: dict[str, Tensor | None] = dict.fromkeys(params)
-            if self._pending_kept is not None:  # a checkpoint's, or one made before sharding (select_before_sharding)
+            if self._pending_kept is not None:  # a checkpoint's, or one made before sharding (before_sharding)
                 pending, self._pending_kept = self._pending_kept, None
                 kept = {n: pending.get(n, torch.zeros(0, dtype=torch.long)) for n in params}
             elif self.zo.prune_keep_fraction is not None and self.zo.prune_keep_fraction < 1.0:
@@ -130,7 +144,7 @@ class ZOStep(DPStep):
             self.perturber = Perturber(model, self.params, self.kept, self.directions)
         self.perturber.install()
 
-    def select_before_sharding(self, model: nn.Module) -> None:
+    def before_sharding(self, model: nn.Module) -> None:
         """Sharded strategies: run the pruning selection on the full model, before its parameters are sharded.
 
         Every rank scores its own full copy (the same weights, no data); ``attach`` then uses this selection, in the
@@ -151,7 +165,7 @@ class ZOStep(DPStep):
         return h.hexdigest()
 
     def _prune(self, model: nn.Module, params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
-        if any(hasattr(p, "ds_tensor") or _dtensor_local(p) is not None for p in params.values()):
+        if any(ds_internals.is_partitioned(p) or torch_internals.dtensor_local(p) is not None for p in params.values()):
             raise ValueError(
                 f"ZerothOrderConfig(prune_keep_fraction={self.zo.prune_keep_fraction}): the parameters are sharded "
                 "already (ZeRO-3 partitions from deepspeed.zero.Init, or FSDP2 shards from your configure_model), and "
@@ -177,23 +191,17 @@ class ZOStep(DPStep):
     @property
     def num_trainable(self) -> int:
         """The number of coordinates perturbed and updated (after pruning)."""
-        return sum(
-            int(getattr(p, "ds_numel", p.numel())) if (k := self.kept[n]) is None else k.numel()
-            for n, p in self.params.items()
-        )
+        return sum(ds_internals.numel(p) if (k := self.kept[n]) is None else k.numel() for n, p in self.params.items())
 
     def _step_index(self) -> int:
-        assert self.accountant is not None, "bind_data() must run before a step"
-        return self.accountant.steps  # logical steps taken so far: the 0-based index of this one
+        return self.ledger.steps  # logical steps taken so far: the 0-based index of this one
 
     # --------------------------------------------------------------------------------------- forward passes
-    @override
     def physical_batch(self, forward: Callable[[], Any], mask: Tensor, device: torch.device) -> tuple[Any, Tensor]:
         """Run one physical batch: 2P forward passes at theta +- beta z, no backward (``forward_differences``)."""
         return self.forward_differences(forward, mask)
 
     @property
-    @override
     def probe_engine(self) -> None:
         """Forward passes only: the self-check compares the per-example losses and buffers."""
         return None
@@ -252,52 +260,29 @@ class ZOStep(DPStep):
         self._sums = summed if self._sums is None else self._sums + summed
 
     # ----------------------------------------------------------------------------------------------- update
-    @override
-    def finish_step(
-        self,
-        optimizer: Optimizer | None,
-        named_params: Callable[[], Iterable[tuple[str, nn.Parameter]]],
-        *,
-        all_reduce: Callable[[Tensor], None] | None = None,
-    ) -> None:
-        """End the logical step: ``update`` in place (``all_reduce`` sums the P clipped sums over the ranks)."""
-        self.update(optimizer, all_reduce=all_reduce)
-
-    def update(self, optimizer: Optimizer | None, *, all_reduce: Callable[[Tensor], None] | None = None) -> Tensor:
-        """Noise, normalise and apply the update in place; account the step.
+    def finish_step(self, optimizer: Optimizer | None, reducer: Reducer) -> None:
+        """Noise, normalise and apply the update in place; account the step (``last_update`` holds what was released).
 
         Args:
             optimizer: the LightningModule's optimizer: only its learning rates are read (when the stage sets none);
                 it never steps, so it allocates no state and no gradient buffer.
-            all_reduce: data parallel only: sums a float64 tensor of P numbers over the ranks, in place.
-        Returns:
-            g, the released (noised, normalised) P numbers of this step, float64.
+            reducer: the strategy's: sums the P clipped sums over the ranks and shares rank 0's released numbers.
         Privacy:
-            Noise N(0, sigma^2 C^2 I_P) is drawn once per logical step, by rank 0 (the other ranks add none before
-            the sum), so every rank applies the same update computed from one draw.
+            Rank 0 owns the P numbers: it alone draws N(0, sigma^2 C^2 I_P), once per logical step, after the sum
+            over the ranks; every rank applies the same update computed from that one draw.
         """
-        assert self.perturber is not None and self.accountant is not None, "bind_data() must run before a step"
-        assert self.noise_multiplier is not None and self.expected_batch_size is not None
-        if not self.may_step():
-            raise PrivacyBudgetExhausted(
-                f"one more step would take epsilon past the budget of {self.epsilon_limit} "
-                f"(epsilon now {self.epsilon():.4g} after {self.accountant.steps} steps)."
-            )
+        assert self.perturber is not None, "ZOStep.attach() was not called"
+        self.ledger.refuse_past_budget()
         self._check_perturbed()
         step = self._step_index()
         stage = self.schedule.at(step)
         num_dirs = self.zo.num_directions
         sums = self._sums if self._sums is not None else torch.zeros(num_dirs, dtype=torch.float64)
         self._sums = None
-        self.noise.start_step(step)
-        if self.rank == 0:
-            std = self.noise_multiplier * self.config.clip_norm
-            device = next(iter(self.params.values())).device
-            sums = sums + self.noise.sample(torch.Size([num_dirs]), std=std, device=device).to("cpu", torch.float64)
-        if all_reduce is not None:
-            all_reduce(sums)
-        # Divide by the expected B = qN, never the realised batch size: that one is private.
-        ghat = sums / self.expected_batch_size  # [P]
+        reducer.all_reduce(sums)
+        self.ledger.release([sums] if self.ledger.rank == 0 else [])  # noise, / B, and the accounting event
+        reducer.broadcast(sums, src=0)
+        ghat = sums  # [P]
         lrs = self._learning_rates(optimizer, stage.learning_rate)
         lam = stage.proximal_weight
         if lam > 0 and self._anchor_stage != stage.index:
@@ -308,9 +293,7 @@ class ZOStep(DPStep):
         with torch.no_grad():
             for name, param in self.params.items():
                 self._update_param(name, param, coefficients, lr=lrs[name], lam=lam, step=step)
-        self.last_update = {"step": step, "stage": stage, "ghat": ghat.clone()}
-        self.account_step()
-        return ghat
+        self.last_update = {"step": step, "stage": stage, "ghat": ghat.clone()}  # g: the released P numbers, fp64
 
     def _local_part(self, name: str, param: Tensor) -> tuple[Tensor, int, int]:
         """(values, offset, total): the coordinates this rank updates, a flat view, and where they sit in z.
@@ -320,30 +303,22 @@ class ZOStep(DPStep):
         parameter (padding excluded); under FSDP2 the rank's local rows of the DTensor (a contiguous slice of the
         flat parameter). Each rank regenerates only its own slice of z.
         """
-        local = _dtensor_local(param)
+        local = torch_internals.dtensor_local(param)
         if local is not None:  # FSDP2: this rank's rows of the parameter, a contiguous slice of its flat z
-            from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-            dtensor = cast("DTensor", param)  # _dtensor_local returns a shard for DTensors only
-            shape, start = compute_local_shape_and_global_offset(param.shape, dtensor.device_mesh, dtensor.placements)
-            if tuple(local.shape) != tuple(shape) or any(start[1:]):
+            shape, start = torch_internals.local_shape_and_offset(param)
+            if tuple(local.shape) != shape or any(start[1:]):
+                placements = getattr(param, "placements", None)
                 raise ValueError(
-                    f"zeroth-order: parameter {name!r} is sharded as {dtensor.placements}; only dim-0 sharding "
+                    f"zeroth-order: parameter {name!r} is sharded as {placements}; only dim-0 sharding "
                     "(FSDP2's fully_shard) is supported."
                 )
             row = math.prod(param.shape[1:])
             return _flat(local, name), start[0] * row if local.numel() else 0, param.numel()
-        part = getattr(param, "ds_tensor", None)
-        if part is None:
+        if not ds_internals.is_partitioned(param):
             flat = _flat(param, name)
             return flat, 0, flat.numel()
-        import torch.distributed as dist
-
-        total = int(param.ds_numel)  # type: ignore[attr-defined]
-        rank = dist.get_rank(group=param.ds_process_group)  # type: ignore[attr-defined]
-        lo = min(total, rank * part.numel())
-        hi = min(total, lo + part.numel())
-        return part.data.view(-1)[: hi - lo], lo, total
+        lo, hi, total = ds_internals.partition_range(param)
+        return ds_internals.partition(param).data.view(-1)[: hi - lo], lo, total
 
     def _update_param(
         self, name: str, param: Tensor, coefficients: list[float], *, lr: float, lam: float, step: int
@@ -431,9 +406,17 @@ class ZOStep(DPStep):
             )
         self._checked_coverage = True
 
+    def epsilon(self) -> float:
+        """Epsilon after the logical steps taken (0 before the first)."""
+        return self.ledger.epsilon()
+
+    @property
+    def delta(self) -> float | None:
+        return self.ledger.delta
+
     # ------------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
+        state = self.ledger.state_dict()
         state["zeroth_order"] = {
             "kept": {n: (None if i is None else i.cpu()) for n, i in self.kept.items()} or self._pending_kept,
             "anchor": {n: a.cpu() for n, a in self._anchor.items()},
@@ -448,7 +431,7 @@ class ZOStep(DPStep):
             raise ValueError(
                 "ZOStep: the checkpoint was written by a first-order DP run; resume it with method='first_order'."
             )
-        super().load_state_dict(state)
+        self.ledger.load_state_dict(state)
         zo = state["zeroth_order"]
         self._anchor_stage, self.non_finite_examples = zo["anchor_stage"], zo["non_finite_examples"]
         if self.perturber is None:
@@ -460,12 +443,3 @@ class ZOStep(DPStep):
             self.attach(self.model)
         device = next(iter(self.params.values())).device if self.params else torch.device("cpu")
         self._anchor = {n: a.to(device) for n, a in zo["anchor"].items()}
-
-
-def _dtensor_local(param: Tensor) -> Tensor | None:
-    """The local shard of an FSDP2 (DTensor) parameter, writable in place; None for an ordinary tensor."""
-    from torch.distributed.tensor import DTensor
-
-    if not isinstance(param, DTensor):
-        return None
-    return param._local_tensor  # the storage FSDP2 gathers from (to_local() may return an autograd alias)

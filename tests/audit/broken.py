@@ -18,8 +18,8 @@ from collections.abc import Iterator
 import torch
 
 from lightning_dpzero.clipping import engine as _engine
+from lightning_dpzero.ledger import PrivacyLedger
 from lightning_dpzero.sampling.poisson import PoissonBatchSampler
-from lightning_dpzero.step import DPStep
 
 __all__ = ["BROKEN", "no_clipping", "noise_on_rank_zero_only", "scaled_noise", "shuffled_batches"]
 
@@ -35,14 +35,14 @@ def _patched(owner: object, name: str, replacement: object) -> Iterator[None]:
 
 
 def scaled_noise(factor: float = 0.1) -> contextlib.AbstractContextManager[None]:
-    original = DPStep._add_noise
+    original = PrivacyLedger._add_noise
 
-    def add_noise(self: DPStep, values: torch.Tensor) -> None:
+    def add_noise(self: PrivacyLedger, values: torch.Tensor, std: float) -> None:
         before = values.clone()
-        original(self, values)
+        original(self, values, std)
         values.copy_(before + factor * (values - before))
 
-    return _patched(DPStep, "_add_noise", add_noise)
+    return _patched(PrivacyLedger, "_add_noise", add_noise)
 
 
 def no_clipping() -> contextlib.AbstractContextManager[None]:
@@ -53,13 +53,13 @@ def no_clipping() -> contextlib.AbstractContextManager[None]:
 
 
 def noise_on_rank_zero_only() -> contextlib.AbstractContextManager[None]:
-    original = DPStep._add_noise
+    original = PrivacyLedger._add_noise
 
-    def add_noise(self: DPStep, values: torch.Tensor) -> None:
+    def add_noise(self: PrivacyLedger, values: torch.Tensor, std: float) -> None:
         if self.rank == 0:
-            original(self, values)
+            original(self, values, std)
 
-    return _patched(DPStep, "_add_noise", add_noise)
+    return _patched(PrivacyLedger, "_add_noise", add_noise)
 
 
 def shuffled_batches() -> contextlib.AbstractContextManager[None]:

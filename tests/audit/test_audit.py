@@ -67,7 +67,7 @@ def test_canary_movements_match_float64_reference_without_noise(monkeypatch, fun
     trainer = _trainer(privacy, 6, [observer, record])
     trainer.fit(module, train_dataloaders=canary_dataloader(model.train_dataloader(batch_size=8), included))
     s = clip * w / (w + 0.01) if function == "automatic" else clip
-    big_b = trainer.strategy.dp.expected_batch_size
+    big_b = trainer.strategy.dp.ledger.expected_batch_size
     assert big_b == pytest.approx(30.0)
     assert sum(len(ids) for ids in record.steps) > 0, "the seed should sample some canaries"
     for increments, ids in zip(observer.increments, record.steps, strict=True):

@@ -164,7 +164,7 @@ def test_trains_under_dp_with_no_change_to_the_model(name: str) -> None:
     build, loss_fn, data = MODELS[name]
     trainer = _dp_trainer(2)
     trainer.fit(HFTask(build(), loss_fn, data(32)))
-    assert trainer.strategy.dp.accountant.steps == 2
+    assert trainer.strategy.dp.ledger.accountant.steps == 2
 
 
 @pytest.mark.parametrize("length", [6, 8], ids=["T=6", "T=8 (a multiple of p)"])

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 
 import lightning_dpzero as dpz
 from lightning_dpzero.accounting import epsilon_for
+from lightning_dpzero.ledger import Binding
 from tests.strategies.test_dp_strategy import Task, _trainer
 
 
@@ -32,7 +33,7 @@ class SampledRates(Callback):
         self.drawn.append(batch.sample_rate)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.recorded.append(trainer.strategy.dp.accountant.history[-1][1])
+        self.recorded.append(trainer.strategy.dp.ledger.accountant.history[-1][1])
 
 
 def test_a_reloaded_dataloader_cannot_change_q() -> None:
@@ -51,15 +52,15 @@ def test_the_accountant_records_the_q_each_batch_was_drawn_with() -> None:
     trainer = _trainer(privacy, -1, [rates], max_epochs=2, reload_dataloaders_every_n_epochs=1)
     trainer.fit(ReloadedTask())
     dp = trainer.strategy.dp
-    assert len(rates.drawn) == dp.accountant.steps == 10
+    assert len(rates.drawn) == dp.ledger.accountant.steps == 10
     assert rates.drawn == rates.recorded == [0.2] * 10
     assert dp.epsilon() == pytest.approx(epsilon_for([(1.0, 0.2, 10)], delta=dp.delta, accountant=dp.config.accountant))
 
 
 def test_a_step_whose_batch_was_drawn_with_another_q_is_refused() -> None:
-    """Reference: DPStep.use_sample (the accountant would record a q the sampler did not use)."""
-    dp = dpz.DPStep(dpz.PrivacyConfig(noise_multiplier=1.0))
-    dp.sample_rate = 0.2
+    """Reference: PrivacyLedger.use_sample (the accountant would record a q the sampler did not use)."""
+    dp = dpz.DPStep(dpz.PrivacyConfig(noise_multiplier=1.0)).ledger
+    dp.binding = Binding(dataset_size=10, sample_rate=0.2, physical_batch_size=2, delta=1e-3, noise_multiplier=1.0)
     dp.use_sample(0, 0.2)
     with pytest.raises(RuntimeError, match="sampled with q=0.25"):
         dp.use_sample(1, 0.25)
@@ -77,10 +78,10 @@ def test_a_resumed_run_honours_the_tightest_budget(tmp_path, resume_config, budg
     base = dict(expected_batch_size=8, physical_batch_size=8, seed=3)
     first = _trainer(dpz.PrivacyConfig(target_epsilon=2.0, **base), 10)
     first.fit(Task())
-    sigma = first.strategy.dp.noise_multiplier
     short = _trainer(dpz.PrivacyConfig(target_epsilon=2.0, **base), 3)
-    short.strategy.dp.noise_multiplier = sigma  # as calibrated for 10 steps: resume as if it had planned them
-    short.strategy.dp.calibrated_steps, short.strategy.dp.calibrated_epsilon = 10, 2.0
+    # sigma as calibrated for 10 steps, no step taken yet: run 3 steps as if it had planned 10
+    planned = {**first.strategy.dp.ledger.state_dict(), "accountant": None, "sample_position": 0}
+    short.strategy.dp.ledger.load_state_dict(planned)
     short.fit(Task())
     eps3 = short.strategy.dp.epsilon()
     assert eps3 > 0.5
@@ -93,11 +94,13 @@ def test_a_resumed_run_honours_the_tightest_budget(tmp_path, resume_config, budg
         resumed.fit(Task(), ckpt_path=path)
     dp = resumed.strategy.dp
     limit = min(2.0, resume_config["target_epsilon"], budget or float("inf"))
-    assert dp.epsilon_limit == limit
+    assert dp.ledger.epsilon_limit == limit
     if limit < eps3:
-        assert dp.accountant.steps == 3 and dp.epsilon() == eps3  # not one more step
+        assert dp.ledger.accountant.steps == 3 and dp.epsilon() == eps3  # not one more step
     else:
-        assert dp.accountant.steps >= 10 and 1.9 < dp.epsilon() <= limit  # on to the checkpointed budget, no further
+        assert (
+            dp.ledger.accountant.steps >= 10 and 1.9 < dp.epsilon() <= limit
+        )  # on to the checkpointed budget, no further
 
 
 def test_a_privately_trained_module_cannot_restart_at_epsilon_zero_under_a_new_trainer() -> None:
@@ -111,9 +114,9 @@ def test_a_privately_trained_module_cannot_restart_at_epsilon_zero_under_a_new_t
         _trainer(privacy, 3).fit(model)
     first.fit_loop.epoch_loop.max_steps = 5
     first.fit(model)  # the same Trainer: the same ledger continues
-    assert first.strategy.dp.accountant.steps == 5
+    assert first.strategy.dp.ledger.accountant.steps == 5
     fresh = Task()
     fresh.load_state_dict(model.state_dict())
     second = _trainer(privacy, 1)
     second.fit(fresh)  # a deliberate, separate run on a fresh instance
-    assert second.strategy.dp.accountant.steps == 1
+    assert second.strategy.dp.ledger.accountant.steps == 1

@@ -171,7 +171,7 @@ def test_a_per_example_model_passes_and_its_sensitivity_is_at_most_c() -> None:
             counts.append(int(pl_module.accuracy._update_count))
 
     trainer = _fit(Model("ok"), steps=2, callbacks=[Updates()])
-    check = trainer.strategy.dp.self_check
+    check = trainer.strategy.dp.ledger.self_check
     assert check.last_step == 0 and len(check.seconds) == 1
     assert counts[0] == 1  # the step's one physical batch; the check's two forwards were undone
 
@@ -250,9 +250,9 @@ def test_a_buffer_written_from_the_data_is_refused_and_a_data_independent_one_is
 def test_the_check_repeats_every_k_steps_and_can_run_only_first() -> None:
     """Reference: PrivacyConfig.self_check_every (first step, then every k logical steps; None: the first only)."""
     trainer = _fit(Model("ok"), steps=5, self_check_every=2)
-    assert len(trainer.strategy.dp.self_check.seconds) == 3  # steps 0, 2, 4
+    assert len(trainer.strategy.dp.ledger.self_check.seconds) == 3  # steps 0, 2, 4
     trainer = _fit(Model("ok"), steps=3, self_check_every=None)
-    assert len(trainer.strategy.dp.self_check.seconds) == 1
+    assert len(trainer.strategy.dp.ledger.self_check.seconds) == 1
     with pytest.raises(ValueError, match="self_check_every.*cannot be switched off"):
         dpz.PrivacyConfig(noise_multiplier=1.0, self_check_every=0)
 
@@ -276,7 +276,7 @@ def test_zeroth_order_runs_the_check_on_its_losses_and_buffers(kind: str, refuse
     privacy = dict(method="zeroth_order", zeroth_order={"learning_rate": 0.01})
     if not refused:
         trainer = _fit(Model(kind), **privacy)
-        assert len(trainer.strategy.dp.self_check.seconds) == 1
+        assert len(trainer.strategy.dp.ledger.self_check.seconds) == 1
         return
     with pytest.raises(dpz.PerExampleCheckError, match="per-example losses: losses of other examples moved"):
         _fit(Model(kind), **privacy)

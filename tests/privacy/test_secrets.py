@@ -104,7 +104,7 @@ def test_a_single_device_run_writes_no_secret_and_its_checkpoints_cannot_regener
         enable_model_summary=False,
     )
     trainer.fit(Task())
-    key = trainer.strategy.dp.key.to_bytes()
+    key = trainer.strategy.dp.ledger.key.to_bytes()
     scanned = assert_no_secrets([tmp_path], secret_needles(key, rank=0))
     assert scanned >= 7  # 3 + 3 checkpoints and the metrics
 
@@ -119,7 +119,7 @@ def test_a_single_device_run_writes_no_secret_and_its_checkpoints_cannot_regener
         enable_model_summary=False,
     )
     holder.fit(Task(), ckpt_path=tmp_path / "full" / "epoch=0-step=1.ckpt")
-    assert holder.strategy.dp.accountant.steps == 3
+    assert holder.strategy.dp.ledger.accountant.steps == 3
     for step in (1, 2):
         a, b = original.draws[(step, 0)], resumed.draws[(step, 0)]
         assert not torch.equal(a, b)
@@ -130,7 +130,7 @@ def test_secure_rng_draws_differ_even_with_the_same_key() -> None:
     """Reference: SecureGaussianNoise (OS entropy per draw): two runs with one key still draw unrelated noise."""
     config = dpz.PrivacyConfig(noise_multiplier=1.0, secure_rng=True)
     a, b = dpz.DPStep(config), dpz.DPStep(config)
-    b.set_rank(0, 1, key=a.key.to_bytes())
-    x = a.noise.sample(torch.Size([4096]), std=1.0, device=CPU)
-    y = b.noise.sample(torch.Size([4096]), std=1.0, device=CPU)
+    b.ledger.set_rank(0, 1, key=a.ledger.key.to_bytes())
+    x = a.ledger.noise.sample(torch.Size([4096]), std=1.0, device=CPU)
+    y = b.ledger.noise.sample(torch.Size([4096]), std=1.0, device=CPU)
     assert abs(torch.corrcoef(torch.stack([x, y]))[0, 1].item()) < 6 / math.sqrt(4096)

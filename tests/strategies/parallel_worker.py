@@ -73,7 +73,7 @@ class Record(Callback):
         elif isinstance(trainer.strategy, dpz.DPZeroStrategy):
             from deepspeed.utils import safe_get_full_grad
 
-            scale = dp.world_size / dp.expected_batch_size
+            scale = dp.ledger.world_size / dp.ledger.expected_batch_size
             self.grads.append({n: safe_get_full_grad(p).detach().float() * scale for n, p in net.named_parameters()})
         else:
             self.grads.append({n: p.grad.detach().clone() for n, p in net.named_parameters()})
@@ -141,7 +141,7 @@ class NoiseRecorder(Callback):
         self.draws: dict[tuple[int, int], torch.Tensor] = {}
 
     def on_train_start(self, trainer, pl_module) -> None:
-        noise = trainer.strategy.dp.noise
+        noise = trainer.strategy.dp.ledger.noise
         sample = noise.sample
 
         def recorded(*args, **kwargs):
@@ -166,7 +166,7 @@ def resume(strategy: str, out: Path) -> None:
     original = NoiseRecorder()
     first = _trainer(strategy, privacy, 3, [original, full, weights])
     first.fit(Task(lr=LR))
-    key = first.strategy.dp.key.to_bytes()
+    key = first.strategy.dp.ledger.key.to_bytes()
     rank = first.global_rank
     if rank == 0:
         after_step_1 = [p for p in (out / "full").iterdir() if "step=1" in p.name]
@@ -179,11 +179,11 @@ def resume(strategy: str, out: Path) -> None:
     dp = second.strategy.dp
     torch.save(
         {
-            "history": dp.accountant.history,
-            "rank": dp.rank,
-            "noise_rank": dp.noise.rank,
+            "history": dp.ledger.accountant.history,
+            "rank": dp.ledger.rank,
+            "noise_rank": dp.ledger.noise.rank,
             "key": key,
-            "resumed_key": dp.key.to_bytes(),
+            "resumed_key": dp.ledger.key.to_bytes(),
             "original_noise": original.draws,
             "resumed_noise": resumed.draws,
         },
@@ -216,7 +216,7 @@ def fault(strategy: str, mode: str, out: Path) -> None:
     task = ZeroGrad(lr=1.0)
     trainer.fit(task, ckpt_path=ckpt_path)
     dp = trainer.strategy.dp
-    record = {"weights": _full_params(task.lin), "history": dp.accountant.history, "steps": trainer.global_step}
+    record = {"weights": _full_params(task.lin), "history": dp.ledger.accountant.history, "steps": trainer.global_step}
     if mode == "recover":
         record["saved"] = saved[trainer.global_rank]
     torch.save(record, out / f"{mode}{trainer.global_rank}.pt")
@@ -384,8 +384,8 @@ def main(strategy: str, mode: str, out: Path) -> None:
             "batches": record.batches,
             "models": record.models,
             "epsilon": dp.epsilon(),
-            "steps": dp.accountant.steps,
-            "world": dp.world_size,
+            "steps": dp.ledger.accountant.steps,
+            "world": dp.ledger.world_size,
             "precision": str(trainer.strategy.precision_plugin.precision),
             "compute_dtype": str(getattr(task, "compute_dtype", None)),
         },

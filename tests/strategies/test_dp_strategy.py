@@ -241,7 +241,7 @@ def test_epsilon_matches_dp_accounting_and_budget_stops() -> None:
     task = Task(n=64)
     trainer.fit(task)
     dp = trainer.strategy.dp
-    steps = dp.accountant.steps
+    steps = dp.ledger.accountant.steps
     assert 0 < steps < 500
     assert trainer.global_step == steps
     q = 16 / 64
@@ -285,7 +285,7 @@ def test_seeded_resume_is_bit_identical_and_the_checkpoint_holds_no_stream_state
     second = _trainer(privacy, 7)
     resumed = Task()
     second.fit(resumed, ckpt_path=path)
-    assert second.strategy.dp.accountant.history == [(1.0, 0.2, 7)]
+    assert second.strategy.dp.ledger.accountant.history == [(1.0, 0.2, 7)]
     for (name, a), b in zip(uninterrupted.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name
 
@@ -295,18 +295,18 @@ def test_resume_with_more_steps_never_exceeds_the_calibrated_budget(tmp_path) ->
     privacy = dpz.PrivacyConfig(target_epsilon=2.0, expected_batch_size=8, physical_batch_size=8, seed=2)
     first = _trainer(privacy, 6)
     first.fit(Task())
-    sigma = first.strategy.dp.noise_multiplier
+    sigma = first.strategy.dp.ledger.noise_multiplier
     second = _trainer(privacy, 3)  # a shorter run, checkpointed before the planned 6 steps
     second.fit(Task())
-    assert second.strategy.dp.noise_multiplier != sigma  # calibrated for 3 steps: less noise per step
+    assert second.strategy.dp.ledger.noise_multiplier != sigma  # calibrated for 3 steps: less noise per step
     second.save_checkpoint(tmp_path / "short.ckpt")
     resumed = _trainer(privacy, 30)
     with pytest.warns(UserWarning, match="calibrated for 3 logical steps"):
         resumed.fit(Task(), ckpt_path=tmp_path / "short.ckpt")
     dp = resumed.strategy.dp
-    assert dp.accountant.steps == 3  # one more step at this sigma would pass epsilon = 2
+    assert dp.ledger.accountant.steps == 3  # one more step at this sigma would pass epsilon = 2
     assert dp.epsilon() <= 2.0
-    steps_past = [(dp.noise_multiplier, 0.2, dp.accountant.steps + 1)]
+    steps_past = [(dp.ledger.noise_multiplier, 0.2, dp.ledger.accountant.steps + 1)]
     assert epsilon_for(steps_past, delta=dp.delta, accountant=dpz.Accountant.RDP) > 2.0
 
 

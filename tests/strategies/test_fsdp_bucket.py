@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_dpzero.strategies import fsdp
+from lightning_dpzero._internals import torch as torch_internals
 from lightning_dpzero.strategies.fsdp import _ReduceScatterBucket
 
 
@@ -25,7 +25,7 @@ def test_each_rank_gets_its_torch_chunk_rows_of_every_parameter(world_size: int,
             out.copy_(world_size * send.view(world_size, -1)[rank])
 
         for name in ("reduce_scatter_single", "reduce_scatter_tensor"):  # the new name where torch has it
-            monkeypatch.setattr(fsdp.dist, name, reduce_scatter, raising=False)
+            monkeypatch.setattr(torch_internals.dist, name, reduce_scatter, raising=False)
         bucket = _ReduceScatterBucket()
         expected = {}
         for i, (shape, full) in enumerate(zip(shapes, fulls)):

@@ -83,10 +83,10 @@ def test_dp_zero3_undoes_an_earlier_zero_init_replacement(monkeypatch: pytest.Mo
     from deepspeed.runtime.zero.linear import zero3_linear_wrap
     from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses
 
-    from lightning_dpzero.strategies.deepspeed import _restore_torch_linear
+    from lightning_dpzero._internals.deepspeed import restore_torch_linear
 
     original = torch.nn.functional.linear
     monkeypatch.setattr(InsertPostInitMethodToModuleSubClasses, "linear_bk", original, raising=False)
     monkeypatch.setattr(torch.nn.functional, "linear", zero3_linear_wrap)
-    _restore_torch_linear()
+    restore_torch_linear()
     assert torch.nn.functional.linear is original

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_dpzero as dpz
 from lightning_dpzero.config import _ZERO_NOISE_ENV, PrivacyConfig, PruneSelection, ZerothOrderConfig
+from lightning_dpzero.strategies.reducers import LocalReducer
 from lightning_dpzero.zeroth_order import StageSchedule, ZOStep
 from lightning_dpzero.zeroth_order.pruning import select_coordinates, synflow_scores
 from tests.zeroth_order.reference import reference_differences, reference_directions, reference_update
@@ -132,7 +133,7 @@ def test_updates_match_float64_reference_across_stages(zero_noise: None) -> None
     task, record = Task(), Record()
     trainer = _fit(task, _zo_privacy(clip_norm=2.0, **zo), 3, [record])
     dp = trainer.strategy.dp
-    assert isinstance(dp, ZOStep) and dp.accountant.steps == 3
+    assert isinstance(dp, ZOStep) and dp.ledger.accountant.steps == 3
     loss = net_loss(task.net)
     clipped = unclipped = 0
     anchor = None
@@ -220,7 +221,7 @@ def test_parameters_restored_bit_exactly_tied_weights() -> None:
     model = GPT(GPTConfig(vocab_size=15, block_size=8, n_layer=1, n_head=2, n_embd=16))
     step = ZOStep(_zo_privacy(sigma=1.0, num_directions=3, perturbation_scale=1e-2))
     step.attach(model)
-    step.accountant = dpz.PrivacyAccountant("rdp", delta=1e-5)
+    step.ledger.accountant = dpz.PrivacyAccountant("rdp", delta=1e-5)
     before = {n: _bits(p) for n, p in model.named_parameters()}
     tokens = torch.randint(0, 15, (4, 8), generator=torch.Generator().manual_seed(1))
 
@@ -301,7 +302,7 @@ def test_pruning_mask_restricts_perturbation_and_update(zero_noise: None) -> Non
                     module.register_forward_pre_hook(
                         lambda m, a, name=name, pname=pname: (
                             None
-                            if trainer.strategy.dp.self_check.running  # the self-check's forwards at theta
+                            if trainer.strategy.dp.ledger.self_check.running  # the self-check's forwards at theta
                             else seen.append((name, getattr(m, pname).detach().clone()))
                         )
                     )
@@ -335,18 +336,19 @@ def test_noise_std_once_per_step() -> None:
     step = ZOStep(_zo_privacy(clip_norm=c, sigma=sigma, num_directions=2, learning_rate=1e-12))
     step.bind_data(task.train_dataloader(), planned_steps=lambda n: None)
     step.attach(task)
-    draws = []
+    draws, reducer = [], LocalReducer(torch.device("cpu"), "test")
     for _ in range(300):
         for _ in range(4):
             step.add_differences(torch.zeros(3, 2, dtype=torch.float64), torch.ones(3))
         step.perturber.seen.update(step.params)
-        draws.append(step.update(None))
+        step.finish_step(None, reducer)
+        draws.append(step.last_update["ghat"])
     g = torch.stack(draws).flatten()
     expected = sigma * c / b
     bound = 5 * expected / math.sqrt(2 * g.numel())
     print(f"std {g.std().item():.4f} vs {expected:.4f} +- {bound:.4f}")
     assert abs(g.std().item() - expected) < bound and abs(g.mean().item()) < 5 * expected / math.sqrt(g.numel())
-    assert step.accountant.steps == 300
+    assert step.ledger.accountant.steps == 300
 
 
 def test_refusals() -> None:
@@ -392,7 +394,7 @@ def test_resume_continues_exactly(tmp_path) -> None:
         enable_model_summary=False,
     )
     second.fit(resumed, ckpt_path=tmp_path / "zo.ckpt")
-    assert second.strategy.dp.accountant.steps == 4
+    assert second.strategy.dp.ledger.accountant.steps == 4
     kept = {n: i.tolist() for n, i in second.strategy.dp.kept.items()}
     assert kept == {n: i.tolist() for n, i in trainer.strategy.dp.kept.items()}
     for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):

@@ -136,7 +136,7 @@ def main(strategy: str, out: Path) -> None:
         again = Record()
         resumer = _trainer(strategy, privacy, 3, [again])
         resumer.fit(Task(), ckpt_path=str(out / "ckpt" / "last.ckpt"))
-        resumed = {"after": again.after, "steps": resumer.strategy.dp.accountant.steps}
+        resumed = {"after": again.after, "steps": resumer.strategy.dp.ledger.accountant.steps}
     torch.save(
         {
             "resumed": resumed,
@@ -145,15 +145,15 @@ def main(strategy: str, out: Path) -> None:
             "after": record.after,
             "batches": record.batches,
             "direction_seed": dp.directions.direction_seed,
-            "key": dp.key.to_bytes(),  # seed 7's: phase 3's checkpoint must not hold it
-            "steps": dp.accountant.steps,
-            "world": dp.world_size,
+            "key": dp.ledger.key.to_bytes(),  # seed 7's: phase 3's checkpoint must not hold it
+            "steps": dp.ledger.accountant.steps,
+            "world": dp.ledger.world_size,
             "wrapped": type(trainer.strategy.model).__name__,
             "optimizer": type(getattr(trainer.strategy.model, "optimizer", None)).__name__,
             "sharded": sorted(n for n, p in task.named_parameters() if hasattr(p, "full_tensor")),
             "local_numel": sum(getattr(p, "_local_tensor", p).numel() for p in task.parameters()),
             "ghats": released.ghats,
-            "drew_noise": noisy.strategy.dp.noise._draws > 0,
+            "drew_noise": noisy.strategy.dp.ledger.noise._draws > 0,
         },
         out / f"rank{trainer.global_rank}.pt",
     )

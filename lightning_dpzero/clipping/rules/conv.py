@@ -12,19 +12,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn import grad as conv_grad
-from torch.nn.modules.conv import _ConvNd
 
+from lightning_dpzero._internals.torch import ConvNd, conv_padding
 from lightning_dpzero.clipping.contributions import Contribution, Kind, full_shape
 from lightning_dpzero.clipping.registry import UnsupportedLayerError, register_rule
 
 
-def _unfold(module: _ConvNd, x: Tensor) -> Tensor:
+def _unfold(module: ConvNd, x: Tensor) -> Tensor:
     """x [n, C, *S] -> patches [n, T, C * prod(kernel)], features ordered (C, k1, k2, ...) like the weight.
 
     1-d and 2-d: torch's im2col (``F.unfold``, [n, C * prod(k), T]), returned transposed as a view: the matmuls that
     consume it read it in place (2-3x faster than gathering a permuted view). 3-d: strided windows, permuted.
     """
-    pad = module._reversed_padding_repeated_twice  # F.pad's spec, also set for padding='same'
+    pad = conv_padding(module)  # F.pad's spec, also set for padding='same'
     dims = len(module.kernel_size)
     if dims <= 2:
         numeric = module.padding_mode == "zeros" and not isinstance(module.padding, str)
@@ -60,14 +60,14 @@ def _check(module: nn.Module, path: str) -> None:
 _WEIGHT_GRADIENTS = (conv_grad.conv1d_weight, conv_grad.conv2d_weight, conv_grad.conv3d_weight)
 
 
-def _per_example_weight_gradients(module: _ConvNd, x: Tensor, grad_output: Tensor) -> Tensor:
+def _per_example_weight_gradients(module: ConvNd, x: Tensor, grad_output: Tensor) -> Tensor:
     """[n, C_out, C_in / groups * prod(kernel)] fp32: every example's weight gradient, by one weight-gradient
     convolution of the whole batch laid side by side as n * groups groups ([1, n * C_in, *S]). Where the output has
     many positions next to the weight's size (2 T^2 >= P D), this is 2-3x faster on CPU than im2col and a batched
     matmul, and it builds no patches."""
     n, dims = x.shape[0], len(module.kernel_size)
     x, grad_output = x.float(), grad_output.float()
-    pad = module._reversed_padding_repeated_twice
+    pad = conv_padding(module)
     numeric = module.padding_mode == "zeros" and not isinstance(module.padding, str)
     padding = cast(tuple[int, ...], module.padding) if numeric else (0,) * dims
     if any(pad) and not numeric:
@@ -90,7 +90,7 @@ def _per_example_weight_gradients(module: _ConvNd, x: Tensor, grad_output: Tenso
 def conv_rule(
     module: nn.Module, activation: Tensor, grad_output: Tensor, params: Mapping[str, str]
 ) -> list[Contribution]:
-    conv = cast(_ConvNd, module)  # registered for nn.Conv1d/2d/3d only
+    conv = cast(ConvNd, module)  # registered for nn.Conv1d/2d/3d only
     n, c_out = grad_output.shape[:2]
     if activation.dim() != len(conv.kernel_size) + 2:
         raise UnsupportedLayerError("", conv, "inputs without an example dimension are not supported")

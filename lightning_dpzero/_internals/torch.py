@@ -1,0 +1,120 @@
+"""torch internals: DTensor's local storage and shard offsets, the renamed single-tensor collectives, compiled
+modules, and the convolution modules' padding spec (torch 2.13)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd as ConvNd  # the base of Conv1d/2d/3d (and their transposes)
+
+__all__ = [
+    "PROBES",
+    "ConvNd",
+    "all_gather",
+    "compiled_modules",
+    "conv_padding",
+    "dtensor_local",
+    "local_shape_and_offset",
+    "reduce_scatter",
+]
+
+
+def dtensor_local(param: Tensor) -> Tensor | None:
+    """The local shard of an FSDP2 (DTensor) parameter, writable in place; None for an ordinary tensor.
+
+    ``to_local()`` may return an autograd alias; ``_local_tensor`` is the storage FSDP2 gathers from.
+    """
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(param, DTensor):
+        return None
+    return param._local_tensor
+
+
+def local_shape_and_offset(param: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shape of this rank's shard of a DTensor and the global index of its first element."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return tuple(shape), tuple(offset)
+
+
+def reduce_scatter(output: Tensor, input: Tensor) -> None:
+    """Sum ``input`` over the ranks and keep this rank's equal piece in ``output`` (torch 2.13 renamed
+    ``reduce_scatter_tensor``, now a deprecated alias, to ``reduce_scatter_single``)."""
+    collective = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    collective(output, input, op=dist.ReduceOp.SUM)
+
+
+def all_gather(output: Tensor, input: Tensor) -> None:
+    """Every rank's ``input`` side by side in ``output`` (``all_gather_into_tensor``, renamed likewise)."""
+    collective = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    collective(output, input)
+
+
+def compiled_modules(module: nn.Module) -> list[str]:
+    """Paths of modules compiled with ``torch.compile`` (Lightning unwraps a compiled LightningModule, keeping a
+    ``_compiler_ctx``; ``nn.Module.compile()`` sets ``_compiled_call_impl``; ``torch.compile(sub)`` wraps it)."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    found = ["<LightningModule>"] if getattr(module, "_compiler_ctx", None) else []
+    for path, sub in module.named_modules():
+        if isinstance(sub, OptimizedModule) or getattr(sub, "_compiled_call_impl", None) is not None:
+            found.append(path or "<LightningModule>")
+    return found
+
+
+def conv_padding(module: nn.Module) -> list[int]:
+    """A convolution's padding as ``F.pad`` takes it (also set for ``padding='same'``)."""
+    return list(module._reversed_padding_repeated_twice)  # type: ignore[arg-type]
+
+
+def _probe_compiled() -> None:
+    a, b = nn.Linear(2, 2), nn.Linear(2, 2)
+    b.compile()
+    holder = nn.Sequential(a, b)
+    assert compiled_modules(holder) == ["1"], compiled_modules(holder)
+
+
+def _probe_conv_padding() -> None:
+    assert conv_padding(nn.Conv2d(1, 1, (3, 5), padding="same")) == [2, 2, 1, 1]
+
+
+def _probe_dtensor() -> None:
+    """A one-rank gloo group: a DTensor sharded on a one-device mesh, its local storage and offsets."""
+    import tempfile
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    started = not dist.is_initialized()
+    if started:
+        with tempfile.NamedTemporaryFile() as store:
+            dist.init_process_group("gloo", init_method=f"file://{store.name}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        param = distribute_tensor(torch.arange(6.0).view(3, 2), mesh, [Shard(0)])
+        local = dtensor_local(param)
+        assert local is not None and local.shape == (3, 2) and local.data_ptr() == param.to_local().data_ptr()
+        assert local_shape_and_offset(param) == ((3, 2), (0, 0))
+        assert dtensor_local(torch.zeros(1)) is None
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
+def _probe_collectives() -> None:
+    assert callable(getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)
+    assert callable(getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)
+
+
+PROBES: dict[str, Callable[[], None]] = {
+    "torch._dynamo OptimizedModule / nn.Module._compiled_call_impl": _probe_compiled,
+    "nn.modules.conv._ConvNd._reversed_padding_repeated_twice": _probe_conv_padding,
+    "DTensor._local_tensor / tensor._utils.compute_local_shape_and_global_offset": _probe_dtensor,
+    "dist.reduce_scatter_single / all_gather_single": _probe_collectives,
+}
