@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
-from torch.utils.data import DataLoader
 
 from lightning_dpzero.config import PrivacyConfig
 from lightning_dpzero.ledger import PrivacyLedger
@@ -72,16 +71,23 @@ class Reducer(Protocol):
 class PrivateMethod(Protocol):
     """One private training method, as every strategy drives it.
 
-    The strategy calls ``attach`` when the model is ready, ``bind_data`` on the training loader, ``physical_batch``
-    for each physical batch of a logical step and ``finish_step`` once at its end; ``state_dict`` goes into
-    checkpoints. ``ledger`` holds the sampling, noise and accounting.
+    The strategy calls ``attach`` when the model is ready, ``ledger.bind_data`` on the training loader,
+    ``physical_batch`` for each physical batch of a logical step and ``finish_step`` once at its end; ``state_dict``
+    goes into checkpoints. ``ledger`` holds the sampling, noise and accounting.
     """
 
     config: PrivacyConfig
     ledger: PrivacyLedger
 
     @property
-    def method_name(self) -> str: ...
+    def method_name(self) -> str:
+        """What the method runs, for messages (e.g. "DP-SGD")."""
+        ...
+
+    @property
+    def clipping_description(self) -> str:
+        """How it clips, for the start-of-run line."""
+        ...
 
     @property
     def probe_engine(self) -> ClippingEngine | None:
@@ -102,10 +108,6 @@ class PrivateMethod(Protocol):
     def selection_digest(self) -> str | None:
         """What every rank must agree on before training (a digest), or ``None``."""
         ...
-
-    def bind_data(
-        self, dataloader: DataLoader, *, planned_steps: Callable[[int], int | None], owner: str = ...
-    ) -> DataLoader: ...
 
     def physical_batch(self, forward: Callable[[], Any], mask: Tensor, device: torch.device) -> tuple[Any, Tensor]:
         """Run one physical batch (``forward()`` is the user's training_step); return its output and the mean loss

@@ -13,7 +13,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
-from torch.utils.data import DataLoader
 
 from lightning_dpzero.clipping.engine import REENTRANT_CHECKPOINT, ClippingEngine
 from lightning_dpzero.config import PrivacyConfig
@@ -71,19 +70,6 @@ class DPStep:
 
     def selection_digest(self) -> None:
         return None
-
-    def bind_data(
-        self, dataloader: DataLoader, *, planned_steps: Callable[[int], int | None], owner: str = "DPStep"
-    ) -> DataLoader:
-        """Poisson logical batches from ``dataloader``; N, q, B, p, delta and sigma bound (see
-        ``PrivacyLedger.bind_data``)."""
-        return self.ledger.bind_data(
-            dataloader,
-            planned_steps=planned_steps,
-            owner=owner,
-            method=self.method_name,
-            clipping=self.clipping_description,
-        )
 
     @property
     def method_name(self) -> str:

@@ -186,7 +186,13 @@ class DPStrategyMixin(_StrategyBase):
         self._route_batch_hooks()
         # bind_data refuses anything but a torch DataLoader (check_replaceable), with a message saying so
         loader = cast(DataLoader, dataloader)
-        return self.dp.bind_data(loader, planned_steps=self._planned_steps(trainer), owner=type(self).__name__)
+        return self.dp.ledger.bind_data(
+            loader,
+            planned_steps=self._planned_steps(trainer),
+            owner=type(self).__name__,
+            method=self.dp.method_name,
+            clipping=self.dp.clipping_description,
+        )
 
     def _route_batch_hooks(self) -> None:
         """The batch hooks (``on_before_batch_transfer``, ``transfer_batch_to_device``, ``on_after_batch_transfer``,

@@ -24,7 +24,6 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
-from torch.utils.data import DataLoader
 
 from lightning_dpzero._internals import deepspeed as ds_internals
 from lightning_dpzero._internals import torch as torch_internals
@@ -109,19 +108,6 @@ class ZOStep:
         return f"{self.config.clipping_function} clipping of each example's finite differences"
 
     # --------------------------------------------------------------------------------------------- set-up
-    def bind_data(
-        self, dataloader: DataLoader, *, planned_steps: Callable[[int], int | None], owner: str = "ZOStep"
-    ) -> DataLoader:
-        """Poisson logical batches from ``dataloader``; N, q, B, p, delta and sigma bound (see
-        ``PrivacyLedger.bind_data``)."""
-        return self.ledger.bind_data(
-            dataloader,
-            planned_steps=planned_steps,
-            owner=owner,
-            method=self.method_name,
-            clipping=self.clipping_description,
-        )
-
     def attach(self, model: nn.Module, reducer: Reducer | None = None) -> None:
         """Select the trainable coordinates (SynFlow when pruning) and install the perturbation hooks (``reducer``:
         not needed, the P clipped sums reach it in ``finish_step``)."""

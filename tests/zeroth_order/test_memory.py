@@ -69,7 +69,7 @@ def test_peak_memory_is_inference_memory_and_does_not_grow() -> None:
         zeroth_order=ZerothOrderConfig(learning_rate=1e-4, num_directions=2, proximal_weight=0.0),
     )
     step = ZOStep(privacy)
-    step.bind_data(DataLoader(TensorDataset(x), batch_size=8), planned_steps=lambda n: None)
+    step.ledger.bind_data(DataLoader(TensorDataset(x), batch_size=8), planned_steps=lambda n: None, owner="test")
     step.attach(model)
     mask = torch.ones(8)
     step.forward_differences(losses, mask)  # one step outside the profile: first-call allocations and caches

@@ -334,7 +334,7 @@ def test_noise_std_once_per_step() -> None:
     sigma, c, b = 2.0, 0.5, 8.0
     task = Task(dtype=torch.float32)
     step = ZOStep(_zo_privacy(clip_norm=c, sigma=sigma, num_directions=2, learning_rate=1e-12))
-    step.bind_data(task.train_dataloader(), planned_steps=lambda n: None)
+    step.ledger.bind_data(task.train_dataloader(), planned_steps=lambda n: None, owner="test")
     step.attach(task)
     draws, reducer = [], LocalReducer(torch.device("cpu"), "test")
     for _ in range(300):
