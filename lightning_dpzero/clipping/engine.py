@@ -453,7 +453,9 @@ class ClippingEngine:
                 f"its output has shape {tuple(grad_output.shape)}, but per-example clipping needs the "
                 f"{n} examples of the physical batch in dim 0 of every hooked module's input and "
                 "output. A module applied to something shared by all examples (e.g. wpe(torch.arange(T))) must "
-                "see it expanded per example (wpe(pos.expand(n, T)))",
+                "see it expanded per example (wpe(pos.expand(n, T))); one that computes something from no example "
+                f"data (T5's relative position bias) can be frozen: get_submodule('{layer.path}')"
+                ".requires_grad_(False)",
             )
         with torch.no_grad():
             if call is not None:

@@ -41,13 +41,16 @@ class ReducerBase:
         self.params: dict[str, nn.Parameter] = {}
 
     def select(self, params: dict[str, nn.Parameter], optimizer: Optimizer | None) -> list[tuple[str, nn.Parameter]]:
-        """The parameters ``optimizer`` updates, with their names in ``params``, in the optimizer's order."""
+        """The parameters ``optimizer`` updates, with their names in ``params``, in the optimizer's order (frozen
+        parameters in the optimizer are skipped: they receive no gradient, so the optimizer leaves them as they are)."""
         if optimizer is None:
             return list(params.items())
         names = {id(p): name for name, p in params.items()}
         named = []
         for group in optimizer.param_groups:
             for p in group["params"]:
+                if not p.requires_grad:
+                    continue
                 if id(p) not in names:
                     raise ValueError(
                         f"{self.owner}: the optimizer holds a parameter of shape {tuple(p.shape)} that is not a "
