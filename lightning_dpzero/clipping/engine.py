@@ -69,9 +69,10 @@ def validate_model(
     Args:
         model: the module to privatise.
         functorch_fallback: the parameters a module without a rule owns directly get per-example gradients from
-            ``torch.func`` (``fallback.py``) instead of an error; never BatchNorm (it mixes examples) nor
-            ``nn.MultiheadAttention`` and recurrent layers (sequence-first by default; ``DPMultiheadAttention`` is a
-            drop-in for the former).
+            ``torch.func`` (``fallback.py``) instead of an error; never BatchNorm (it mixes examples) nor recurrent
+            layers and a sequence-first ``nn.MultiheadAttention`` (dim 0 is not the example; ``DPMultiheadAttention``
+            is a drop-in for the latter). A ``batch_first=True`` ``nn.MultiheadAttention`` (``nn.Transformer*``
+            layers) takes the fallback.
 
     Returns:
         The layers to hook, the trainable parameters by canonical name, and each parameter's owning module path.
@@ -81,25 +82,58 @@ def validate_model(
     canonical = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
     layers: list[_Layer] = []
     owner: dict[str, str] = {}
+    absorbed: set[str] = set()  # submodules whose parameters a fallback module uses without calling them
     for path, module in model.named_modules():
+        if path in absorbed:
+            continue
         own = {attr: p for attr, p in module.named_parameters(recurse=False) if p.requires_grad}
         if not own:
             continue
         try:
             rule = rule_for(module, path)
         except UnsupportedLayerError as err:
-            if not (err.no_rule and functorch_fallback) or isinstance(module, _NO_FALLBACK):
+            if not (err.no_rule and functorch_fallback) or _fallback_refused(module):
                 raise  # a setting its rule refuses (Embedding(max_norm=...)) is not the fallback's to take either
             rule = functorch_rule
+            for child in _CALLED_BY_PARAMETERS.get(type(module), ()):
+                own.update(
+                    {f"{child}.{attr}": p for attr, p in getattr(module, child).named_parameters() if p.requires_grad}
+                )
+                absorbed.add(f"{path}.{child}" if path else child)
         unknown = sorted(set(own) - {"weight", "bias"})
         if unknown and rule is not functorch_rule:
             raise UnsupportedLayerError(path, module, f"its parameter(s) {unknown} have no clipping rule")
         params = {attr: canonical[id(p)] for attr, p in own.items()}
-        for name in params.values():
-            owner.setdefault(name, path)
+        for attr, name in params.items():  # the module that holds it (an absorbed child's for its parameters)
+            owner.setdefault(name, ".".join(filter(None, [path, *attr.split(".")[:-1]])))
         layers.append(_Layer(path, module, rule, params))
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     return layers, trainable, owner
+
+
+# Modules whose forward reads a child's parameters without calling the child: under the fallback, the child's
+# parameters are differentiated with the module's own (nn.MultiheadAttention passes out_proj.weight to
+# F.multi_head_attention_forward).
+_CALLED_BY_PARAMETERS: dict[type, tuple[str, ...]] = {nn.MultiheadAttention: ("out_proj",)}
+
+
+_FALLBACK_RANDOMNESS = (
+    "it has no clipping rule and draws random numbers in its forward in training (dropout); the torch.func fallback "
+    "recomputes the forward per example and cannot replay them, so it would not compute the gradient of what ran. "
+    "Set that dropout to 0, register a rule (lightning_dpzero.clipping.register_rule), or for nn.MultiheadAttention "
+    "swap in lightning_dpzero.layers.DPMultiheadAttention (replace_multihead_attention(model)), whose dropout is fine"
+)
+
+
+def _first_output_only(output: Any) -> bool:
+    """A tuple whose first item is a tensor and whose other items carry no gradient (``nn.MultiheadAttention`` with
+    ``need_weights=False``: ``(attn_output, None)``): the fallback differentiates the first item only."""
+    return (
+        isinstance(output, tuple)
+        and len(output) > 0
+        and isinstance(output[0], Tensor)
+        and all(not (isinstance(item, Tensor) and item.requires_grad) for item in output[1:])
+    )
 
 
 @dataclass(eq=False)
@@ -153,8 +187,12 @@ def explain_reentrant_checkpointing() -> Iterator[None]:
         raise
 
 
-# Modules the fallback must not take: they mix the examples of a batch, or their usual layout is not examples-first.
-_NO_FALLBACK = (nn.modules.batchnorm._BatchNorm, nn.MultiheadAttention, nn.RNNBase)
+def _fallback_refused(module: nn.Module) -> bool:
+    """Modules the fallback must not take: they mix the examples of a batch (batch norm), or their layout is not
+    examples-first (recurrent layers, a sequence-first ``nn.MultiheadAttention``)."""
+    if isinstance(module, nn.MultiheadAttention):
+        return not module.batch_first
+    return isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.RNNBase))
 
 
 class _Tap(torch.autograd.Function):
@@ -313,14 +351,26 @@ class ClippingEngine:
             if not torch.is_grad_enabled():
                 self.ungraded.add(layer.path)
                 return None
+            rest: tuple[Any, ...] | None = None
+            if layer.rule is functorch_rule and isinstance(module, nn.MultiheadAttention) and module.dropout > 0:
+                if module.training:
+                    raise UnsupportedLayerError(layer.path, module, _FALLBACK_RANDOMNESS)
             if layer.rule is functorch_rule and not isinstance(output, Tensor):
-                raise UnsupportedLayerError(
-                    layer.path,
-                    module,
-                    f"it has no clipping rule and returns a {type(output).__name__}, not a tensor, so the torch.func "
-                    "fallback cannot take it: register a rule (lightning_dpzero.clipping.register_rule) or freeze its "
-                    "own parameters (requires_grad_(False))",
-                )
+                if not _first_output_only(output):
+                    raise UnsupportedLayerError(
+                        layer.path,
+                        module,
+                        f"it has no clipping rule and returns a {type(output).__name__} other than (tensor, values "
+                        "without gradient), so the torch.func fallback cannot take it: register a rule "
+                        "(lightning_dpzero.clipping.register_rule) or freeze its own parameters (requires_grad_(False))"
+                        + (
+                            "; an nn.MultiheadAttention must be called with need_weights=False (as nn.Transformer* "
+                            "layers do), or swapped for DPMultiheadAttention (replace_multihead_attention)"
+                            if isinstance(module, nn.MultiheadAttention)
+                            else ""
+                        ),
+                    )
+                output, rest = output[0], tuple(output[1:])
             if not isinstance(output, Tensor) or not output.requires_grad:
                 return None
             if not args or not isinstance(args[0], Tensor):
@@ -351,7 +401,7 @@ class ClippingEngine:
             if self._guard is not None:
                 self._guard.tapped[id(tapped)] = tapped
                 self._guard.layers[id(tapped)] = layer
-            return tapped
+            return tapped if rest is None else (tapped, *rest)
 
         return hook
 
@@ -459,7 +509,12 @@ class ClippingEngine:
             )
         with torch.no_grad():
             if call is not None:
-                contributions = functorch_rule(layer.module, activation, grad_output, layer.params, call=call)
+                try:
+                    contributions = functorch_rule(layer.module, activation, grad_output, layer.params, call=call)
+                except RuntimeError as err:
+                    if "randomness" not in str(err):
+                        raise
+                    raise UnsupportedLayerError(layer.path, layer.module, _FALLBACK_RANDOMNESS) from err
             else:
                 contributions = layer.rule(layer.module, activation, grad_output, layer.params)
             for c in contributions:

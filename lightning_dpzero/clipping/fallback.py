@@ -11,6 +11,7 @@ backward pass, so it costs more than a rule; the parameters such modules own dir
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,7 +31,7 @@ def functorch_rule(
     n = grad_output.shape[0]
     args, kwargs = (call.args, call.kwargs) if call is not None else ((activation,), {})
     wrapper = _Forward(module)
-    own = {f"inner.{attr}": getattr(module, attr).detach() for attr in params}
+    own = {f"inner.{attr}": module.get_parameter(attr).detach() for attr in params}
     per_example = [isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == n for a in args]
     keyed = [k for k, v in kwargs.items() if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n]
     split_args = tuple(a for a, split in zip(args, per_example) if split)
@@ -41,11 +42,17 @@ def functorch_rule(
         call_args = tuple(next(rows).unsqueeze(0) if split else a for a, split in zip(args, per_example))
         call_kwargs = {**kwargs, **{k: v.unsqueeze(0) for k, v in kws.items()}}
         y = torch.func.functional_call(wrapper, theta, call_args, call_kwargs, strict=False)
+        if isinstance(y, tuple):  # (output, values without gradient): the engine tapped the first item only
+            y = y[0]
         return (y * b.unsqueeze(0)).sum()
 
-    grads = torch.func.vmap(torch.func.grad(weighted_output), in_dims=(None, 0, 0, 0))(
-        own, split_args, split_kwargs, grad_output
-    )
+    with warnings.catch_warnings():
+        # torch.func runs ops without a batching rule (e.g. CPU attention's backward) one example at a time, and warns
+        # on every call; that cost is the fallback's, documented above, and nothing a user can act on.
+        warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
+        grads = torch.func.vmap(torch.func.grad(weighted_output), in_dims=(None, 0, 0, 0))(
+            own, split_args, split_kwargs, grad_output
+        )
     return [
         Contribution(params[attr], Kind.SAMPLE, grads[f"inner.{attr}"], None, own[f"inner.{attr}"].shape)
         for attr in params

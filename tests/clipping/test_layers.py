@@ -1,4 +1,5 @@
-"""DPMultiheadAttention: the same function as nn.MultiheadAttention, clipped through the Linear rule."""
+"""DPMultiheadAttention: the same function as nn.MultiheadAttention, clipped through the Linear rule; and a
+``batch_first`` nn.MultiheadAttention left as it is (nn.Transformer* layers), through the torch.func fallback."""
 
 from __future__ import annotations
 
@@ -137,9 +138,17 @@ def attention_block(batch_first: bool) -> Built:
 
 
 def test_multihead_attention_is_refused_with_the_replacement_as_fix() -> None:
-    """Reference: DESIGN.md section 6 (unsupported layer -> error naming the module and the fix)."""
+    """Reference: DESIGN.md section 6 (unsupported layer -> error naming the module and the fix): sequence-first when
+    the engine is built; batch-first with need_weights=True (the averaged weights' gradient would be missed) when
+    it runs."""
     with pytest.raises(UnsupportedLayerError, match=r"'attn' \(MultiheadAttention\).*replace_multihead_attention"):
-        ClippingEngine(AttentionBlock(True), PrivacyConfig(noise_multiplier=1.0))
+        ClippingEngine(AttentionBlock(False), PrivacyConfig(noise_multiplier=1.0))
+    model, loss_fn, (inputs, targets) = AttentionBlock(True), squared_error, attention_block(True)[2]
+    engine = ClippingEngine(model, PrivacyConfig(noise_multiplier=1.0))
+    engine.attach()
+    with pytest.raises(UnsupportedLayerError, match=r"'attn' \(MultiheadAttention\).*need_weights=False"):
+        with engine.recording(torch.device("cpu"), rows=N_EXAMPLES):
+            loss_fn(model, (inputs, targets))
 
 
 @pytest.mark.parametrize(
@@ -189,3 +198,55 @@ def test_clipped_sum_through_a_transformer_encoder_layer() -> None:
         model, squared_error, [(inputs, mask)], clip_norm=0.5, clipping_style="layer-wise", clipping_function="abadi"
     )
     assert_matches(got, expected, 0.5)
+
+
+def _causal_lm_loss(model: nn.Module, inputs: tuple[Tensor, ...]) -> Tensor:
+    """lightning.pytorch.demos.Transformer's own loss, per example: [n]."""
+    (tokens,) = inputs
+    n, t = tokens.shape
+    out = model(tokens, tokens).view(n, t, -1)  # log-probabilities
+    return torch.nn.functional.nll_loss(out.transpose(1, 2), tokens, reduction="none").mean(1)
+
+
+def _demo_transformer() -> nn.Module:
+    from lightning.pytorch.demos import Transformer
+
+    return Transformer(vocab_size=30, ninp=E, nhead=H, nhid=12, nlayers=1, dropout=0.0)
+
+
+def _encoder() -> nn.Module:
+    layer = nn.TransformerEncoderLayer(E, H, dim_feedforward=12, dropout=0.0, batch_first=True)
+    return nn.Sequential(nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False), nn.Linear(E, 2))
+
+
+@pytest.mark.parametrize("style", ["all-layer", "layer-wise"])
+@pytest.mark.parametrize("name", ["demos.Transformer", "nn.TransformerEncoder"])
+def test_batch_first_multihead_attention_trains_unchanged_through_the_fallback(name: str, style: str) -> None:
+    """Reference: reference_clipped_sum, with no change to the model: Lightning's demo Transformer (encoder and
+    decoder, causal masks shared by the batch) and a 2-layer nn.TransformerEncoder; nn.MultiheadAttention's own
+    parameters and its out_proj (read by F.multi_head_attention_forward, never called) through the fallback."""
+    torch.manual_seed(6)
+    if name == "demos.Transformer":
+        model, loss_fn = _demo_transformer(), _causal_lm_loss
+        inputs: tuple[Tensor, ...] = (torch.randint(0, 30, (N_EXAMPLES, L)),)
+    else:
+        model, loss_fn = _encoder(), squared_error
+        inputs = (torch.randn(N_EXAMPLES, L, E), torch.randn(N_EXAMPLES, L, 2))
+    mask = default_mask()
+    expected = reference_clipped_sum(model, loss_fn, inputs, mask, clip_norm=0.5, style=style, function="abadi")
+    got, _ = run_engine(
+        model, loss_fn, [(inputs, mask)], clip_norm=0.5, clipping_style=style, clipping_function="abadi"
+    )
+    assert set(got) == set(expected)
+    assert_matches(got, expected, 0.5)
+
+
+def test_attention_dropout_under_the_fallback_is_refused_with_the_fixes() -> None:
+    """The fallback recomputes the forward per example and cannot replay dropout's draws: refused (the drop-in and
+    dropout 0 are the fixes) instead of clipping the gradient of another function."""
+    torch.manual_seed(7)
+    layer = nn.TransformerEncoderLayer(E, H, dim_feedforward=12, dropout=0.1, batch_first=True)
+    model = nn.Sequential(nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False), nn.Linear(E, 2))
+    inputs = (torch.randn(N_EXAMPLES, L, E), torch.randn(N_EXAMPLES, L, 2))
+    with pytest.raises(UnsupportedLayerError, match=r"self_attn' \(MultiheadAttention\).*dropout.*replace_multihead"):
+        run_engine(model, squared_error, [(inputs, default_mask())], clip_norm=0.5)
