@@ -24,7 +24,7 @@ from lightning_dpzero.randomness import SecretKey
 from lightning_dpzero.sampling.poisson import PoissonBatchSampler, check_replaceable, make_dp_dataloader
 from lightning_dpzero.selfcheck import SelfCheck
 
-__all__ = ["Binding", "PrivacyBudgetExhausted", "PrivacyLedger"]
+__all__ = ["Binding", "PrivacyBudgetExhausted", "PrivacyLedger", "StepRelease"]
 
 
 class PrivacyBudgetExhausted(RuntimeError):
@@ -343,17 +343,14 @@ class PrivacyLedger:
             Noise, normalisation and the accounting event happen together, in this order, once per logical step;
             the step is refused first if it would take epsilon past the budget.
         """
-        self.refuse_past_budget()
-        binding = self._bound()
-        self.noise.start_step(self.steps)  # this step's noise streams, whoever draws them and when
-        std = binding.noise_multiplier * self.config.clip_norm
-        for values in owned:
-            if scale != 1.0:
-                values *= scale
-            self._add_noise(values, std)
-            # Divide by the expected B = qN, never the realised batch size: that one is private.
-            values /= binding.expected_batch_size
-        self._account_step()
+        release = self.begin_release()
+        release.add(owned, scale=scale)
+        release.close()
+
+    def begin_release(self) -> StepRelease:
+        """A release in pieces, for engines that hand this rank's coordinates over in several calls (DeepSpeed
+        ZeRO-3 steps its optimizer once per sub-group): ``add`` each piece, ``close`` once (the accounting event)."""
+        return StepRelease(self)
 
     def _add_noise(self, values: Tensor, std: float) -> None:
         values += self.noise.sample(values.shape, std=std, device=values.device).to(values.dtype)
@@ -450,3 +447,36 @@ class PrivacyLedger:
                 f"the checkpoint was trained with sample rate q={state['sample_rate']:.6g}, this run has q={q:.6g}; "
                 "resume with the same expected batch size."
             )
+
+
+class StepRelease:
+    """One logical step being released: noise and division by B on every piece handed to ``add``, then one
+    accounting event at ``close``. Created by ``PrivacyLedger.begin_release``, which refuses a step past the budget
+    before anything is released.
+    """
+
+    def __init__(self, ledger: PrivacyLedger) -> None:
+        ledger.refuse_past_budget()
+        self._ledger = ledger
+        binding = ledger._bound()
+        self._std = binding.noise_multiplier * ledger.config.clip_norm
+        self._normaliser = binding.expected_batch_size
+        self.closed = False
+        ledger.noise.start_step(ledger.steps)  # this step's noise streams, whoever draws them and when
+
+    def add(self, owned: Iterable[Tensor], *, scale: float = 1.0) -> None:
+        """In place, each tensor <- (scale * t + N(0, sigma^2 C^2)) / B (coordinates this rank owns, once each)."""
+        if self.closed:
+            raise RuntimeError("this logical step was released and accounted already; a new step needs a new release")
+        for values in owned:
+            if scale != 1.0:
+                values *= scale
+            self._ledger._add_noise(values, self._std)
+            # Divide by the expected B = qN, never the realised batch size: that one is private.
+            values /= self._normaliser
+
+    def close(self) -> None:
+        """Record the step's accounting event (once)."""
+        if not self.closed:
+            self.closed = True
+            self._ledger._account_step()

@@ -34,7 +34,7 @@ from lightning_dpzero._internals import lightning as lightning_internals
 from lightning_dpzero._internals.lightning import StrategyRegistry
 from lightning_dpzero.clipping.contributions import full_shape
 from lightning_dpzero.config import PrivacyConfig
-from lightning_dpzero.ledger import PrivacyLedger
+from lightning_dpzero.ledger import PrivacyLedger, StepRelease
 from lightning_dpzero.method import Reducer
 from lightning_dpzero.precision import dp_precision_for
 from lightning_dpzero.strategies._mixin import DPStrategyMixin
@@ -66,7 +66,7 @@ class PartitionReducer(ReducerBase):
         super().__init__(device, owner)
         self.streams, self.world_size = streams, world_size
         self._engine = engine
-        self._ledger: PrivacyLedger | None = None
+        self._release: StepRelease | None = None
 
     def select(self, params: dict[str, nn.Parameter], optimizer: Optimizer | None) -> list[tuple[str, nn.Parameter]]:
         return list(params.items())  # DeepSpeed's optimizer holds flat partitions, not the parameters
@@ -88,18 +88,25 @@ class PartitionReducer(ReducerBase):
         self._engine().allreduce_gradients()
 
     def release(self, ledger: PrivacyLedger, named: list[tuple[str, nn.Parameter]]) -> None:
-        """The sums are in DeepSpeed's partitions: the release happens when ``engine.step()`` hands them over."""
-        self._ledger = ledger
+        """The sums are in DeepSpeed's partitions: they are released as ``engine.step()`` hands them to the optimizer
+        (once per ZeRO-3 sub-group), and the step is accounted by ``close`` after that."""
+        self.close()  # a step DeepSpeed never took: accounted all the same (its batch was sampled)
+        self._release = ledger.begin_release()
 
     def release_partitions(self, grads: list[Tensor]) -> None:
         """Called by the noise wrapper with this rank's gradient partitions (the mean over W ranks)."""
-        ledger, self._ledger = self._ledger, None
-        if ledger is None:
+        if self._release is None or self._release.closed:
             raise RuntimeError(
                 "DeepSpeed stepped the optimizer without a logical step to release (an optimizer step outside "
                 "Lightning's training loop?); refusing to hand it un-noised gradients."
             )
-        ledger.release(grads, scale=self.world_size)
+        self._release.add(grads, scale=self.world_size)
+
+    def close(self) -> None:
+        """After ``engine.step()``: the step's accounting event, once every partition got its noise."""
+        if self._release is not None:
+            self._release.close()
+            self._release = None
 
 
 class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
@@ -298,6 +305,14 @@ class DPZeroStrategy(DPStrategyMixin, DeepSpeedCPUStrategy):
         self._check_selection_agrees()
         if trainer.state.fn == TrainerFn.FITTING:
             self._check_optimizers()
+
+    @override
+    def optimizer_step(self, optimizer: Optimizer, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        out = super().optimizer_step(optimizer, closure, model, **kwargs)  # the closure, then engine.step()
+        reducer = self.reducer
+        assert isinstance(reducer, PartitionReducer)
+        reducer.close()
+        return out
 
     @override
     def _check_optimizers(self) -> None:

@@ -86,8 +86,11 @@ def test_deepspeed_partitions_are_released_only_for_a_finished_step() -> None:
         reducer.release_partitions([torch.zeros(3)])
     ledger = _bound_ledger(1.0)
     reducer.release(ledger, [])
-    partition = torch.zeros(3)
-    reducer.release_partitions([partition])
-    assert ledger.steps == 1 and not torch.equal(partition, torch.zeros(3))
+    first, second = torch.zeros(3), torch.zeros(3)
+    reducer.release_partitions([first])  # ZeRO-3 steps its optimizer once per sub-group
+    reducer.release_partitions([second])
+    assert ledger.steps == 0 and not torch.equal(first, second)  # two pieces, two draws; accounted at close
+    reducer.close()
+    assert ledger.steps == 1
     with pytest.raises(RuntimeError, match="un-noised"):
-        reducer.release_partitions([partition])  # one release per logical step
+        reducer.release_partitions([first])  # one release per logical step
