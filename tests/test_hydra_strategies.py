@@ -85,25 +85,48 @@ def _env(tmp: Path, deepspeed: bool) -> dict[str, str]:
     return env
 
 
+def _command(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "lightning_dpzero.train", *args]
+
+
 def _train(args: list[str], cwd: Path, deepspeed: bool = False, timeout: int = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "lightning_dpzero.train", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=_env(cwd, deepspeed))
+    return subprocess.run(
+        _command(args), capture_output=True, text=True, timeout=timeout, cwd=cwd, env=_env(cwd, deepspeed)
+    )
 
 
 @pytest.fixture(scope="module")
 def sweeps(tmp_path_factory) -> dict[tuple[str, str], tuple[Path, subprocess.CompletedProcess]]:
-    """Per task, each group of strategies as one ``--multirun`` (one process, jobs in sequence)."""
-    out = {}
+    """Per task, each group of strategies as one ``--multirun`` (one process, jobs in sequence); the 8 sweeps run
+    side by side (one thread each), so the fixture takes about the CPU time of the sweeps divided by the cores."""
+    started = {}
     for task in TASKS:
         for group, names in GROUPS.items():
             root = tmp_path_factory.mktemp(f"{task}-{group}")
-            proc = _train(
-                ["--multirun", f"strategy={','.join(names)}", "privacy=sigma1", *tiny(task), f"hydra.sweep.dir={root}"],
+            args = [
+                "--multirun",
+                f"strategy={','.join(names)}",
+                "privacy=sigma1",
+                *tiny(task),
+                f"hydra.sweep.dir={root}",
+            ]
+            proc = subprocess.Popen(
+                _command(args),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
                 cwd=root,
-                deepspeed=group == "deepspeed",
-                timeout=400,
+                env=_env(root, group == "deepspeed"),
             )
-            out[task, group] = (root, proc)
+            started[task, group] = (root, proc)
+    out = {}
+    for key, (root, proc) in started.items():
+        try:
+            stdout, stderr = proc.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+        out[key] = (root, subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
     return out
 
 
