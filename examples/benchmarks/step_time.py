@@ -34,9 +34,10 @@ integers; the model's code is unchanged).
 Measures:
 
 - ``step ms``: the median wall time of ``--steps`` steps, after ``--burn-in`` untimed steps
-  (``torch.cuda.synchronize`` on CUDA). All modes of a model are built, then timed in interleaved rounds (one step
-  of each mode per round), so that the slow spells of a shared machine fall on every mode alike; the garbage
-  collector is off while timing. The min and max per mode go to stderr.
+  (``torch.cuda.synchronize`` on CUDA). All modes of a model are built, then timed interleaved (one step of each
+  mode in turn), so that the slow spells of a shared machine fall on every mode alike; the garbage collector is off
+  while timing. This is repeated ``--rounds`` times (every mode rebuilt): the table gives the median over the rounds
+  and the range of each round's ratio to non-private. The min and max per mode and round go to stderr.
 - ``peak MB`` = the mode's static memory (its parameters, AdamW state and the batch, counted tensor by tensor) +
   ``step working MB``: the peak of tensor memory allocated during one step (after the timed ones) above what was
   allocated when that step began; gradients are freed before it, so they count. Measured per step because every
@@ -68,7 +69,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -368,7 +369,8 @@ class Result:
     label: str
     variant: str = "same"  # "same": the model as built; "untied": the untied copy (models with tied weights)
     is_opacus: bool = False
-    ms: float | None = None
+    ms: float | None = None  # the median over rounds of each round's median step time
+    rounds: list[float] = field(default_factory=list)  # each round's median step time, ms
     static_mb: float | None = None  # parameters, optimizer state and batch: allocated before a step begins
     working_mb: float | None = None  # the step's peak above that
     error: str | None = None
@@ -397,18 +399,21 @@ def measure(
     batch: tuple[Tensor, ...],
     device: torch.device,
     args: argparse.Namespace,
+    *,
+    memory: bool = True,
 ) -> None:
-    """Fill in each result: build every mode, burn each in, then time them in interleaved rounds.
+    """One round: build every mode, burn each in, then time them interleaved; append each mode's median step time
+    to its ``rounds`` (and, with ``memory``, measure its peak memory).
 
-    Round r times step r of every mode in turn, so that a slow spell of a shared machine lands on all modes alike
-    instead of on whichever mode happened to run then. Peak memory is measured afterwards, one mode at a time.
-    A mode that fails (a library refusing the model) keeps its error and drops out.
+    Step r of every mode runs in turn, so that a slow spell of a shared machine lands on all modes alike instead of
+    on whichever mode happened to run then. Peak memory is measured afterwards, one mode at a time. A mode that
+    fails (a library refusing the model) keeps its error and drops out.
     """
     modes: dict[int, Mode] = {}
     for i, (result, build) in enumerate(plan):
         try:
             mode = build()
-            if mode.note:
+            if mode.note and f"({mode.note})" not in result.label:
                 result.label += f" ({mode.note})"
             for _ in range(args.burn_in):
                 mode.step()
@@ -431,17 +436,20 @@ def measure(
         gc.enable()
     for i, mode in modes.items():
         result = plan[i][0]
-        result.ms = 1e3 * statistics.median(times[i])
+        result.rounds.append(1e3 * statistics.median(times[i]))
+        result.ms = statistics.median(result.rounds)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        try:
-            result.working_mb = peak_step_bytes(mode, device) / 2**20
-            result.static_mb = static_bytes(mode.optimizer, batch) / 2**20
-        except Exception as exc:
-            result.error = _error(exc)
+        if memory:
+            try:
+                result.working_mb = peak_step_bytes(mode, device) / 2**20
+                result.static_mb = static_bytes(mode.optimizer, batch) / 2**20
+            except Exception as exc:
+                result.error = _error(exc)
         lo, hi = 1e3 * min(times[i]), 1e3 * max(times[i])
-        print(f"  {result.label:<44} {result.ms:8.2f} ms (min {lo:.2f}, max {hi:.2f})", file=sys.stderr, flush=True)
+        line = f"  {result.label:<44} {result.rounds[-1]:8.2f} ms (min {lo:.2f}, max {hi:.2f})"
+        print(line, file=sys.stderr, flush=True)
     for mode in modes.values():
         mode.cleanup()
     modes.clear()
@@ -461,17 +469,23 @@ def _verdict(ratio: float | None, target: float) -> str:
     return "n/a" if ratio is None else ("met" if ratio <= target else "not met")
 
 
+def _round_range(result: Result, reference: Result) -> str:
+    """min-max over the rounds of the mode's step time / non-private's in the same round."""
+    ratios = [a / b for a, b in zip(result.rounds, reference.rounds) if b]
+    return f"{min(ratios):.2f}-{max(ratios):.2f}" if len(ratios) > 1 else ""
+
+
 def print_table(results: list[Result], reference: Result, opacus_best: Result | None) -> None:
-    header = ("mode", "step ms", "vs non-private", "vs Opacus best", "peak MB", "of which step working MB")
+    header = ("mode", "step ms", "vs non-private", "range over rounds", "vs Opacus best", "peak MB", "working MB")
     rows = []
     for r in results:
         if r.error is not None:
-            rows.append((r.label, f"n/a ({r.error})", "", "", "", ""))
+            rows.append((r.label, f"n/a ({r.error})", "", "", "", "", ""))
         else:
             best_ms = opacus_best.ms if opacus_best else None
             ratios = (_ratio(r.ms, reference.ms), _ratio(r.ms, best_ms))
             memory = (_fmt(r.peak_mb, ".1f"), _fmt(r.working_mb, ".1f"))
-            rows.append((r.label, _fmt(r.ms), _fmt(ratios[0]), _fmt(ratios[1]), *memory))
+            rows.append((r.label, _fmt(r.ms), _fmt(ratios[0]), _round_range(r, reference), _fmt(ratios[1]), *memory))
     ran = [header] + [row for row, r in zip(rows, results) if r.error is None]
     widths = [max(len(row[i]) for row in ran) for i in range(len(header))]  # a refusal's reason may run past
     widths[0] = max(len(row[0]) for row in [header, *rows])
@@ -516,8 +530,13 @@ def benchmark(name: str, device: torch.device, args: argparse.Namespace) -> None
         )
 
     print(f"\n### {bench.title}\n", flush=True)
-    print(f"running {len(plan)} modes ({args.burn_in} burn-in + {args.steps} timed steps each)...", file=sys.stderr)
-    measure(plan, bench.batch, device, args)
+    print(
+        f"running {len(plan)} modes, {args.rounds} round(s) of {args.burn_in} burn-in + {args.steps} timed steps "
+        "each...",
+        file=sys.stderr,
+    )
+    for r in range(args.rounds):
+        measure(plan, bench.batch, device, args, memory=r == 0)
     results = [result for result, _ in plan]
 
     reference = results[0]
@@ -567,6 +586,9 @@ def main() -> None:
     parser.add_argument("--models", default="gpt,cnn,mlp", help="comma-separated subset of: " + ",".join(MODELS))
     parser.add_argument("--steps", type=int, default=25, help="timed steps per mode (median reported)")
     parser.add_argument("--burn-in", type=int, default=3, help="untimed steps per mode before timing")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds (every mode rebuilt): the median over rounds, and their range"
+    )
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument(
         "--precision", default="32-true", choices=("32-true", "bf16-mixed"), help="autocast of every mode's forward"
@@ -594,7 +616,8 @@ def main() -> None:
     print(
         f"device: {where}, {cores} cores, torch.get_num_threads()={torch.get_num_threads()}; "
         f"torch {torch.__version__}, opacus {opacus.__version__}, python {platform.python_version()}; "
-        f"{args.burn_in} burn-in + {args.steps} timed steps per mode (median); AdamW; sigma={SIGMA}, C={CLIP}; "
+        f"{args.rounds} round(s) of {args.burn_in} burn-in + {args.steps} timed steps per mode (median of the rounds' "
+        f"medians); AdamW; sigma={SIGMA}, C={CLIP}; "
         f"precision {PRECISION}"
     )
     for name in names:
