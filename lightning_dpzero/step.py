@@ -88,22 +88,14 @@ class DPStep:
             ``training_step``'s output and the detached mean loss over the real examples (for logging only).
         """
         assert self.engine is not None, "DPStep.attach() was not called"
-        self._tell_batch_rows()
         with self.engine.recording(device, rows=mask.numel()):
             output = forward()
         return output, self.backward(output, mask)
 
     @property
     def probe_engine(self) -> ClippingEngine | None:
-        """The engine the per-example self-check probes, told the run's physical batch size (as every batch)."""
-        self._tell_batch_rows()
+        """The engine the per-example self-check probes (``None``: it compares losses and buffers only)."""
         return self.engine
-
-    def _tell_batch_rows(self) -> None:
-        """The engine decides per lookup whether it is shared by the examples from the run's p, not from the rows of
-        the batch at hand, so that the self-check's few rows and a smaller last batch decide as the others do."""
-        if self.engine is not None and self.ledger.binding is not None:
-            self.engine.batch_rows = self.ledger.binding.physical_batch_size
 
     def backward(self, output: Any, mask: Tensor) -> Tensor:
         """Clip and add one physical batch, from the output of ``training_step`` (recorded by the engine).

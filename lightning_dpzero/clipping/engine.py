@@ -125,19 +125,6 @@ _FALLBACK_RANDOMNESS = (
 )
 
 
-def _shared_lookup(module: nn.Module, args: tuple[Any, ...], rows: int) -> bool:
-    """An ``nn.Embedding`` (or subclass) called on a 1-d index tensor whose length is not the run's physical batch
-    size ``rows``: one lookup shared by every example (positions ``arange(T)``), not one index per example. (Length
-    equal to p cannot be told from one index per example: left as rows, and refused if it is broadcast.)"""
-    return (
-        isinstance(module, nn.Embedding)
-        and len(args) > 0
-        and isinstance(args[0], Tensor)
-        and args[0].dim() == 1
-        and args[0].shape[0] != rows
-    )
-
-
 def _first_output_only(output: Any) -> bool:
     """A tuple whose first item is a tensor and whose other items carry no gradient (``nn.MultiheadAttention`` with
     ``need_weights=False``: ``(attn_output, None)``): the fallback differentiates the first item only."""
@@ -334,10 +321,6 @@ class ClippingEngine:
         self._probe: Probe | None = None
         self._passive = False  # taps pass gradients through without reporting them
         self._rows: int | None = None  # p while a physical batch is recorded, when the strategy says it
-        # The run's physical batch size (its configured p, whatever the rows of the batch being recorded: the
-        # self-check's few rows, a smaller last batch): decides whether a 1-d lookup is shared by the examples, so
-        # that the check and every batch of the run decide alike. None: the rows being recorded.
-        self.batch_rows: int | None = None
 
     # ----------------------------------------------------------------------------------------------- hooks
     def attach(self) -> None:
@@ -405,13 +388,6 @@ class ClippingEngine:
                 args = tuple(_expand_rows(a, rows) for a in args)
                 kwargs = {k: _expand_rows(v, rows) for k, v in kwargs.items()}
                 activation = _expand_rows(activation, rows)
-            elif rows is not None and rows > 1 and _shared_lookup(module, args, self.batch_rows or rows):
-                # An embedding looked up once for every example, without a batch dim: wpe(arange(T)) -> [T, D], added
-                # to [n, T, D] (nanoGPT). Given a batch dim of n (a view), it broadcasts to the same values, and each
-                # example's row gets its own gradient. (A 1-d lookup of n indices is per example: one per row.)
-                output = output.unsqueeze(0).expand(rows, *output.shape)
-                args = tuple(a.unsqueeze(0).expand(rows, *a.shape) if i == 0 else a for i, a in enumerate(args))
-                activation = args[0]
             call = None
             if layer.rule is functorch_rule:
                 call = _Call(tuple(_detached(a) for a in args), {k: _detached(v) for k, v in kwargs.items()})
