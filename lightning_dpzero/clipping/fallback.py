@@ -33,7 +33,11 @@ def functorch_rule(
     wrapper = _Forward(module)
     own = {f"inner.{attr}": module.get_parameter(attr).detach() for attr in params}
     per_example = [isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == n for a in args]
-    keyed = [k for k, v in kwargs.items() if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n]
+    keyed = [
+        k
+        for k, v in kwargs.items()
+        if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n and not _shared_input(module, k, v)
+    ]
     split_args = tuple(a for a, split in zip(args, per_example) if split)
     split_kwargs = {k: kwargs[k] for k in keyed}
 
@@ -57,6 +61,12 @@ def functorch_rule(
         Contribution(params[attr], Kind.SAMPLE, grads[f"inner.{attr}"], None, own[f"inner.{attr}"].shape)
         for attr in params
     ]
+
+
+def _shared_input(module: nn.Module, name: str, value: Tensor) -> bool:
+    """A keyword input that is one tensor for every example even when its dim 0 happens to be n: an
+    ``nn.MultiheadAttention``'s 2-d ``attn_mask`` [L, S] (with L = n it would otherwise be cut into rows)."""
+    return isinstance(module, nn.MultiheadAttention) and name == "attn_mask" and value.dim() == 2
 
 
 class _Forward(nn.Module):

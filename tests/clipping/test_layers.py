@@ -250,3 +250,32 @@ def test_attention_dropout_under_the_fallback_is_refused_with_the_fixes() -> Non
     inputs = (torch.randn(N_EXAMPLES, L, E), torch.randn(N_EXAMPLES, L, 2))
     with pytest.raises(UnsupportedLayerError, match=r"self_attn' \(MultiheadAttention\).*dropout.*replace_multihead"):
         run_engine(model, squared_error, [(inputs, default_mask())], clip_norm=0.5)
+
+
+class _BandEncoder(nn.Module):
+    """A batch-first nn.TransformerEncoder with a [T, T] band mask shared by the examples (each position attends to
+    its neighbours; not causal, so torch does not replace it by its own causal path)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(E, H, dim_feedforward=12, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
+        self.head = nn.Linear(E, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = torch.arange(x.shape[1])
+        band = (t[:, None] - t[None, :]).abs() > 1  # True: not attended
+        return self.head(self.encoder(x, mask=band))
+
+
+def test_a_shared_attention_mask_as_long_as_the_batch_is_not_split_per_example() -> None:
+    """Reference: reference_clipped_sum. With T = n the [T, T] band mask has the batch's length in dim 0, but it is
+    one mask for every example: the fallback must pass it whole to each example's recomputation, not row by row."""
+    torch.manual_seed(8)
+    model = _BandEncoder()
+    inputs = (torch.randn(N_EXAMPLES, N_EXAMPLES, E), torch.randn(N_EXAMPLES, N_EXAMPLES, 2))  # T = n
+    mask = default_mask()
+    expected = reference_clipped_sum(model, squared_error, inputs, mask, clip_norm=0.5, style="all-layer",
+                                     function="abadi")  # fmt: skip
+    got, _ = run_engine(model, squared_error, [(inputs, mask)], clip_norm=0.5, clipping_function="abadi")
+    assert_matches(got, expected, 0.5)
