@@ -352,9 +352,6 @@ class ClippingEngine:
                 self.ungraded.add(layer.path)
                 return None
             rest: tuple[Any, ...] | None = None
-            if layer.rule is functorch_rule and isinstance(module, nn.MultiheadAttention) and module.dropout > 0:
-                if module.training:
-                    raise UnsupportedLayerError(layer.path, module, _FALLBACK_RANDOMNESS)
             if layer.rule is functorch_rule and not isinstance(output, Tensor):
                 if not _first_output_only(output):
                     raise UnsupportedLayerError(

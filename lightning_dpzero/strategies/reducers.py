@@ -35,6 +35,7 @@ class ReducerBase:
     """
 
     streams = False
+    communicates = True  # False: the collectives are no-ops (one device owns everything)
 
     def __init__(self, device: torch.device, owner: str) -> None:
         self.device, self.owner = device, owner
@@ -72,7 +73,7 @@ class ReducerBase:
         self._on_device(values, lambda t: dist.broadcast(t, src=src))
 
     def _on_device(self, values: Tensor, collective: Callable[[Tensor], object]) -> None:
-        if not _distributed():
+        if not (self.communicates and _distributed()):
             return
         on_device = values.to(self.device)
         collective(on_device)
@@ -83,6 +84,8 @@ class ReducerBase:
 class LocalReducer(ReducerBase):
     """One device owns every coordinate: the step's clipped sums, released as one flat fp32 buffer. It never
     communicates (a single-device run inside a process group stays on its own)."""
+
+    communicates = False
 
     def __init__(self, device: torch.device, owner: str) -> None:
         super().__init__(device, owner)
@@ -97,12 +100,6 @@ class LocalReducer(ReducerBase):
             self._sums[name] = clipped_sum
 
     def flush(self) -> None:
-        pass
-
-    def all_reduce(self, values: Tensor) -> None:
-        pass
-
-    def broadcast(self, values: Tensor, src: int = 0) -> None:
         pass
 
     def _flat(self, named: list[tuple[str, nn.Parameter]]) -> Tensor:
@@ -133,11 +130,7 @@ class ReplicaReducer(LocalReducer):
     the same bytes as one all-reduce (which is a reduce-scatter and an all-gather), one noise draw per coordinate.
     """
 
-    def all_reduce(self, values: Tensor) -> None:
-        ReducerBase.all_reduce(self, values)
-
-    def broadcast(self, values: Tensor, src: int = 0) -> None:
-        ReducerBase.broadcast(self, values, src)
+    communicates = True
 
     def release(self, ledger: PrivacyLedger, named: list[tuple[str, nn.Parameter]]) -> None:
         if not named or not _distributed():
