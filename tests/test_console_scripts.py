@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests import _warm
+
 BIN = Path(sys.executable).parent
 SMALL = ["trainer.max_steps=2", "task.data.num_train=256", "task.data.num_val=32", "+trainer.enable_progress_bar=false"]
 CLI_CONFIG = {
@@ -39,7 +41,7 @@ def _script(name: str) -> str:
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
+    return _warm.run(args, cwd=cwd, env=env, timeout=600)  # the installed script file, run as python runs it
 
 
 def test_lightning_dpzero_fit_exits_zero(tmp_path: Path) -> None:

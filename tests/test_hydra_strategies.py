@@ -14,7 +14,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from hydra import compose, initialize_config_dir
 
 import lightning_dpzero
 from lightning_dpzero.train import run
+from tests import _warm
 
 CONFIGS = Path(lightning_dpzero.__file__).resolve().parent / "configs"
 COMMON = [
@@ -86,13 +86,11 @@ def _env(tmp: Path, deepspeed: bool) -> dict[str, str]:
 
 
 def _command(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "lightning_dpzero.train", *args]
+    return ["-m", "lightning_dpzero.train", *args]
 
 
 def _train(args: list[str], cwd: Path, deepspeed: bool = False, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        _command(args), capture_output=True, text=True, timeout=timeout, cwd=cwd, env=_env(cwd, deepspeed)
-    )
+    return _warm.run(_command(args), cwd=cwd, env=_env(cwd, deepspeed), timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -110,14 +108,7 @@ def sweeps(tmp_path_factory) -> dict[tuple[str, str], tuple[Path, subprocess.Com
                 *tiny(task),
                 f"hydra.sweep.dir={root}",
             ]
-            proc = subprocess.Popen(
-                _command(args),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                cwd=root,
-                env=_env(root, group == "deepspeed"),
-            )
+            proc = _warm.start(_command(args), cwd=root, env=_env(root, group == "deepspeed"))
             started[task, group] = (root, proc)
     out = {}
     for key, (root, proc) in started.items():

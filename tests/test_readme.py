@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests import _warm
 from tests.tasks.test_examples import TINY as EXAMPLE_SIZES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,7 +149,7 @@ def _run(command: str, tmp: Path) -> subprocess.CompletedProcess:
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
-    return subprocess.run(_small(command, tmp), cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
+    return _warm.run(_small(command, tmp), cwd=tmp, env=env, timeout=300)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import csv
 import importlib.util
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from hydra import compose, initialize_config_dir
 import lightning_dpzero
 from lightning_dpzero.randomness import SecretKey
 from lightning_dpzero.train import run
+from tests import _warm
 from tests.privacy.leaks import assert_no_secrets, secret_needles
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,12 +60,10 @@ def test_module_entry_point_prints_summary(tmp_path) -> None:
     """Reference: `python -m lightning_dpzero.train` prints the metric and epsilon and writes summary.json. With an
     explicit privacy.seed, no file of the output directory (Hydra's .hydra/, the summary, logs, plot) holds the seed
     or the key it builds (tests/privacy/leaks.py)."""
-    out = subprocess.run(
-        [sys.executable, "-m", "lightning_dpzero.train", *SMALL, f"privacy.seed={SEED}", f"hydra.run.dir={tmp_path}"],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    out = _warm.run(
+        ["-m", "lightning_dpzero.train", *SMALL, f"privacy.seed={SEED}", f"hydra.run.dir={tmp_path}"],
         cwd=tmp_path,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert re.search(r"\[lightning_dpzero\] val_loss=\d+\.\d+ after 3 steps, epsilon=.* \(target 8\)", out.stdout)

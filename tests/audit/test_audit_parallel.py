@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from lightning_dpzero.accounting import epsilon_for
 from lightning_dpzero.config import Accountant
+from tests import _warm
 
 pytestmark = pytest.mark.distributed
 WORKER = Path(__file__).with_name("parallel_worker.py")
@@ -22,18 +19,9 @@ def test_zero3_audit_below_claim_when_correct_and_above_when_one_rank_adds_no_no
     """Two correct audits (seeds 0, 1) stay below the claim; with the noise of rank 1's ZeRO-3 partition missing
     (every parameter, u included, is split over both ranks) the bound exceeds it. The claim is the accountant's
     epsilon for (sigma, q, T), recomputed here through epsilon_for."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER)]
-    cmd += ["zero3", str(tmp_path), "ok:0", "ok:1", "noise_on_rank_zero_only:2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    try:
-        log, _ = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun's ranks would outlive it otherwise
-        raise
-    assert proc.returncode == 0, log[-4000:]
+    args = ["zero3", str(tmp_path), "ok:0", "ok:1", "noise_on_rank_zero_only:2"]
+    ranks = _warm.run_ranks(WORKER, args, timeout=300)
+    assert ranks.ok, ranks.log[-4000:]
     audits = json.loads((tmp_path / "audits.json").read_text())
     assert [(a["variant"], a["world"]) for a in audits] == [
         ("ok", 2),

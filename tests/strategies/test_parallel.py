@@ -5,14 +5,13 @@ from __future__ import annotations
 import math
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from lightning_dpzero.config import _ZERO_NOISE_ENV
+from tests import _warm
 from tests.privacy.leaks import assert_no_secrets, secret_needles
 from tests.reference import reference_clipped_sum
 from tests.strategies.test_dp_strategy import Net, per_example_loss
@@ -29,30 +28,11 @@ def _assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, name: str, r
 
 
 def _torchrun(strategy: str, mode: str, out: Path, expect_failure: bool = False) -> list[dict]:
-    env = {**os.environ, _ZERO_NOISE_ENV: "1", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(WORKER),
-        strategy,
-        mode,
-    ]
-    proc = subprocess.Popen(
-        [*cmd, str(out)], env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    try:
-        log, _ = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun's ranks would outlive it otherwise
-        raise
-    if expect_failure:
-        assert proc.returncode != 0 and "SIGKILL" in log, log[-4000:]  # killed, not failed otherwise
+    ranks = _warm.run_ranks(WORKER, [strategy, mode, str(out)], env={**os.environ, _ZERO_NOISE_ENV: "1"})
+    if expect_failure:  # rank 1 killed itself; rank 0 was stopped (or failed on the lost peer), not more
+        assert ranks.codes[1] == -signal.SIGKILL and ranks.codes[0] != 0, ranks.log[-4000:]
         return []
-    assert proc.returncode == 0, log[-4000:]
+    assert ranks.ok, ranks.log[-4000:]
     return (
         [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
         if mode in ("oracle", "bf16", "noise")

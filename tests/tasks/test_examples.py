@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import lightning_dpzero.tasks
+from tests import _warm
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL_BATCH = ["--batch-size", "16", "--physical-batch-size", "8"]
@@ -26,13 +25,7 @@ def test_example_trains_privately_and_reports_epsilon(script: str) -> None:
     """Reference: the script exits 0 and prints the validation metric and epsilon <= its target (8)."""
     if script == "hf_finetune.py":
         pytest.importorskip("transformers")
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / script), "--steps", "2", *TINY[script]],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
+    out = _warm.run([str(ROOT / "examples" / script), "--steps", "2", *TINY[script]], cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     match = re.search(r"val_\w+=\d+\.\d+ .*after 2 steps, epsilon=(\d+\.\d+)", out.stdout)
     assert match and 0 < float(match.group(1)) <= 8.0, out.stdout[-2000:]
@@ -43,8 +36,8 @@ def test_both_seeds_repeat_an_example_bit_for_bit() -> None:
     the same printed metrics; with --seed alone the noise differs, so the metrics do too."""
 
     def result(*seeds: str) -> str:
-        cmd = [sys.executable, str(ROOT / "examples" / "cifar10.py"), "--steps", "3", *TINY["cifar10.py"], *seeds]
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        cmd = [str(ROOT / "examples" / "cifar10.py"), "--steps", "3", *TINY["cifar10.py"], *seeds]
+        out = _warm.run(cmd, cwd=ROOT, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
         return out.stdout.strip().splitlines()[-1]
 

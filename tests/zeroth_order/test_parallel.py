@@ -4,9 +4,6 @@ oracle."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +12,7 @@ import torch
 from lightning_dpzero.config import _ZERO_NOISE_ENV, PruneSelection
 from lightning_dpzero.zeroth_order import DirectionSampler
 from lightning_dpzero.zeroth_order.pruning import select_coordinates, synflow_scores
+from tests import _warm
 from tests.privacy.leaks import assert_no_secrets, secret_needles
 from tests.zeroth_order.reference import reference_differences, reference_directions, reference_update
 from tests.zeroth_order.test_step import Task, net_loss
@@ -25,22 +23,8 @@ WORKER = Path(__file__).with_name("zo_worker.py")
 
 
 def _torchrun(strategy: str, out: Path) -> list[dict]:
-    env = {**os.environ, _ZERO_NOISE_ENV: "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER)]
-    proc = subprocess.Popen(
-        [*cmd, strategy, str(out)],
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        log, _ = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun's ranks would outlive it otherwise
-        raise
-    assert proc.returncode == 0, log[-4000:]
+    ranks = _warm.run_ranks(WORKER, [strategy, str(out)], env={**os.environ, _ZERO_NOISE_ENV: "1"})
+    assert ranks.ok, ranks.log[-4000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
