@@ -32,6 +32,10 @@ __all__ = [
 _PLD_DISCRETIZATION = 1e-4
 # Largest sigma calibration will consider; past it the budget is unreachable in any useful sense.
 _MAX_NOISE_MULTIPLIER = 1e4
+# The integer orders among dp-accounting's default RDP orders. An evaluation on them alone skips the fractional
+# orders' series (about 10x cheaper), and with fewer orders to minimise over its epsilon is never below the full
+# accountant's: its root is an upper bound of the full root, which calibration then only has to refine.
+_INTEGER_ORDERS = tuple(float(a) for a in rdp_privacy_accountant.DEFAULT_RDP_ORDERS if float(a).is_integer())
 
 
 def dpsgd_event(*, noise_multiplier: float, sample_rate: float, steps: int) -> dp_accounting.DpEvent:
@@ -41,12 +45,13 @@ def dpsgd_event(*, noise_multiplier: float, sample_rate: float, steps: int) -> d
 
 
 def _fresh(kind: Accountant, *, coarse: bool = False) -> dp_accounting.PrivacyAccountant:
+    """A new accountant. ``coarse`` (only used to search; results use the fine one): PLD on a 10x coarser grid
+    (10x faster, epsilon within ~0.01), RDP on the integer orders only (an upper bound of the full epsilon)."""
     if kind is Accountant.PLD:
-        # The coarse grid (10x faster, epsilon within ~0.01) is only used to search; results use the fine one.
         return pld.PLDAccountant(
             value_discretization_interval=10 * _PLD_DISCRETIZATION if coarse else _PLD_DISCRETIZATION
         )
-    return rdp.RdpAccountant()
+    return rdp.RdpAccountant(list(_INTEGER_ORDERS)) if coarse else rdp.RdpAccountant()
 
 
 @contextlib.contextmanager
@@ -116,22 +121,29 @@ def calibrate_noise_multiplier(
     def eps(sigma: float) -> float:
         return epsilon_for([(sigma, sample_rate, steps)], delta=delta, accountant=accountant)
 
+    def eps_rdp(sigma: float) -> float:
+        return epsilon_for([(sigma, sample_rate, steps)], delta=delta, accountant=Accountant.RDP)
+
     if eps(_MAX_NOISE_MULTIPLIER) > target_epsilon:
         raise ValueError(
             f"target_epsilon={target_epsilon} cannot be reached with {steps} logical steps at sample rate "
             f"q={sample_rate:.4g} and delta={delta:.3g}, even with noise_multiplier={_MAX_NOISE_MULTIPLIER:g}. "
             "Raise target_epsilon, or train fewer steps, or lower the expected batch size."
         )
+    # The integer-order RDP root (cheap evaluations over the whole range) bounds the full RDP root from above; the
+    # full accountant then searches just below it.
+    upper = _brent(Accountant.RDP, target_epsilon, delta, sample_rate, steps, (0.05, _MAX_NOISE_MULTIPLIER))
+    while eps_rdp(upper) > target_epsilon:  # the integer-order root may sit a hair above its own target
+        upper *= 1.0 + 1e-3
+    lower = max(0.8 * upper, 0.05)
+    while lower > 0.05 and eps_rdp(lower) <= target_epsilon:
+        upper, lower = lower, max(0.8 * lower, 0.05)
+    if eps_rdp(lower) <= target_epsilon:  # 0.05, the smallest sigma calibration considers, already reaches it
+        sigma = lower
+    else:
+        sigma = _brent(Accountant.RDP, target_epsilon, delta, sample_rate, steps, (lower, upper), coarse=False)
     # RDP upper-bounds epsilon, so the RDP sigma reaches the target under either accountant: it brackets the
     # PLD search from above, and keeps PLD away from tiny sigmas, whose discretised PLDs do not fit in memory.
-    sigma = _brent(
-        Accountant.RDP,
-        target_epsilon,
-        delta,
-        sample_rate,
-        steps,
-        (0.05, _MAX_NOISE_MULTIPLIER),
-    )
     if accountant is Accountant.PLD:
         upper, lower = sigma, max(0.5 * sigma, 0.1)
         while eps(lower) <= target_epsilon and lower > 0.1:  # bracket the PLD root from below
@@ -153,10 +165,12 @@ def _brent(
     sample_rate: float,
     steps: int,
     bracket: tuple[float, float],
+    *,
+    coarse: bool = True,
 ) -> float:
     with _quiet_absl():
         return dp_accounting.calibrate_dp_mechanism(
-            lambda: _fresh(kind, coarse=True),
+            lambda: _fresh(kind, coarse=coarse),
             lambda s: dpsgd_event(noise_multiplier=s, sample_rate=sample_rate, steps=steps),
             target_epsilon,
             delta,
