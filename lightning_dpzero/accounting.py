@@ -16,6 +16,7 @@ from typing import Any
 
 import dp_accounting
 import numpy as np
+import scipy.optimize
 from dp_accounting import pld, rdp
 from dp_accounting.rdp import rdp_privacy_accountant
 
@@ -135,13 +136,13 @@ def calibrate_noise_multiplier(
     upper = _brent(Accountant.RDP, target_epsilon, delta, sample_rate, steps, (0.05, _MAX_NOISE_MULTIPLIER))
     while eps_rdp(upper) > target_epsilon:  # the integer-order root may sit a hair above its own target
         upper *= 1.0 + 1e-3
-    lower = max(0.8 * upper, 0.05)
+    lower = max(0.9 * upper, 0.05)
     while lower > 0.05 and eps_rdp(lower) <= target_epsilon:
-        upper, lower = lower, max(0.8 * lower, 0.05)
+        upper, lower = lower, max(0.9 * lower, 0.05)
     if eps_rdp(lower) <= target_epsilon:  # 0.05, the smallest sigma calibration considers, already reaches it
         sigma = lower
-    else:
-        sigma = _brent(Accountant.RDP, target_epsilon, delta, sample_rate, steps, (lower, upper), coarse=False)
+    else:  # Brent on the cached epsilon: the bracket's ends and the final check cost nothing again
+        sigma = scipy.optimize.brentq(lambda s: eps_rdp(s) - target_epsilon, lower, upper, xtol=1e-4 * upper)
     # RDP upper-bounds epsilon, so the RDP sigma reaches the target under either accountant: it brackets the
     # PLD search from above, and keeps PLD away from tiny sigmas, whose discretised PLDs do not fit in memory.
     if accountant is Accountant.PLD:
@@ -165,12 +166,10 @@ def _brent(
     sample_rate: float,
     steps: int,
     bracket: tuple[float, float],
-    *,
-    coarse: bool = True,
 ) -> float:
     with _quiet_absl():
         return dp_accounting.calibrate_dp_mechanism(
-            lambda: _fresh(kind, coarse=coarse),
+            lambda: _fresh(kind, coarse=True),
             lambda s: dpsgd_event(noise_multiplier=s, sample_rate=sample_rate, steps=steps),
             target_epsilon,
             delta,
