@@ -10,8 +10,11 @@ count from OMP_NUM_THREADS), then runs the module or script as ``__main__`` and 
 the command's own code in a process of its own; only the imported libraries are shared.
 
 ``run`` stands for ``subprocess.run(capture_output=True, text=True)``, ``start`` for ``subprocess.Popen`` and
-``run_ranks`` for ``torchrun --standalone --nproc_per_node N``. With ``LIGHTNING_DPZERO_COLD_TESTS=1`` every
-command runs in a plain subprocess instead (the same tests, to compare against).
+``run_ranks`` for ``torchrun --standalone --nproc_per_node N``. ``submit`` runs a command in the background, two at
+a time: the end-to-end tests submit theirs when the session starts (``start_commands`` in their modules, called by
+conftest.py), so that they run beside the single-threaded unit tests, on the core those leave idle. With
+``LIGHTNING_DPZERO_COLD_TESTS=1`` every command runs in a plain subprocess instead (the same tests, to compare
+against).
 
     python -m tests._warm SOCKET    # the zygote itself (started by the first command)
 """
@@ -29,7 +32,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -167,6 +172,9 @@ class _Zygote:
 
 _zygote: _Zygote | None = None
 _folder: str | None = None
+_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+_running: set[Process] = set()
 
 
 def _scratch() -> str:
@@ -179,9 +187,12 @@ def _scratch() -> str:
 
 
 def _server() -> _Zygote:
+    with _lock:
+        return _zygote if _zygote is not None and _zygote.proc.poll() is None else _start_server()
+
+
+def _start_server() -> _Zygote:
     global _zygote
-    if _zygote is not None and _zygote.proc.poll() is None:
-        return _zygote
     folder = tempfile.mkdtemp(dir=_scratch())
     path, log = os.path.join(folder, "socket"), os.path.join(folder, "zygote.log")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONWARNINGS")}
@@ -217,7 +228,7 @@ def _argv(args: list[str] | str) -> list[str]:
     return argv
 
 
-@dataclass
+@dataclass(eq=False)
 class Process:
     """One command started by ``start``: ``communicate``, ``wait`` and ``kill`` as on ``subprocess.Popen``."""
 
@@ -239,6 +250,7 @@ class Process:
                 deadline = None if timeout is None else time.monotonic() + timeout
                 self.returncode = int(_read_line(self._conn, deadline))
                 self._conn.close()
+            _running.discard(self)
         return self.returncode
 
     def kill(self) -> None:
@@ -287,13 +299,15 @@ def start(
             popen = subprocess.Popen(
                 [sys.executable, *argv], cwd=cwd, env=env, stdout=fo, stderr=fe, start_new_session=True
             )
-        return Process(argv, out, err, _popen=popen, pid=popen.pid)
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    conn.connect(_server().path)
-    request = {"argv": argv, "cwd": cwd, "env": env, "stdout": out, "stderr": err}
-    conn.sendall(json.dumps(request).encode() + b"\n")
-    pid = int(_read_line(conn, time.monotonic() + 60))
-    return Process(argv, out, err, _conn=conn, pid=pid)
+        proc = Process(argv, out, err, _popen=popen, pid=popen.pid)
+    else:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.connect(_server().path)
+        request = {"argv": argv, "cwd": cwd, "env": env, "stdout": out, "stderr": err}
+        conn.sendall(json.dumps(request).encode() + b"\n")
+        proc = Process(argv, out, err, _conn=conn, pid=int(_read_line(conn, time.monotonic() + 60)))
+    _running.add(proc)
+    return proc
 
 
 def run(
@@ -313,6 +327,36 @@ def run(
         stdout, stderr = proc.output()
         raise subprocess.TimeoutExpired(proc.args, timeout or 0, stdout, stderr) from None
     return subprocess.CompletedProcess(proc.args, proc.wait(), stdout, stderr)
+
+
+def workdir(name: str) -> Path:
+    """A new empty folder for a background command (under this session's scratch folder, removed at exit)."""
+    return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=_scratch()))
+
+
+def submit(
+    args: list[str] | str,
+    *,
+    cwd: str | Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float | None = None,
+) -> Future[subprocess.CompletedProcess]:
+    """``run`` in the background, two commands at a time; ``.result()`` gives its CompletedProcess (or raises)."""
+    global _pool
+    with _lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="warm")
+    return _pool.submit(run, args, cwd=cwd, env=env, timeout=timeout)
+
+
+def shutdown() -> None:
+    """End of the session: drop the background commands not started, kill those still running, stop the zygote."""
+    if _pool is not None:
+        _pool.shutdown(wait=False, cancel_futures=True)
+    for proc in list(_running):
+        proc.kill()
+    if _zygote is not None:
+        _stop(_zygote)
 
 
 @dataclass

@@ -314,3 +314,26 @@ SHARING_CASES: dict[str, Callable[[], Built]] = {
 def sharing_case(request: pytest.FixtureRequest) -> Built:
     """A model with tied weights or a module called twice (cross terms between uses of one parameter)."""
     return SHARING_CASES[request.param]()
+
+
+# ------------------------------------------------------------------------------------- end-to-end commands
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """A test module with ``start_commands(items)`` gets its selected items now: it submits the commands those
+    tests will check (tests/_warm.py runs them in the background, two at a time), so that they run beside the
+    single-threaded unit tests on the core those leave idle, and are done by the time their tests come."""
+    if session.config.option.collectonly:
+        return
+    modules: dict = {}
+    for item in session.items:
+        if isinstance(item, pytest.Function):
+            modules.setdefault(item.module, []).append(item)
+    for module, items in modules.items():
+        start = getattr(module, "start_commands", None)
+        if start is not None:
+            start(items)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    from tests import _warm
+
+    _warm.shutdown()

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -39,30 +39,57 @@ def _script(name: str) -> str:
     return str(path)
 
 
-def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return _warm.run(args, cwd=cwd, env=env, timeout=600)  # the installed script file, run as python runs it
+_STARTED: dict[str, tuple[Path, Future]] = {}
 
 
-def test_lightning_dpzero_fit_exits_zero(tmp_path: Path) -> None:
+def _submit(name: str) -> tuple[Path, Future]:
+    """Runs the installed script ``name`` (the file, as python runs it) with small settings, in a folder of its own."""
+    if name not in _STARTED:
+        cwd = _warm.workdir(name)
+        if name == "lightning-dpzero":
+            (cwd / "run.yaml").write_text(yaml.safe_dump(CLI_CONFIG))
+            args = ["fit", "--config", "run.yaml"]
+        elif name == "lightning-dpzero-train":
+            args = [*SMALL, f"hydra.run.dir={cwd / 'run'}"]
+        else:
+            args = [*SMALL[:3], "audit.num_canaries=16", f"hydra.run.dir={cwd / 'audit'}"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        _STARTED[name] = (cwd, _warm.submit([_script(name), *args], cwd=cwd, env=env, timeout=600))
+    return _STARTED[name]
+
+
+SCRIPTS = {
+    "test_lightning_dpzero_fit_exits_zero": "lightning-dpzero",
+    "test_lightning_dpzero_train_exits_zero": "lightning-dpzero-train",
+    "test_lightning_dpzero_audit_exits_zero": "lightning-dpzero-audit",
+}
+
+
+def start_commands(items: list[pytest.Function]) -> None:
+    """Submits the scripts the selected tests run, when the session starts (tests/conftest.py)."""
+    for item in items:
+        if item.originalname in SCRIPTS and (BIN / SCRIPTS[item.originalname]).exists():
+            _submit(SCRIPTS[item.originalname])
+
+
+def test_lightning_dpzero_fit_exits_zero() -> None:
     """Reference: `lightning-dpzero fit --config run.yaml` (LightningCLI) trains and exits 0, printing no object."""
-    config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(CLI_CONFIG))
-    out = _run([_script("lightning-dpzero"), "fit", "--config", str(config)], tmp_path)
+    _, future = _submit("lightning-dpzero")
+    out = future.result()
     assert out.returncode == 0, out.stderr[-3000:]
     assert "DPLightningCLI object" not in out.stdout + out.stderr
 
 
-def test_lightning_dpzero_train_exits_zero(tmp_path: Path) -> None:
+def test_lightning_dpzero_train_exits_zero() -> None:
     """Reference: `lightning-dpzero-train` finds its Hydra configs when installed (not only under python -m)."""
-    out = _run([_script("lightning-dpzero-train"), *SMALL, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    out = _submit("lightning-dpzero-train")[1].result()
     assert out.returncode == 0, out.stderr[-3000:]
     assert "[lightning_dpzero] val_loss=" in out.stdout
 
 
-def test_lightning_dpzero_audit_exits_zero(tmp_path: Path) -> None:
+def test_lightning_dpzero_audit_exits_zero() -> None:
     """Reference: `lightning-dpzero-audit` finds its Hydra configs when installed, audits and exits 0."""
-    args = [*SMALL[:3], "audit.num_canaries=16", f"hydra.run.dir={tmp_path / 'audit'}"]
-    out = _run([_script("lightning-dpzero-audit"), *args], tmp_path)
+    cwd, future = _submit("lightning-dpzero-audit")
+    out = future.result()
     assert out.returncode == 0, out.stderr[-3000:]
-    assert (tmp_path / "audit" / "audit.json").is_file()
+    assert (cwd / "audit" / "audit.json").is_file()

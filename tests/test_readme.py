@@ -19,9 +19,8 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
 import sys
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -140,8 +139,8 @@ def _yaml_files() -> dict[str, str]:
     return files
 
 
-def _run(command: str, tmp: Path) -> subprocess.CompletedProcess:
-    tmp.mkdir(parents=True, exist_ok=True)
+def _prepared(command: str, tmp: Path) -> tuple[list[str], dict]:
+    """The command's argv and where it runs: a folder holding the README's yaml files, this checkout on the path."""
     for name, text in _yaml_files().items():
         (tmp / name).write_text(text)
     env = {
@@ -149,25 +148,21 @@ def _run(command: str, tmp: Path) -> subprocess.CompletedProcess:
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
-    return _warm.run(_small(command, tmp), cwd=tmp, env=env, timeout=300)
+    return _small(command, tmp), {"cwd": tmp, "env": env}
 
 
-@pytest.fixture(scope="module")
-def command_results(request, tmp_path_factory) -> dict[str, Future]:
-    """Starts every selected runnable command (two at a time); the tests wait for theirs."""
-    selected = [
-        item.callspec.params["command"]
-        for item in request.session.items
-        if item.module is request.module
-        and item.originalname == "test_readme_command_runs"
-        and item.callspec.params["reason"] is None
-    ]
-    pool = ThreadPoolExecutor(max_workers=2)
-    futures = {}
-    for i, command in enumerate(dict.fromkeys(selected)):
-        futures[command] = pool.submit(_run, command, tmp_path_factory.mktemp(f"command{i}"))
-    yield futures
-    pool.shutdown(wait=True, cancel_futures=True)
+_STARTED: dict[str, Future] = {}
+
+
+def start_commands(items: list[pytest.Function]) -> None:
+    """Submits every selected runnable command when the session starts (tests/conftest.py); the tests wait for
+    theirs."""
+    for item in items:
+        if item.originalname == "test_readme_command_runs" and item.callspec.params["reason"] is None:
+            command = item.callspec.params["command"]
+            if command not in _STARTED:
+                argv, where = _prepared(command, _warm.workdir("readme"))
+                _STARTED[command] = _warm.submit(argv, **where, timeout=300)
 
 
 def test_the_readme_has_code_to_test() -> None:
@@ -190,10 +185,11 @@ def test_readme_yaml_files_parse() -> None:
 
 
 @pytest.mark.parametrize(("command", "reason"), _command_params())
-def test_readme_command_runs(command: str, reason: str | None, command_results) -> None:
+def test_readme_command_runs(command: str, reason: str | None, request) -> None:
     """Reference: the command exits 0 with small sizes appended; the main job prints the line the README explains."""
     assert reason is None, f"README command {command!r} is neither runnable nor skipped: classify it in {__file__}"
-    out = command_results[command].result()
+    start_commands([request.node])  # submitted already when the session started
+    out = _STARTED[command].result()
     assert out.returncode == 0, f"{command}\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
     if command == "python -m lightning_dpzero.train":
         shown = re.search(r"^\[lightning_dpzero\] val_loss=.*$", README, re.M).group(0)
