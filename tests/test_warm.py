@@ -78,6 +78,7 @@ def test_a_timeout_kills_the_command_and_raises(probe, tmp_path: Path) -> None:
     assert info.value.output == "started\n"
 
 
+@pytest.mark.distributed
 def test_ranks_get_torchruns_environment_and_a_dead_rank_stops_the_others(probe) -> None:
     """Reference: torchrun sets RANK and WORLD_SIZE per rank; when one rank dies (here SIGKILL), it stops the rest."""
     script, _, env = probe
