@@ -11,6 +11,8 @@ pytest.importorskip(
     "jsonargparse", reason="the CLI needs jsonargparse[signatures] (pip install 'jsonargparse[signatures]')"
 )
 
+from lightning.pytorch.plugins import DeepSpeedPrecision  # noqa: E402
+
 import lightning_dpzero as dpz  # noqa: E402
 from lightning_dpzero.cli import DPLightningCLI, main, run  # noqa: E402
 
@@ -106,8 +108,8 @@ def test_registered_name_gets_the_top_level_privacy_and_precision_plugin() -> No
     strategy = cli.trainer.strategy
     assert isinstance(strategy, dpz.DPZeroStrategy) and strategy.zero_stage_3
     assert strategy.privacy.noise_multiplier == 2.0 and strategy.privacy.expected_batch_size == 32
-    plugin = cli.trainer._accelerator_connector._precision_plugin_flag
-    assert isinstance(plugin, dpz.DPPrecision) and plugin.precision == "bf16-mixed"
+    plugin = cli.trainer.precision_plugin  # DPPrecision under ZeRO: DeepSpeed's own precision, at its setting
+    assert isinstance(plugin, DeepSpeedPrecision) and plugin.precision == "bf16-mixed"
 
 
 def test_without_privacy_settings_the_strategy_uses_the_safe_default() -> None:
