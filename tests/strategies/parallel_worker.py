@@ -68,15 +68,16 @@ class Record(Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         net = getattr(pl_module, self.net_attr)
         dp = trainer.strategy.dp
+        trained = [(n, p) for n, p in net.named_parameters() if p.requires_grad]  # frozen ones get no gradient
         if isinstance(trainer.strategy, dpz.DPFSDPStrategy):
-            self.grads.append({n: p.grad.full_tensor().detach().clone() for n, p in net.named_parameters()})
+            self.grads.append({n: p.grad.full_tensor().detach().clone() for n, p in trained})
         elif isinstance(trainer.strategy, dpz.DPZeroStrategy):
             from deepspeed.utils import safe_get_full_grad
 
             scale = dp.ledger.world_size / dp.ledger.expected_batch_size
-            self.grads.append({n: safe_get_full_grad(p).detach().float() * scale for n, p in net.named_parameters()})
+            self.grads.append({n: safe_get_full_grad(p).detach().float() * scale for n, p in trained})
         else:
-            self.grads.append({n: p.grad.detach().clone() for n, p in net.named_parameters()})
+            self.grads.append({n: p.grad.detach().clone() for n, p in trained})
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         net = getattr(pl_module, self.net_attr)
