@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -16,6 +16,7 @@ __all__ = [
     "device_rank_for_initialize",
     "partition",
     "partition_range",
+    "partitioned_away",
     "reduce_partitioned",
     "release_gathered",
     "restore_torch_linear",
@@ -49,6 +50,14 @@ def reduce_partitioned(zero_optimizer: Any, param: torch.nn.Parameter, grad: Ten
 def is_partitioned(param: Tensor) -> bool:
     """Whether ZeRO-3 partitions ``param`` (``deepspeed.zero.Init`` or ``deepspeed.initialize`` at stage 3)."""
     return hasattr(param, "ds_id") or hasattr(param, "ds_tensor")
+
+
+def partitioned_away(params: Iterable[Tensor]) -> list[Tensor]:
+    """The ZeRO-3 parameters among ``params`` whose full values this rank does not hold now (``ds_status``
+    NOT_AVAILABLE); gathered ones (a module's during its forward and backward) are left out."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return [p for p in params if getattr(p, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE]
 
 
 def partition(param: Tensor) -> Tensor:
@@ -143,13 +152,14 @@ def _probe_partition_attributes() -> None:
     from deepspeed.runtime.zero import partition_parameters
 
     source = inspect.getsource(partition_parameters)
-    for name in ("ds_tensor", "ds_numel", "ds_process_group", "ds_id"):
+    for name in ("ds_tensor", "ds_numel", "ds_process_group", "ds_id", "ds_status"):
         assert f"param.{name}" in source, name
+    assert partition_parameters.ZeroParamStatus.NOT_AVAILABLE is not None
 
 
 PROBES: dict[str, Callable[[], None]] = {
     "ZeRO optimizers: micro_step_id, reduce_ready_partitions_and_remove_grads": _probe_zero_optimizers,
     "ZeRO-3 parameter_offload.partition_all_parameters": _probe_offload,
     "ZeRO-3 F.linear replacement (zero3_linear_wrap, linear_bk)": _probe_linear,
-    "ZeRO-3 parameter attributes ds_tensor, ds_numel, ds_process_group, ds_id": _probe_partition_attributes,
+    "ZeRO-3 parameter attributes ds_tensor, ds_numel, ds_process_group, ds_id, ds_status": _probe_partition_attributes,
 }

@@ -1,9 +1,11 @@
 """torch internals: DTensor's local storage and shard offsets, the renamed single-tensor collectives, compiled
-modules, and the convolution modules' padding spec (torch 2.13)."""
+modules, the convolution modules' padding spec, and modules' hook tables (torch 2.13)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -18,6 +20,7 @@ __all__ = [
     "compiled_modules",
     "conv_padding",
     "dtensor_local",
+    "hooks_set_aside",
     "local_shape_and_offset",
     "reduce_scatter",
 ]
@@ -73,6 +76,45 @@ def conv_padding(module: nn.Module) -> list[int]:
     return list(module._reversed_padding_repeated_twice)  # type: ignore[arg-type]
 
 
+# nn.Module's per-module hook tables, as Module.__call__ reads them
+_HOOK_TABLES = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+)
+
+
+@contextlib.contextmanager
+def hooks_set_aside(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Calls of ``modules`` run their plain forward inside the block: the hooks registered on them (ZeRO-3's
+    parameter fetch and release, FSDP2's, the engine's taps) are set aside and put back after."""
+    saved = [(m, {name: getattr(m, name) for name in _HOOK_TABLES}) for m in modules]
+    try:
+        for m, _ in saved:
+            for name in _HOOK_TABLES:
+                setattr(m, name, OrderedDict())
+        yield
+    finally:
+        for m, tables in saved:
+            for name, table in tables.items():
+                setattr(m, name, table)
+
+
+def _probe_hook_tables() -> None:
+    module, calls = nn.Linear(2, 2), []
+    module.register_forward_pre_hook(lambda *_: calls.append("pre"))
+    module.register_forward_hook(lambda *_: calls.append("post"), with_kwargs=True, always_call=True)
+    with hooks_set_aside([module]):
+        module(torch.zeros(1, 2))
+    assert calls == [], f"hooks ran while set aside: {calls}"
+    module(torch.zeros(1, 2))
+    assert calls == ["pre", "post"], calls
+
+
 def _probe_compiled() -> None:
     a, b = nn.Linear(2, 2), nn.Linear(2, 2)
     b.compile()
@@ -117,4 +159,5 @@ PROBES: dict[str, Callable[[], None]] = {
     "nn.modules.conv._ConvNd._reversed_padding_repeated_twice": _probe_conv_padding,
     "DTensor._local_tensor / tensor._utils.compute_local_shape_and_global_offset": _probe_dtensor,
     "dist.reduce_scatter_single / all_gather_single": _probe_collectives,
+    "nn.Module hook tables (_forward_hooks, _forward_pre_hooks, ...)": _probe_hook_tables,
 }

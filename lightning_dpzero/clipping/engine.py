@@ -111,6 +111,19 @@ def validate_model(
     return layers, trainable, owner
 
 
+def takes_fallback(module: nn.Module) -> bool:
+    """Whether the engine gives ``module``'s own parameters their per-example gradients through the torch.func
+    fallback: it owns trainable parameters and no rule covers it. Its forward is then recomputed per example, the
+    submodules it calls included."""
+    if not any(p.requires_grad for p in module.parameters(recurse=False)):
+        return False
+    try:
+        rule_for(module, "")
+    except UnsupportedLayerError as err:
+        return err.no_rule
+    return False
+
+
 # Modules whose forward reads a child's parameters without calling the child: under the fallback, the child's
 # parameters are differentiated with the module's own (nn.MultiheadAttention passes out_proj.weight to
 # F.multi_head_attention_forward).

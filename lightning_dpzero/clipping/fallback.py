@@ -11,13 +11,16 @@ backward pass, so it costs more than a rule; the parameters such modules own dir
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lightning_dpzero._internals import deepspeed as deepspeed_internals
+from lightning_dpzero._internals.torch import hooks_set_aside
 from lightning_dpzero.clipping.contributions import Contribution, Kind
 
 __all__ = ["functorch_rule"]
@@ -28,6 +31,33 @@ def functorch_rule(
 ) -> list[Contribution]:
     """Args as every ``ClippingRule``; ``call`` holds all positional and keyword inputs of the call (tensors whose
     dim 0 is the n examples are split per example, the others are shared)."""
+    with _plain_subtree(module):
+        return _per_example(module, activation, grad_output, params, call)
+
+
+@contextlib.contextmanager
+def _plain_subtree(module: nn.Module) -> Iterator[None]:
+    """The recompute runs the submodules ``module`` calls as plain functions: their hooks (ZeRO-3's parameter fetch
+    and release, which cannot run under vmap; the engine's taps) are set aside, and the ZeRO-3 parameters of the
+    subtree that this rank does not hold now are gathered for the block (a module's own are held during its
+    backward)."""
+    away = deepspeed_internals.partitioned_away(module.parameters()) if _zero3(module) else []
+    gathered: contextlib.AbstractContextManager = contextlib.nullcontext()
+    if away:
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(away, modifier_rank=None)
+    with gathered, hooks_set_aside(m for m in module.modules() if m is not module):
+        yield
+
+
+def _zero3(module: nn.Module) -> bool:
+    return any(deepspeed_internals.is_partitioned(p) for p in module.parameters())
+
+
+def _per_example(
+    module: nn.Module, activation: Tensor, grad_output: Tensor, params: Mapping[str, str], call: Any
+) -> list[Contribution]:
     n = grad_output.shape[0]
     args, kwargs = (call.args, call.kwargs) if call is not None else ((activation,), {})
     wrapper = _Forward(module)

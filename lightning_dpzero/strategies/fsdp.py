@@ -29,6 +29,7 @@ from typing_extensions import override
 from lightning_dpzero._internals import lightning as lightning_internals
 from lightning_dpzero._internals import torch as torch_internals
 from lightning_dpzero._internals.lightning import StrategyRegistry, optimizers_to_device
+from lightning_dpzero.clipping.engine import takes_fallback
 from lightning_dpzero.config import PrivacyConfig
 from lightning_dpzero.ledger import PrivacyLedger
 from lightning_dpzero.method import Reducer
@@ -266,10 +267,18 @@ def _setup_and_shard(strategy: ModelParallelStrategy, trainer: pl.Trainer, shard
 def shard_lightning_module(module: nn.Module, mesh: Any, *, owner: str, **kwargs: Any) -> None:
     """``fully_shard`` a LightningModule that has no ``configure_model``, as its ``training_step`` will use it.
 
-    Every module that owns parameters becomes an FSDP2 group, except modules sharing a parameter (a tied embedding
-    and output head): FSDP2 refuses a parameter in two groups, so those are grouped at the LightningModule's child
-    that contains them (Lightning calls ``training_step``, never the LightningModule's own forward, so the root
-    group's hooks would never gather them). Then the root. A module sharded by an earlier ``fit`` is left as is.
+    Every module that owns parameters becomes an FSDP2 group, children before their parents (a group holds the
+    parameters no group below it holds), except:
+
+    - modules sharing a parameter (a tied embedding and output head): FSDP2 refuses a parameter in two groups, so
+      those are grouped at the LightningModule's child that contains them (Lightning calls ``training_step``, never
+      the LightningModule's own forward, so the root group's hooks would never gather them);
+    - the submodules of a module that takes the engine's torch.func fallback (``ViTEmbeddings``,
+      ``nn.MultiheadAttention``): the fallback recomputes its forward per example under ``vmap``, where a nested
+      group's hooks cannot run (and ``nn.MultiheadAttention`` reads ``out_proj``'s parameters without calling it, so
+      a group of its own would never be gathered): the whole subtree is one group.
+
+    Then the root. A module sharded by an earlier ``fit`` is left as is.
 
     Raises:
         ValueError: the LightningModule owns parameters directly (they would never be gathered).
@@ -290,8 +299,19 @@ def shard_lightning_module(module: nn.Module, mesh: Any, *, owner: str, **kwargs
         for p in m.parameters(recurse=False):
             holders.setdefault(id(p), []).append(m)
     tied = {id(m) for ms in holders.values() if len(ms) > 1 for m in ms}
-    owners = [m for m in module.modules() if m is not module and any(True for _ in m.parameters(recurse=False))]
-    for m in owners:
+    inside_fallback = {
+        id(sub)
+        for m in module.modules()
+        if m is not module and takes_fallback(m)
+        for sub in m.modules()
+        if sub is not m
+    }
+    owners = [
+        m
+        for m in module.modules()
+        if m is not module and id(m) not in inside_fallback and any(True for _ in m.parameters(recurse=False))
+    ]
+    for m in reversed(owners):  # module.modules() lists a parent before its children
         if id(m) not in tied:
             fully_shard(m, mesh=mesh, **kwargs)
     for child in module.children():

@@ -78,6 +78,14 @@ def _t5_frozen_bias() -> nn.Module:
     return model
 
 
+def _torch_transformer() -> nn.Module:
+    """torch's own ``nn.Transformer`` as Lightning's demo builds it (batch_first ``nn.MultiheadAttention`` through the
+    fallback, a causal mask, an output flattened to [n * T, V]), with dropout 0 (attention dropout is refused)."""
+    from lightning.pytorch.demos import Transformer
+
+    return Transformer(vocab_size=V, ninp=16, nhead=2, nhid=32, nlayers=1, dropout=0.0)
+
+
 def lm_loss(model: nn.Module, inputs: tuple[Tensor, ...]) -> Tensor:
     """Next-token cross-entropy, averaged over each example's tokens: [n]."""
     (ids,) = inputs
@@ -95,6 +103,12 @@ def seq2seq_loss(model: nn.Module, inputs: tuple[Tensor, ...]) -> Tensor:
     (ids,) = inputs
     logits = model(input_ids=ids, decoder_input_ids=ids).logits
     return F.cross_entropy(logits.transpose(1, 2), ids, reduction="none").mean(1)
+
+
+def demo_loss(model: nn.Module, inputs: tuple[Tensor, ...]) -> Tensor:
+    """The demo's log-probabilities of its own input (encoder and decoder both read it), averaged per example: [n]."""
+    (ids,) = inputs
+    return F.nll_loss(model(ids, ids), ids.flatten(), reduction="none").view(ids.shape).mean(1)
 
 
 def _tokens(n: int, length: int = T) -> tuple[Tensor, ...]:
@@ -116,6 +130,7 @@ MODELS = {
     "bert": (_bert, class_loss, _labelled_tokens),
     "vit": (_vit, class_loss, _images),
     "t5_frozen_bias": (_t5_frozen_bias, seq2seq_loss, _tokens),
+    "torch_transformer": (_torch_transformer, demo_loss, _tokens),
 }
 
 

@@ -225,7 +225,8 @@ def test_dp_zero3_exchanges_the_same_collectives_as_nonprivate_zero3(tmp_path) -
 @pytest.mark.parametrize(
     ("model_name", "strategy"),
     [(m, s) for m in ("gpt2", "llama") for s in ("zero3", "fsdp")]
-    + [("gpt2", "ddp"), ("gpt2_checkpointed", "zero3"), ("t5_frozen_bias", "zero3"), ("t5_frozen_bias", "fsdp")],
+    + [("gpt2", "ddp"), ("gpt2_checkpointed", "zero3")]
+    + [(m, s) for m in ("t5_frozen_bias", "torch_transformer", "vit") for s in ("zero3", "fsdp")],
 )
 def test_transformers_models_match_the_reference_on_two_processes(model_name: str, strategy: str, tmp_path) -> None:
     """Reference: tests/reference.py on the union of both ranks' Poisson samples (Abadi, C = 0.3), divided by
@@ -234,7 +235,11 @@ def test_transformers_models_match_the_reference_on_two_processes(model_name: st
     "gpt2_checkpointed": the same GPT-2 with transformers' activation checkpointing (non-reentrant) on every block,
     recomputed in the backward with ZeRO-3 gathering the parameters again; the reference has no checkpointing.
     "t5_frozen_bias": T5 (T5LayerNorm through the fallback, encoder and decoder) with its relative attention bias
-    frozen, as the refusal advises; the frozen parameter gets no gradient and is left out of the comparison."""
+    frozen, as the refusal advises; the frozen parameter gets no gradient and is left out of the comparison.
+    "torch_transformer": Lightning's demo ``nn.Transformer`` (batch_first ``nn.MultiheadAttention`` through the
+    fallback, on parameters ZeRO-3 or FSDP2 gathered, a causal mask). "vit": ViT, whose ``ViTEmbeddings`` takes the
+    fallback for its raw class token and position embeddings and calls a patch convolution inside: FSDP2 shards
+    that subtree as one group, and under ZeRO-3 the recompute gathers the convolution's parameters itself."""
     pytest.importorskip("transformers")
     from tests.clipping.test_transformers import MODELS
 
