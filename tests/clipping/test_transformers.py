@@ -202,3 +202,10 @@ def test_t5_relative_attention_bias_is_refused(length: int) -> None:
     fix = r"relative_attention_bias'\)\.requires_grad_\(False\)"
     with pytest.raises(dpz.PerExampleCheckError, match=r"relative_attention_bias.*get_submodule\('.*" + fix):
         trainer.fit(HFTask(_t5(), seq2seq_loss, _tokens(32, length)))
+
+
+def test_every_model_is_also_tested_on_two_processes() -> None:
+    """Reference: tests/strategies/test_parallel.py runs each of these models under dp_ddp, dp_zero3 and dp_fsdp."""
+    from tests.strategies.test_parallel import _HF_MODELS
+
+    assert set(_HF_MODELS) == set(MODELS)

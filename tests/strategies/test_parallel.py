@@ -222,11 +222,13 @@ def test_dp_zero3_exchanges_the_same_collectives_as_nonprivate_zero3(tmp_path) -
             assert gathered[0] > 0 and gathered[1] > 0 and summary(ref_step)["reduce_scatter_tensor"][1] > 0
 
 
+# tests/clipping/test_transformers.py's MODELS (not imported here: transformers is optional)
+_HF_MODELS = ("gpt2", "llama", "opt", "bert", "vit", "t5_frozen_bias", "torch_transformer")
+
+
 @pytest.mark.parametrize(
     ("model_name", "strategy"),
-    [(m, s) for m in ("gpt2", "llama") for s in ("zero3", "fsdp")]
-    + [("gpt2", "ddp"), ("gpt2_checkpointed", "zero3")]
-    + [(m, s) for m in ("t5_frozen_bias", "torch_transformer", "vit") for s in ("zero3", "fsdp")],
+    [(m, s) for m in _HF_MODELS for s in ("ddp", "zero3", "fsdp")] + [("gpt2_checkpointed", "zero3")],
 )
 def test_transformers_models_match_the_reference_on_two_processes(model_name: str, strategy: str, tmp_path) -> None:
     """Reference: tests/reference.py on the union of both ranks' Poisson samples (Abadi, C = 0.3), divided by
