@@ -35,6 +35,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -175,6 +176,7 @@ _folder: str | None = None
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _running: set[Process] = set()
+_submitted: list[Future] = []
 
 
 def _scratch() -> str:
@@ -254,16 +256,15 @@ class Process:
         return self.returncode
 
     def kill(self) -> None:
-        if self.returncode is None:
-            try:
-                os.killpg(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        self._signal(signal.SIGKILL)
 
     def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def _signal(self, sig: signal.Signals) -> None:  # to the command's process group: it and what it started
         if self.returncode is None:
             try:
-                os.killpg(self.pid, signal.SIGTERM)
+                os.killpg(self.pid, sig)
             except ProcessLookupError:
                 pass
 
@@ -346,7 +347,16 @@ def submit(
     with _lock:
         if _pool is None:
             _pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="warm")
-    return _pool.submit(run, args, cwd=cwd, env=env, timeout=timeout)
+        future = _pool.submit(run, args, cwd=cwd, env=env, timeout=timeout)
+        _submitted.append(future)
+    return future
+
+
+def drain() -> None:
+    """Waits until every submitted command has ended (their results stay with their futures)."""
+    with _lock:
+        pending = list(_submitted)
+    futures_wait(pending)
 
 
 def shutdown() -> None:
