@@ -60,18 +60,31 @@ SEED = 98765432109876543
 _STARTED: dict[str, tuple[Path, Future]] = {}
 
 
+def _main_job(key: str, *overrides: str) -> tuple[Path, Future]:
+    """``python -m lightning_dpzero.train`` with SMALL and ``overrides``, in a folder of its own (its run dir)."""
+    if key not in _STARTED:
+        cwd = _warm.workdir(key)
+        args = ["-m", "lightning_dpzero.train", *SMALL, *overrides, f"hydra.run.dir={cwd}"]
+        _STARTED[key] = (cwd, _warm.submit(args, cwd=cwd, timeout=300))
+    return _STARTED[key]
+
+
 def _entry_point() -> tuple[Path, Future]:
-    if "entry" not in _STARTED:
-        cwd = _warm.workdir("entry")
-        args = ["-m", "lightning_dpzero.train", *SMALL, f"privacy.seed={SEED}", f"hydra.run.dir={cwd}"]
-        _STARTED["entry"] = (cwd, _warm.submit(args, cwd=cwd, timeout=300))
-    return _STARTED["entry"]
+    return _main_job("entry", f"privacy.seed={SEED}")
+
+
+# seed: model and dropout (0 by default); privacy.seed: noise and sampling. The first two runs repeat each other.
+SEEDED = {"seeded": ["privacy.seed=7"], "seeded again": ["privacy.seed=7"], "fresh key": []}
 
 
 def start_commands(items: list[pytest.Function]) -> None:
-    """Submits the entry point's run when the session starts (tests/conftest.py), if its test is selected."""
-    if any(item.originalname == "test_module_entry_point_prints_summary" for item in items):
+    """Submits the main-job runs the selected tests check, when the session starts (tests/conftest.py)."""
+    names = {item.originalname for item in items}
+    if "test_module_entry_point_prints_summary" in names:
         _entry_point()
+    if "test_seed_and_privacy_seed_repeat_the_main_job_bit_for_bit" in names:
+        for key, overrides in SEEDED.items():
+            _main_job(key, *overrides)
 
 
 def test_module_entry_point_prints_summary() -> None:
@@ -184,9 +197,14 @@ def test_plot_without_matplotlib_warns_and_writes_nothing(tmp_path, monkeypatch)
     assert plot.written is None and not (tmp_path / "curve.png").exists()
 
 
-def test_seed_and_privacy_seed_repeat_the_main_job_bit_for_bit(tmp_path) -> None:
+def test_seed_and_privacy_seed_repeat_the_main_job_bit_for_bit() -> None:
     """Reference: the same run twice (seed: model and dropout; privacy.seed: noise and sampling) gives the same
     val_loss; without privacy.seed each run draws a new secret key, so the noise and the result differ."""
-    seeded = [run(_compose([*SMALL, "privacy.seed=7"]), root_dir=tmp_path / str(i))["value"] for i in range(2)]
-    assert seeded[0] == seeded[1]
-    assert run(_compose(SMALL), root_dir=tmp_path / "fresh")["value"] != seeded[0]
+    value = {}
+    for key, overrides in SEEDED.items():
+        cwd, future = _main_job(key, *overrides)
+        out = future.result()
+        assert out.returncode == 0, out.stderr[-3000:]
+        value[key] = json.loads((cwd / "summary.json").read_text())["value"]
+    assert value["seeded again"] == value["seeded"]
+    assert value["fresh key"] != value["seeded"]
