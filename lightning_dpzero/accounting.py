@@ -142,7 +142,10 @@ def calibrate_noise_multiplier(
     if eps_rdp(lower) <= target_epsilon:  # 0.05, the smallest sigma calibration considers, already reaches it
         sigma = lower
     else:  # Brent on the cached epsilon: the bracket's ends and the final check cost nothing again
-        sigma = scipy.optimize.brentq(lambda s: eps_rdp(s) - target_epsilon, lower, upper, xtol=1e-4 * upper)
+        tol = 1e-6 * upper
+        sigma = scipy.optimize.brentq(lambda s: eps_rdp(s) - target_epsilon, lower, upper, xtol=tol)
+        if eps_rdp(sigma) > target_epsilon:  # the root lies within tol of Brent's answer, epsilon falls with sigma
+            sigma += tol
     # RDP upper-bounds epsilon, so the RDP sigma reaches the target under either accountant: it brackets the
     # PLD search from above, and keeps PLD away from tiny sigmas, whose discretised PLDs do not fit in memory.
     if accountant is Accountant.PLD:
