@@ -36,7 +36,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -241,7 +241,6 @@ class Process:
     _popen: subprocess.Popen | None = None
     pid: int = 0
     returncode: int | None = None
-    _files: list = field(default_factory=list)
 
     def wait(self, timeout: float | None = None) -> int:
         if self.returncode is None:

@@ -76,43 +76,51 @@ def conv_padding(module: nn.Module) -> list[int]:
     return list(module._reversed_padding_repeated_twice)  # type: ignore[arg-type]
 
 
-# nn.Module's per-module hook tables, as Module.__call__ reads them
-_HOOK_TABLES = (
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_backward_pre_hooks",
-    "_backward_hooks",
-)
+# nn.Module's per-module hook tables (hook id -> hook), as Module.__call__ reads them; their flag tables
+# (_forward_hooks_with_kwargs, ...) are looked up by the ids found here, so they need no change
+_HOOK_TABLES = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+def _defined_in(hook: Any) -> str:
+    fn = getattr(hook, "func", hook)  # functools.partial
+    return getattr(getattr(fn, "__func__", fn), "__module__", None) or ""
 
 
 @contextlib.contextmanager
-def hooks_set_aside(modules: Iterable[nn.Module]) -> Iterator[None]:
-    """Calls of ``modules`` run their plain forward inside the block: the hooks registered on them (ZeRO-3's
-    parameter fetch and release, FSDP2's, the engine's taps) are set aside and put back after."""
-    saved = [(m, {name: getattr(m, name) for name in _HOOK_TABLES}) for m in modules]
+def hooks_set_aside(modules: Iterable[nn.Module], *, library: str) -> Iterator[None]:
+    """Inside the block, calls of ``modules`` run without the hooks that the package ``library`` registered on them
+    (e.g. ZeRO-3's parameter fetch and release: ``library="deepspeed"``); every other hook still runs. They are put
+    back after."""
+    saved = []
+    for m in modules:
+        for name in _HOOK_TABLES:
+            table = getattr(m, name)
+            theirs = {k for k, hook in table.items() if _defined_in(hook).split(".")[0] == library}
+            if theirs:
+                saved.append((m, name, table))
+                setattr(m, name, OrderedDict((k, hook) for k, hook in table.items() if k not in theirs))
     try:
-        for m, _ in saved:
-            for name in _HOOK_TABLES:
-                setattr(m, name, OrderedDict())
         yield
     finally:
-        for m, tables in saved:
-            for name, table in tables.items():
-                setattr(m, name, table)
+        for m, name, table in saved:
+            setattr(m, name, table)
 
 
 def _probe_hook_tables() -> None:
     module, calls = nn.Linear(2, 2), []
+
+    def theirs(*_: Any) -> None:
+        calls.append("theirs")
+
+    theirs.__module__ = "somelib.hooks"
+    module.register_forward_pre_hook(theirs)
     module.register_forward_pre_hook(lambda *_: calls.append("pre"))
     module.register_forward_hook(lambda *_: calls.append("post"), with_kwargs=True, always_call=True)
-    with hooks_set_aside([module]):
+    with hooks_set_aside([module], library="somelib"):
         module(torch.zeros(1, 2))
-    assert calls == [], f"hooks ran while set aside: {calls}"
+    assert calls == ["pre", "post"], f"set aside: only somelib's hook; ran {calls}"
     module(torch.zeros(1, 2))
-    assert calls == ["pre", "post"], calls
+    assert calls == ["pre", "post", "theirs", "pre", "post"], calls
 
 
 def _probe_compiled() -> None:

@@ -37,22 +37,20 @@ def functorch_rule(
 
 @contextlib.contextmanager
 def _plain_subtree(module: nn.Module) -> Iterator[None]:
-    """The recompute runs the submodules ``module`` calls as plain functions: their hooks (ZeRO-3's parameter fetch
-    and release, which cannot run under vmap; the engine's taps) are set aside, and the ZeRO-3 parameters of the
-    subtree that this rank does not hold now are gathered for the block (a module's own are held during its
-    backward)."""
-    away = deepspeed_internals.partitioned_away(module.parameters()) if _zero3(module) else []
+    """Under ZeRO-3, the recompute calls the submodules of ``module`` without DeepSpeed's hooks (its parameter fetch
+    and release cannot run under vmap), and the subtree's parameters that this rank does not hold now are gathered
+    for the block instead (a module's own are held during its backward). Otherwise nothing changes."""
+    if not any(deepspeed_internals.is_partitioned(p) for p in module.parameters()):
+        yield
+        return
+    away = deepspeed_internals.partitioned_away(module.parameters())
     gathered: contextlib.AbstractContextManager = contextlib.nullcontext()
     if away:
         import deepspeed
 
         gathered = deepspeed.zero.GatheredParameters(away, modifier_rank=None)
-    with gathered, hooks_set_aside(m for m in module.modules() if m is not module):
+    with gathered, hooks_set_aside((m for m in module.modules() if m is not module), library="deepspeed"):
         yield
-
-
-def _zero3(module: nn.Module) -> bool:
-    return any(deepspeed_internals.is_partitioned(p) for p in module.parameters())
 
 
 def _per_example(
