@@ -288,10 +288,12 @@ def _compare_rows(original: _Observation, replaced: _Observation, *, changed: in
                 "something shared by all examples, e.g. positions computed once as wpe(arange(T))), or a computation "
                 "between this module and the loss mixes examples, or the loss does (e.g. a loss normalised over the "
                 "whole batch, such as a token mean with ignore_index over all rows). Per-example clipping would not "
-                "bound one example's influence. If the module computes something shared by all examples from no "
-                "example data (T5's relative position bias), freeze it: "
-                f"get_submodule('{moved_gradient}').requires_grad_(False) on the LightningModule (it then keeps its "
-                "initial or pretrained values and needs no per-example gradient). " + _FIXES
+                "bound one example's influence. A module called on something computed from no example data "
+                "(positions, a relative position bias) gets per-example gradients where its output meets the "
+                "examples through a broadcasting op (+, *, where, matmul, an attention mask); if it reaches them "
+                "otherwise (through a function lightning_dpzero cannot follow, or from values read back into "
+                f"Python), freeze it: get_submodule('{moved_gradient}').requires_grad_(False) on the LightningModule "
+                "(it then keeps its initial or pretrained values and needs no per-example gradient). " + _FIXES
             )
     if (
         original.losses is not None

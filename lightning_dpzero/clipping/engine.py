@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from lightning_dpzero.clipping import rules as _rules  # noqa: F401  (registers the built-in rules)
@@ -36,9 +35,10 @@ from lightning_dpzero.clipping.contributions import (
     self_inner,
     zero_rows,
 )
-from lightning_dpzero.clipping.fallback import functorch_rule
+from lightning_dpzero.clipping.fallback import RandomnessNotReplayed, RandomState, functorch_rule
 from lightning_dpzero.clipping.functions import clip_factors
 from lightning_dpzero.clipping.registry import ClippingRule, UnsupportedLayerError, rule_for
+from lightning_dpzero.clipping.shared import ForwardWatch, SharedCall, SharedTap, SharedUse, per_example_view
 from lightning_dpzero.clipping.styles import ClippingGroups, make_groups
 from lightning_dpzero.config import NonFinitePolicy, PrivacyConfig
 
@@ -131,10 +131,10 @@ _CALLED_BY_PARAMETERS: dict[type, tuple[str, ...]] = {nn.MultiheadAttention: ("o
 
 
 _FALLBACK_RANDOMNESS = (
-    "it has no clipping rule and draws random numbers in its forward in training (dropout); the torch.func fallback "
-    "recomputes the forward per example and cannot replay them, so it would not compute the gradient of what ran. "
-    "Set that dropout to 0, register a rule (lightning_dpzero.clipping.register_rule), or for nn.MultiheadAttention "
-    "swap in lightning_dpzero.layers.DPMultiheadAttention (replace_multihead_attention(model)), whose dropout is fine"
+    "It has no clipping rule and draws random numbers in its training forward (dropout) that its torch.func "
+    "recompute could not draw again, so the gradient clipped would not be that of what ran. Set that dropout to 0, "
+    "register a rule (lightning_dpzero.clipping.register_rule), or for nn.MultiheadAttention swap in "
+    "lightning_dpzero.layers.DPMultiheadAttention (replace_multihead_attention(model))"
 )
 
 
@@ -155,6 +155,9 @@ class _Call:
 
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
+    shared: bool = False  # no input holds example data: nothing is split, each example weights the same output
+    random: RandomState | None = None  # the generators before the forward (training mode), to replay its dropout
+    output: Tensor | None = None  # what the forward returned (detached), to check a replay against
 
 
 @dataclass(eq=False)
@@ -221,65 +224,29 @@ class _Tap(torch.autograd.Function):
         act: Tensor,
         record: TapRecord | None,
         call: _Call | None,
+        shared: SharedCall | None,
     ) -> Tensor:
         ctx.engine, ctx.layer, ctx.activation, ctx.version, ctx.record = engine, layer, act, act._version, record
-        ctx.call = call
+        ctx.call, ctx.shared = call, shared
         # A fresh tensor, not a view: downstream in-place ops (ReLU(inplace=True), x += ...) must stay legal.
         return output.clone()
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None, None, None, None]:
         if ctx.activation._version != ctx.version:
             raise RuntimeError(
                 f"the input of module '{ctx.layer.path}' was modified in place after the module used it; "
                 "per-example gradients need the value it saw. Avoid the in-place operation."
             )
         if ctx.engine._passive:  # another backward through the same graph (the self-check's autograd reference)
-            return grad, None, None, None, None, None, None
+            return grad, None, None, None, None, None, None, None
+        if ctx.shared is not None and ctx.shared.shared:  # its uses reported each example's gradient (shared.py)
+            return grad, None, None, None, None, None, None, None
         if ctx.record is not None:
             ctx.record.grad = grad.detach()
         ctx.engine._receive(ctx.layer, ctx.activation, grad, ctx.call)
         ctx.activation = ctx.call = None
-        return grad, None, None, None, None, None, None
-
-
-_BROADCASTING_OPS = {
-    torch.add, torch.sub, torch.mul, torch.div, torch.where, torch.lerp, torch.addcmul,
-    Tensor.add, Tensor.add_, Tensor.__add__, Tensor.__radd__, Tensor.__iadd__,
-    Tensor.sub, Tensor.sub_, Tensor.__sub__, Tensor.__rsub__, Tensor.__isub__,
-    Tensor.mul, Tensor.mul_, Tensor.__mul__, Tensor.__rmul__, Tensor.__imul__,
-    Tensor.div, Tensor.div_, Tensor.__truediv__, Tensor.__rtruediv__, Tensor.__itruediv__,
-    Tensor.expand, Tensor.expand_as,
-}  # fmt: skip
-
-
-class _BroadcastGuard(TorchFunctionMode):
-    """Refuses a hooked module's output being broadcast along a new leading dimension.
-
-    That is the signature of a module applied to something shared by all examples (``wpe(torch.arange(T))``
-    added to ``[n, T, D]`` token embeddings): its dim 0 is not the example dimension, so per-example gradients
-    read from it would be wrong, silently so when T happens to equal n. Active for the first physical batch.
-    """
-
-    def __init__(self, tapped: weakref.WeakValueDictionary[int, Tensor], layers: dict[int, _Layer]) -> None:
-        super().__init__()
-        self.tapped, self.layers = tapped, layers
-        self.error: UnsupportedLayerError | None = None  # raised when the forward ends: Tensor dunders would turn
-        # a TypeError raised here into NotImplemented
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        if func in _BROADCASTING_OPS and isinstance(out, Tensor):
-            for arg in (*args, *(kwargs or {}).values()):
-                if isinstance(arg, Tensor) and self.tapped.get(id(arg)) is arg and arg.dim() < out.dim():
-                    layer = self.layers[id(arg)]
-                    self.error = self.error or UnsupportedLayerError(
-                        layer.path,
-                        layer.module,
-                        f"its output {tuple(arg.shape)} is broadcast to {tuple(out.shape)}, so its dim 0 is not "
-                        "the example dimension; feed it per-example inputs (e.g. wpe(pos.expand(n, T)))",
-                    )
-        return out
+        return grad, None, None, None, None, None, None, None
 
 
 class ClippingEngine:
@@ -322,8 +289,10 @@ class ClippingEngine:
         self._pending_taps: dict[int, int] = defaultdict(int)  # group -> taps recorded but not yet reported
         for layer in self.layers:
             layer.groups = sorted({self.groups.group_of[name] for name in layer.params.values()})
-        self._guard: _BroadcastGuard | None = None
-        self._guarded_once = False
+        self._watch: ForwardWatch | None = None  # the ops of the batch being recorded (shared.py)
+        self._watched_once = False
+        self._shares = False  # some module's output is shared by all examples: every batch is watched
+        self._model = weakref.ref(model)  # for its buffers (data-free)
         # Examples whose contribution (to some clipping group) was dropped as non-finite. Not private: a count of
         # the data owner's examples, for diagnostics; it is never logged by the library.
         self.non_finite_examples = 0
@@ -334,6 +303,7 @@ class ClippingEngine:
         self._probe: Probe | None = None
         self._passive = False  # taps pass gradients through without reporting them
         self._rows: int | None = None  # p while a physical batch is recorded, when the strategy says it
+        self._random_before: dict[int, RandomState] = {}  # id(layer) -> generators before its forward (fallback)
 
     # ----------------------------------------------------------------------------------------------- hooks
     def attach(self) -> None:
@@ -342,6 +312,8 @@ class ClippingEngine:
             return
         for layer in self.layers:
             self._handles.append(layer.module.register_forward_hook(self._forward_hook(layer), with_kwargs=True))
+            if layer.rule is functorch_rule:
+                self._handles.append(layer.module.register_forward_pre_hook(self._random_state_hook(layer)))
         for path, module in self._mixing:
             self._handles.append(module.register_forward_pre_hook(self._mixing_hook(path)))
 
@@ -354,6 +326,16 @@ class ClippingEngine:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             if self._anchor is not None and module.training:
                 raise UnsupportedLayerError(path, module)  # the BatchNorm advice: batch statistics mix examples
+
+        return hook
+
+    def _random_state_hook(self, layer: _Layer):
+        """Before a fallback module's training forward: the generators' state, so that its recompute can draw the
+        same dropout masks (fallback.py)."""
+
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if self._anchor is not None and module.training and torch.is_grad_enabled():
+                self._random_before[id(layer)] = RandomState.capture(self._anchor.device)
 
         return hook
 
@@ -390,6 +372,7 @@ class ClippingEngine:
                     )
             rows = self._rows
             activation = args[0] if args and isinstance(args[0], Tensor) else output
+            watch, shared = self._watch, None
             if rows is not None and rows > 1 and output.dim() > 0 and output.shape[0] == 1:
                 # Computed once for the whole batch, with a batch dim of 1 (positions: wpe(arange(T)[None])): its
                 # output would be broadcast over the examples, and autograd would hand the tap their summed
@@ -398,19 +381,27 @@ class ClippingEngine:
                 args = tuple(_expand_rows(a, rows) for a in args)
                 kwargs = {k: _expand_rows(v, rows) for k, v in kwargs.items()}
                 activation = _expand_rows(activation, rows)
+            elif watch is not None:
+                shared = watch.call_for(layer, (args, kwargs), output, activation.detach())
             call = None
             if layer.rule is functorch_rule:
-                call = _Call(tuple(_detached(a) for a in args), {k: _detached(v) for k, v in kwargs.items()})
+                call = _Call(
+                    tuple(_detached(a) for a in args),
+                    {k: _detached(v) for k, v in kwargs.items()},
+                    random=self._random_before.pop(id(layer), None),
+                    output=output.detach(),
+                )
             record = None
             if self._probe is not None:
                 record = TapRecord(layer.path, activation.detach(), output.detach())
                 self._probe.taps.append(record)
-            tapped = _Tap.apply(output, self._anchor, self, layer, activation.detach(), record, call)
+            if shared is not None:
+                shared.call, shared.record = call, record
+            tapped = _Tap.apply(output, self._anchor, self, layer, activation.detach(), record, call, shared)
             for k in layer.groups:
                 self._pending_taps[k] += 1
-            if self._guard is not None:
-                self._guard.tapped[id(tapped)] = tapped
-                self._guard.layers[id(tapped)] = layer
+            if watch is not None:
+                watch.track(tapped, layer, shared)
             return tapped if rest is None else (tapped, *rest)
 
         return hook
@@ -422,23 +413,58 @@ class ClippingEngine:
         Args:
             device: where the anchor lives.
             rows: p, the physical batch's rows: a hooked module whose output has a batch dim of 1 (computed once
-                for every example) gets it expanded to p rows, so that each example gets its own gradient.
+                for every example) gets it expanded to p rows, so that each example gets its own gradient; one
+                called on inputs without example data gets them where its output meets the examples (shared.py).
         """
         self._rows = rows
         self._anchor = torch.zeros((), device=device, requires_grad=True)
         self._recorded = None
-        guard: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-        if not self._guarded_once:
-            self._guard = _BroadcastGuard(weakref.WeakValueDictionary(), {})
-            guard = self._guard
+        first = not self._watched_once
+        if first or self._shares:
+            model = self._model()
+            buffers = {id(b) for b in model.buffers()} if model is not None else set()
+            self._watch = ForwardWatch(self, rows, buffers, first=first)
+        watch = self._watch
         try:
-            with guard:
+            with watch if watch is not None else contextlib.nullcontext():
                 yield
-            if self._guard is not None and self._guard.error is not None:
-                raise self._guard.error
-            self._guarded_once = True
+            if watch is not None:
+                watch.finish()
+                self._shares = self._shares or any(call.shared for call in watch.calls)
+            self._watched_once = True
         finally:
-            self._recorded, self._anchor, self._guard, self._rows = self._anchor, None, None, None
+            self._recorded, self._anchor, self._watch, self._rows = self._anchor, None, None, None
+
+    def share(self, value: Tensor, calls: tuple[SharedCall, ...], ndim: int) -> Tensor:
+        """``value`` (data-free, derived from the outputs of ``calls``), as an op broadcasting it to ``ndim`` dims
+        over the n examples sees it: expanded to [n, ...] (a view), through a tap that reports each example's
+        gradient of this use to each call's layer (shared.py)."""
+        assert self._rows is not None and self._anchor is not None
+        n = self._rows
+        view = value[(None,) * (ndim - value.dim())] if ndim > value.dim() else value  # [1, ..., *value.shape]
+        expanded = view.expand(n, *view.shape[1:])
+        records: list[TapRecord | None] = []
+        for call in calls:
+            if not call.shared:  # its own tap passes through from now on; its uses report instead
+                call.shared = True
+                if call.call is not None:
+                    call.call.shared = True
+                for k in call.layer.groups:
+                    self._pending_taps[k] -= 1
+                if self._probe is not None and call.record is not None:
+                    self._probe.taps.remove(call.record)
+            for k in call.layer.groups:
+                self._pending_taps[k] += 1
+            record = None
+            if self._probe is not None:
+                record = TapRecord(call.layer.path, per_example_view(call.activation, n), expanded.detach())
+                self._probe.taps.append(record)
+            records.append(record)
+        outputs = [None if call.output is None else call.output() for call in calls]
+        if any(o is None for o in outputs):
+            raise RuntimeError("a shared output was freed before its use; this is a bug in lightning_dpzero")
+        use = SharedUse(value, calls, [o for o in outputs if o is not None], records)
+        return SharedTap.apply(expanded, self._anchor, self, use)
 
     @contextlib.contextmanager
     def probing(self) -> Iterator[Probe]:
@@ -512,15 +538,17 @@ class ClippingEngine:
                 layer.module,
                 f"its output has shape {tuple(grad_output.shape)}, but per-example clipping needs the "
                 f"{n} examples of the physical batch in dim 0 of every hooked module's input and "
-                "output. A module applied to something shared by all examples (e.g. wpe(torch.arange(T))) must "
-                "see it expanded per example (wpe(pos.expand(n, T))); one that computes something from no example "
-                f"data (T5's relative position bias) can be frozen: get_submodule('{layer.path}')"
-                ".requires_grad_(False)",
+                "output. A module called on something computed from no example data (wpe(torch.arange(T)), a "
+                "relative position bias) is split per example where a broadcasting op (+, *, where, matmul, an "
+                "attention mask) meets the examples; this one reached them otherwise. Expand its input per example "
+                f"(wpe(pos.expand(n, T))) or freeze it: get_submodule('{layer.path}').requires_grad_(False)",
             )
         with torch.no_grad():
             if call is not None:
                 try:
                     contributions = functorch_rule(layer.module, activation, grad_output, layer.params, call=call)
+                except RandomnessNotReplayed as err:
+                    raise UnsupportedLayerError(layer.path, layer.module, f"{err}. {_FALLBACK_RANDOMNESS}") from err
                 except RuntimeError as err:
                     if "randomness" not in str(err):
                         raise
@@ -681,6 +709,7 @@ class ClippingEngine:
         """Re-read the trainable parameters by name (after a wrapper such as FSDP2 replaced the objects)."""
         current = dict(model.named_parameters())
         self.params = {name: current[name] for name in self.params}
+        self._model = weakref.ref(model)
 
     def pop_summed(self) -> dict[str, Tensor]:
         """The clipped sums of the logical step so far (fp32, parameter-shaped), and reset."""

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator, Mapping
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,7 +25,7 @@ from lightning_dpzero._internals import deepspeed as deepspeed_internals
 from lightning_dpzero._internals.torch import hooks_set_aside
 from lightning_dpzero.clipping.contributions import Contribution, Kind
 
-__all__ = ["functorch_rule"]
+__all__ = ["RandomState", "RandomnessNotReplayed", "functorch_rule"]
 
 
 def functorch_rule(
@@ -60,35 +62,97 @@ def _per_example(
     args, kwargs = (call.args, call.kwargs) if call is not None else ((activation,), {})
     wrapper = _Forward(module)
     own = {f"inner.{attr}": module.get_parameter(attr).detach() for attr in params}
-    per_example = [isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == n for a in args]
+    shared = call is not None and call.shared  # no input holds example data: only the output gradient is split
+    per_example = [not shared and isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == n for a in args]
     keyed = [
         k
         for k, v in kwargs.items()
-        if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n and not _shared_input(module, k, v)
+        if not shared and isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n and not _shared_input(module, k, v)
     ]
     split_args = tuple(a for a, split in zip(args, per_example) if split)
     split_kwargs = {k: kwargs[k] for k in keyed}
 
-    def weighted_output(theta: dict[str, Tensor], xs: tuple[Tensor, ...], kws: dict[str, Tensor], b: Tensor) -> Tensor:
+    def weighted_output(
+        theta: dict[str, Tensor], xs: tuple[Tensor, ...], kws: dict[str, Tensor], b: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """<y_i, b_i>, and y_i (the aux output)."""
         rows = iter(xs)
         call_args = tuple(next(rows).unsqueeze(0) if split else a for a, split in zip(args, per_example))
         call_kwargs = {**kwargs, **{k: v.unsqueeze(0) for k, v in kws.items()}}
         y = torch.func.functional_call(wrapper, theta, call_args, call_kwargs, strict=False)
         if isinstance(y, tuple):  # (output, values without gradient): the engine tapped the first item only
             y = y[0]
-        return (y * b.unsqueeze(0)).sum()
+        return (y * (b if shared else b.unsqueeze(0))).sum(), y.detach()
 
-    with warnings.catch_warnings():
-        # torch.func runs ops without a batching rule (e.g. CPU attention's backward) one example at a time, and warns
-        # on every call; that cost is the fallback's, documented above, and nothing a user can act on.
-        warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
-        grads = torch.func.vmap(torch.func.grad(weighted_output), in_dims=(None, 0, 0, 0))(
-            own, split_args, split_kwargs, grad_output
-        )
+    def per_example_grads(randomness: str) -> tuple[dict[str, Tensor], Tensor]:
+        with warnings.catch_warnings():
+            # torch.func runs ops without a batching rule (e.g. CPU attention's backward) one example at a time, and
+            # warns on every call; that cost is the fallback's, documented above, and nothing a user can act on.
+            warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
+            transform = torch.func.grad(weighted_output, has_aux=True)
+            return torch.func.vmap(transform, in_dims=(None, 0, 0, 0), randomness=randomness)(
+                own, split_args, split_kwargs, grad_output
+            )
+
+    random = call is not None and call.random is not None
+    if random and _draws_random_numbers.get(module, False):
+        grads = _replayed(module, call, per_example_grads)
+    else:
+        try:
+            grads, _ = per_example_grads("error")
+        except RuntimeError as err:
+            if not random or "randomness" not in str(err):
+                raise
+            _draws_random_numbers[module] = True
+            grads = _replayed(module, call, per_example_grads)
     return [
         Contribution(params[attr], Kind.SAMPLE, grads[f"inner.{attr}"], None, own[f"inner.{attr}"].shape)
         for attr in params
     ]
+
+
+# Modules seen drawing random numbers in a training forward (dropout): their recompute replays the forward's draws.
+_draws_random_numbers: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+@dataclass(eq=False)
+class RandomState:
+    """The generators' state just before a module's forward: its dropout masks, drawn again in the recompute."""
+
+    cpu: Tensor
+    device: torch.device | None  # the CUDA device whose generator the forward may draw from
+    accelerator: Tensor | None
+
+    @classmethod
+    def capture(cls, device: torch.device) -> RandomState:
+        cuda = device if device.type == "cuda" else None
+        return cls(torch.get_rng_state(), cuda, torch.cuda.get_rng_state(cuda) if cuda is not None else None)
+
+
+def _replayed(module: nn.Module, call: Any, per_example_grads: Callable[[str], tuple[Any, Tensor]]) -> Any:
+    """Per-example gradients with the forward's random draws replayed: the generators reset to their state before
+    the forward, and torch.func's ``randomness="different"``, which draws one batch-shaped tensor as the batched
+    forward did. Whether the draws matched is checked, not assumed: the recomputed output must be the forward's."""
+    state: RandomState = call.random
+    with torch.random.fork_rng(devices=[state.device] if state.device is not None else []):
+        torch.set_rng_state(state.cpu)
+        if state.device is not None and state.accelerator is not None:
+            torch.cuda.set_rng_state(state.accelerator, state.device)
+        grads, recomputed = per_example_grads("different")
+    output = call.output
+    recomputed = recomputed.reshape(output.shape)
+    tolerance = 1e-4 if output.dtype in (torch.float32, torch.float64) else 2e-2
+    scale = float(output.abs().max()) if output.numel() else 0.0
+    if not torch.allclose(recomputed, output, rtol=tolerance, atol=tolerance * scale):
+        raise RandomnessNotReplayed(
+            f"the recomputed output differs from the forward's (max |difference| "
+            f"{float((recomputed - output).abs().max()):.3g}): its random draws could not be replayed"
+        )
+    return grads
+
+
+class RandomnessNotReplayed(RuntimeError):
+    """A fallback module's random draws (dropout) could not be reproduced in its per-example recompute."""
 
 
 def _shared_input(module: nn.Module, name: str, value: Tensor) -> bool:

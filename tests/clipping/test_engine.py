@@ -25,7 +25,6 @@ from tests.conftest import (
     linear_3d,
     squared_error,
     tied_gpt,
-    token_cross_entropy,
     twice_linear,
 )
 from tests.reference import (
@@ -359,39 +358,6 @@ def test_norm_mode_choice_and_result(seq_len, width, mode, expected_mode):
     )
     assert eng.last_norm_modes == {"0": expected_mode}
     assert_matches(got, expected, 2.0)
-
-
-# ---------------------------------------------------------------------------------------------- sequences
-class GPTWithPositions(nn.Module):
-    """nanoGPT's idiom: positions embedded from torch.arange(T), an input without an example dimension."""
-
-    def __init__(self, vocab: int = 7, dim: int = 4, seq_len: int = N_EXAMPLES) -> None:
-        super().__init__()
-        self.wte = nn.Embedding(vocab, dim)
-        self.wpe = nn.Embedding(seq_len, dim)
-        self.head = nn.Linear(dim, vocab)
-
-    def forward(self, ids: Tensor) -> Tensor:
-        pos = torch.arange(ids.shape[1], device=ids.device)
-        return self.head(self.wte(ids) + self.wpe(pos))
-
-
-def test_embedding_of_shared_positions_is_per_example_or_refused():
-    """Reference: reference_clipped_sum, or UnsupportedLayerError (DESIGN.md section 6: errors, not surprises)."""
-    torch.manual_seed(95)
-    model = GPTWithPositions()
-    ids = torch.randint(0, 7, (N_EXAMPLES, N_EXAMPLES))  # T == n
-    inputs = (ids, torch.randint(0, 7, (N_EXAMPLES, N_EXAMPLES)))
-    mask = default_mask()
-    expected = reference_clipped_sum(
-        model, token_cross_entropy, inputs, mask, clip_norm=1.0, style="all-layer", function="abadi"
-    )
-    try:
-        got, _ = run_engine(model, token_cross_entropy, [(inputs, mask)], clip_norm=1.0, clipping_function="abadi")
-    except UnsupportedLayerError as err:
-        assert "wpe" in str(err)
-        return
-    assert_matches(got, expected, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------- refusals

@@ -241,14 +241,73 @@ def test_batch_first_multihead_attention_trains_unchanged_through_the_fallback(n
     assert_matches(got, expected, 0.5)
 
 
-def test_attention_dropout_under_the_fallback_is_refused_with_the_fixes() -> None:
-    """The fallback recomputes the forward per example and cannot replay dropout's draws: refused (the drop-in and
-    dropout 0 are the fixes) instead of clipping the gradient of another function."""
+def _same_masks_reference(model: nn.Module, loss_fn, inputs: tuple[Tensor, ...], clip_norm: float) -> dict:
+    """sum_i min(1, C / ||g_i||) g_i, with g_i autograd's gradient of example i's loss through the batched forward
+    itself (so through the dropout masks that forward drew); the examples do not interact, so g_i is example i's."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    losses = loss_fn(model, inputs)
+    total = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in params.items()}
+    for i in range(losses.shape[0]):
+        grads = torch.autograd.grad(losses[i], list(params.values()), retain_graph=True, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params.values(), grads)]
+        norm = torch.sqrt(sum(g.double().square().sum() for g in grads))
+        factor = torch.clamp(clip_norm / norm, max=1.0)
+        for name, g in zip(params, grads):
+            total[name] += factor * g.double()
+    return total
+
+
+@pytest.mark.parametrize("name", ["nn.TransformerEncoder", "demos.Transformer"])
+def test_attention_dropout_is_replayed_by_the_fallback(name: str) -> None:
+    """Reference: _same_masks_reference above, from the same generator state (the same masks in every dropout),
+    rtol 1e-4 (both in fp32). The fallback recomputes nn.MultiheadAttention per example with its dropout draws
+    replayed, and checks that the recomputed output is the forward's; Lightning's demo Transformer keeps its
+    default dropout 0.2."""
+    from lightning.pytorch.demos import Transformer
+
     torch.manual_seed(7)
-    layer = nn.TransformerEncoderLayer(E, H, dim_feedforward=12, dropout=0.1, batch_first=True)
-    model = nn.Sequential(nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False), nn.Linear(E, 2))
+    if name == "demos.Transformer":
+        model, loss_fn = Transformer(vocab_size=30, ninp=E, nhead=H, nhid=12, nlayers=1), _causal_lm_loss
+        inputs: tuple[Tensor, ...] = (torch.randint(0, 30, (N_EXAMPLES, L)),)
+    else:
+        layer = nn.TransformerEncoderLayer(E, H, dim_feedforward=12, dropout=0.3, batch_first=True)
+        model = nn.Sequential(nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False), nn.Linear(E, 2))
+        loss_fn, inputs = squared_error, (torch.randn(N_EXAMPLES, L, E), torch.randn(N_EXAMPLES, L, 2))
+    model.train()
+    mask = torch.ones(N_EXAMPLES, dtype=torch.bool)
+    with torch.random.fork_rng():
+        torch.manual_seed(11)
+        got, _ = run_engine(model, loss_fn, [(inputs, mask)], clip_norm=0.5, clipping_function="abadi")
+    with torch.random.fork_rng():
+        torch.manual_seed(11)
+        expected = _same_masks_reference(model, loss_fn, inputs, 0.5)
+    with torch.random.fork_rng():
+        torch.manual_seed(12)  # other masks: a different gradient, so the comparison above can fail
+        other = _same_masks_reference(model, loss_fn, inputs, 0.5)
+    assert any(not torch.allclose(other[k], expected[k], rtol=1e-3) for k in expected)
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key].double(), value, rtol=1e-4, atol=1e-6, msg=key)
+
+
+class _Jitter(nn.Module):
+    """No rule; draws one scalar per forward, which a per-example recompute cannot draw again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(E))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.weight * (1 + torch.rand(()))
+
+
+def test_random_draws_the_fallback_cannot_replay_are_refused() -> None:
+    """Reference: the replay is checked, not assumed: a draw whose shape is not the batch's comes out different in
+    the recompute, and the module is refused with the fixes instead of clipping the gradient of another function."""
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(E, E), _Jitter(), nn.Linear(E, 2))
     inputs = (torch.randn(N_EXAMPLES, L, E), torch.randn(N_EXAMPLES, L, 2))
-    with pytest.raises(UnsupportedLayerError, match=r"self_attn' \(MultiheadAttention\).*dropout.*replace_multihead"):
+    with pytest.raises(UnsupportedLayerError, match=r"'1' \(_Jitter\).*could not be replayed.*dropout to 0"):
         run_engine(model, squared_error, [(inputs, default_mask())], clip_norm=0.5)
 
 

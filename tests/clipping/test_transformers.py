@@ -3,9 +3,9 @@
 GPT-2 (``Conv1D`` with its transposed weight, positions ``wpe(arange(T)[None])`` computed once for the batch, a tied
 head), Llama (``LlamaRMSNorm`` through the torch.func fallback), OPT (learned positions in an ``nn.Embedding``
 subclass; feed-forward layers on rows flattened to [n * T, D]), BERT (positions and token types computed once), ViT
-(raw class token and position embeddings owned by ``ViTEmbeddings``). T5's relative attention bias is shared by the
-examples of a batch in a way the engine cannot split: it is refused by the per-example self-check, with the fix it
-names (freeze it), under which the rest of T5 trains and matches the reference."""
+(raw class token and position embeddings owned by ``ViTEmbeddings``), T5 (``T5LayerNorm`` through the fallback; its
+relative attention bias [T, T, heads] computed once from positions and reused by every layer, split per example where
+it meets the scores: clipping/shared.py)."""
 
 from __future__ import annotations
 
@@ -65,22 +65,15 @@ def _vit() -> nn.Module:
 
 
 def _t5() -> nn.Module:
-    cfg = transformers.T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, vocab_size=V, d_kv=8, dropout_rate=0.0)
+    """Two layers in the encoder and the decoder: each stack's relative bias is reused by its second layer."""
+    cfg = transformers.T5Config(d_model=16, d_ff=32, num_layers=2, num_heads=2, vocab_size=V, d_kv=8, dropout_rate=0.0)
     return transformers.T5ForConditionalGeneration(_quiet(cfg))
-
-
-def _t5_frozen_bias() -> nn.Module:
-    """T5 with its relative attention bias frozen, as the self-check's refusal advises (the rest trains)."""
-    model = _t5()
-    for name, module in model.named_modules():
-        if name.endswith("relative_attention_bias"):
-            module.requires_grad_(False)
-    return model
 
 
 def _torch_transformer() -> nn.Module:
     """torch's own ``nn.Transformer`` as Lightning's demo builds it (batch_first ``nn.MultiheadAttention`` through the
-    fallback, a causal mask, an output flattened to [n * T, V]), with dropout 0 (attention dropout is refused)."""
+    fallback, a causal mask, an output flattened to [n * T, V]), with dropout 0: the reference runs each example
+    alone and cannot draw the forward's masks (its dropout is tested in test_layers.py)."""
     from lightning.pytorch.demos import Transformer
 
     return Transformer(vocab_size=V, ninp=16, nhead=2, nhid=32, nlayers=1, dropout=0.0)
@@ -129,7 +122,7 @@ MODELS = {
     "opt": (_opt, lm_loss, _tokens),
     "bert": (_bert, class_loss, _labelled_tokens),
     "vit": (_vit, class_loss, _images),
-    "t5_frozen_bias": (_t5_frozen_bias, seq2seq_loss, _tokens),
+    "t5": (_t5, seq2seq_loss, _tokens),
     "torch_transformer": (_torch_transformer, demo_loss, _tokens),
 }
 
@@ -193,15 +186,27 @@ def test_trains_under_dp_with_no_change_to_the_model(name: str) -> None:
     assert trainer.strategy.dp.ledger.accountant.steps == 2
 
 
-@pytest.mark.parametrize("length", [6, 8], ids=["T=6", "T=8 (a multiple of p)"])
-def test_t5_relative_attention_bias_is_refused(length: int) -> None:
-    """Reference: T5's relative bias [T, T, heads] is computed once and broadcast over the batch, so its rows are
-    not examples; whether T is a multiple of p or not, the run is refused naming the module."""
+@pytest.mark.parametrize("length", [N, 2 * N], ids=["T=n", "T=2n"])
+def test_t5_relative_bias_matches_the_reference_whatever_t(length: int) -> None:
+    """Reference: as test_clipped_sum_matches_the_float64_reference, at sequence lengths that shapes cannot tell from
+    the example dimension (T equal to n, a multiple of n), where rows of the bias [T, T, heads] could pass as
+    examples."""
     torch.manual_seed(0)
-    trainer = _dp_trainer(1)
-    fix = r"relative_attention_bias'\)\.requires_grad_\(False\)"
-    with pytest.raises(dpz.PerExampleCheckError, match=r"relative_attention_bias.*get_submodule\('.*" + fix):
-        trainer.fit(HFTask(_t5(), seq2seq_loss, _tokens(32, length)))
+    model, inputs = _t5().train(), _tokens(N, length)
+    mask = torch.ones(N, dtype=torch.bool)
+    engine = ClippingEngine(model, PrivacyConfig(noise_multiplier=1.0, clip_norm=C, clipping_function="abadi"))
+    engine.attach()
+    with engine.recording(torch.device("cpu"), rows=N):
+        loss = seq2seq_loss(model, inputs).sum()
+    engine.backward(loss, mask)
+    got = engine.pop_summed()
+    expected = reference_clipped_sum(
+        model, seq2seq_loss, inputs, mask, clip_norm=C, style="all-layer", function="abadi"
+    )
+    biases = [k for k in expected if k.endswith("relative_attention_bias.weight")]
+    assert len(biases) == 2 and all(float(expected[k].norm()) > 1e-3 for k in biases)
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key].double(), value, rtol=1e-5, atol=1e-6 * C, msg=key)
 
 
 def test_every_model_is_also_tested_on_two_processes() -> None:

@@ -223,7 +223,7 @@ def test_dp_zero3_exchanges_the_same_collectives_as_nonprivate_zero3(tmp_path) -
 
 
 # tests/clipping/test_transformers.py's MODELS (not imported here: transformers is optional)
-_HF_MODELS = ("gpt2", "llama", "opt", "bert", "vit", "t5_frozen_bias", "torch_transformer")
+_HF_MODELS = ("gpt2", "llama", "opt", "bert", "vit", "t5", "torch_transformer")
 
 
 @pytest.mark.parametrize(
@@ -236,8 +236,8 @@ def test_transformers_models_match_the_reference_on_two_processes(model_name: st
     torch.func fallback, on the parameters ZeRO-3 or FSDP2 gathered for the backward), unchanged.
     "gpt2_checkpointed": the same GPT-2 with transformers' activation checkpointing (non-reentrant) on every block,
     recomputed in the backward with ZeRO-3 gathering the parameters again; the reference has no checkpointing.
-    "t5_frozen_bias": T5 (T5LayerNorm through the fallback, encoder and decoder) with its relative attention bias
-    frozen, as the refusal advises; the frozen parameter gets no gradient and is left out of the comparison.
+    "t5": T5 (T5LayerNorm through the fallback, encoder and decoder, two layers each) with its relative attention
+    bias trained: computed once per stack, reused by both layers, split per example where it meets the scores.
     "torch_transformer": Lightning's demo ``nn.Transformer`` (batch_first ``nn.MultiheadAttention`` through the
     fallback, on parameters ZeRO-3 or FSDP2 gathered, a causal mask). "vit": ViT, whose ``ViTEmbeddings`` takes the
     fallback for its raw class token and position embeddings and calls a patch convolution inside: FSDP2 shards
