@@ -295,6 +295,10 @@ def inner(a: Contribution, b: Contribution) -> tuple[Tensor, Tensor]:
         assert a.left is not None and a.right is not None and b.left is not None and b.right is not None
         return _dense_gram(a.left, a.right, b.left, b.right)
     assert a.left is not None and a.right is not None and b.left is not None and b.right is not None
+    if a.left.shape[1] * b.left.shape[1] >= b.num_rows * b.right.shape[-1]:
+        # The Gram matrices [n, Ta, Tb] would outgrow the gradients [n, V, D] themselves (T5's relative bias: T^2
+        # positions, 32 buckets): their inner product, from the gradients, is cheaper.
+        return _elementwise_inner(_per_example(a), _per_example(b))
     ids = b.left  # b is INDEX; a is DENSE (<l_s, e_{x_t}> = l_s[x_t]) or INDEX (1 where the tokens agree)
     dense = [a.left] if a.kind is Kind.DENSE else []
     safe = _in_safe_range(*dense, a.right, b.right)
