@@ -133,7 +133,12 @@ def test_clipped_sum_matches_the_float64_reference(name: str) -> None:
     to C, summed). rtol 1e-5 of each parameter's sum, atol 1e-6 C (an attention key bias has a zero gradient)."""
     torch.manual_seed(0)
     build, loss_fn, data = MODELS[name]
-    model, inputs = build().train(), data(N)
+    _assert_matches_the_reference(build().train(), loss_fn, data(N))
+
+
+def _assert_matches_the_reference(model: nn.Module, loss_fn, inputs: tuple[Tensor, ...]) -> dict[str, Tensor]:
+    """The engine's clipped sum of one physical batch of N examples against reference_clipped_sum; returns the
+    reference."""
     mask = torch.ones(N, dtype=torch.bool)
     engine = ClippingEngine(model, PrivacyConfig(noise_multiplier=1.0, clip_norm=C, clipping_function="abadi"))
     engine.attach()
@@ -146,6 +151,7 @@ def test_clipped_sum_matches_the_float64_reference(name: str) -> None:
     assert set(got) == set(expected)
     for key, value in expected.items():
         torch.testing.assert_close(got[key].double(), value, rtol=1e-5, atol=1e-6 * C, msg=key)
+    return expected
 
 
 class HFTask(L.LightningModule):
@@ -192,21 +198,9 @@ def test_t5_relative_bias_matches_the_reference_whatever_t(length: int) -> None:
     the example dimension (T equal to n, a multiple of n), where rows of the bias [T, T, heads] could pass as
     examples."""
     torch.manual_seed(0)
-    model, inputs = _t5().train(), _tokens(N, length)
-    mask = torch.ones(N, dtype=torch.bool)
-    engine = ClippingEngine(model, PrivacyConfig(noise_multiplier=1.0, clip_norm=C, clipping_function="abadi"))
-    engine.attach()
-    with engine.recording(torch.device("cpu"), rows=N):
-        loss = seq2seq_loss(model, inputs).sum()
-    engine.backward(loss, mask)
-    got = engine.pop_summed()
-    expected = reference_clipped_sum(
-        model, seq2seq_loss, inputs, mask, clip_norm=C, style="all-layer", function="abadi"
-    )
+    expected = _assert_matches_the_reference(_t5().train(), seq2seq_loss, _tokens(N, length))
     biases = [k for k in expected if k.endswith("relative_attention_bias.weight")]
     assert len(biases) == 2 and all(float(expected[k].norm()) > 1e-3 for k in biases)
-    for key, value in expected.items():
-        torch.testing.assert_close(got[key].double(), value, rtol=1e-5, atol=1e-6 * C, msg=key)
 
 
 def test_every_model_is_also_tested_on_two_processes() -> None:
