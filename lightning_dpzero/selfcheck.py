@@ -2,8 +2,8 @@
 
 Per-example clipping bounds one example's influence only if (1) row i of every hooked module's input, output and
 output gradient belongs to example i alone, (2) example i's loss depends on row i only, and (3) the rows are
-where the padding mask says they are. Shapes cannot show any of this (a sequence-first layout with T = p, a
-``x - x.mean(0)``, a loss normalised over the whole batch all have the right shapes), so the check runs the user's
+where the padding mask says they are. Shapes cannot show any of this (a reordering of rows, a ``x - x.mean(0)``, a
+loss normalised over the whole batch all have the right shapes), so the check runs the user's
 ``training_step`` on a physical batch and on the same batch with one example replaced by another one of the dataset,
 and requires that nothing else moves:
 
@@ -59,8 +59,8 @@ class _Observation:
 
 _FIXES = (
     "Keep every operation per example: no statistics or attention across dim 0 (use GroupNorm / LayerNorm instead "
-    "of batch statistics), examples first in every module's input (batch_first=True; transpose back before a "
-    "layer), positions expanded per example (wpe(pos.expand(n, T))), rows in the order they arrive, and return "
+    "of batch statistics), examples in one dim of every module's input (moved there by transposes, not by "
+    "reshapes that interleave them with positions), rows in the order they arrive, and return "
     "per-example losses of shape [p] from training_step (e.g. {'loss': losses.mean(), 'per_example_loss': losses})."
 )
 
@@ -70,9 +70,9 @@ class SelfCheck:
 
     The check runs on the first ``ROWS`` rows of the step's first physical batch (all of them when it has fewer):
     mixing across rows shows with two, and the check holds two probed passes (every hooked module's input, output
-    and output gradient) at once, so its memory is kept to that of a few rows whatever p is. A layout whose dim 0 is
-    not the example (sequence-first, positions computed once) is refused at any number of rows: either the shapes
-    differ or every row moves with the one changed example.
+    and output gradient) at once, so its memory is kept to that of a few rows whatever p is. A layout the engine
+    took for examples-first when it is not is refused at any number of rows: either the shapes differ or every row
+    moves with the one changed example.
 
     Args:
         every: logical steps between checks; ``None``: the first step only.
@@ -277,9 +277,9 @@ def _compare_rows(original: _Observation, replaced: _Observation, *, changed: in
                 return (
                     f"module '{first.path}': rows of its {what} other than the changed example's moved when only one "
                     "example of the physical batch changed: the model mixes examples at or before this module "
-                    "(statistics or attention across dim 0, a reordering of rows), or its dim 0 is not the example "
-                    "(a sequence-first layout, a transpose). Per-example clipping would not bound one example's "
-                    "influence. " + _FIXES
+                    "(statistics or attention across dim 0, a reordering of rows), or the examples are not where the "
+                    "engine followed them (a reshape that interleaves them with positions). Per-example clipping "
+                    "would not bound one example's influence. " + _FIXES
                 )
         if moved_gradient is not None:
             return (

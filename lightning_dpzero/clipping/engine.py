@@ -38,8 +38,9 @@ from lightning_dpzero.clipping.contributions import (
 from lightning_dpzero.clipping.fallback import RandomnessNotReplayed, RandomState, functorch_rule
 from lightning_dpzero.clipping.functions import clip_factors
 from lightning_dpzero.clipping.registry import ClippingRule, UnsupportedLayerError, rule_for
-from lightning_dpzero.clipping.shared import ForwardWatch, SharedCall, SharedTap, SharedUse, per_example_view
+from lightning_dpzero.clipping.shared import SharedCall, SharedTap, SharedUse, per_example_view
 from lightning_dpzero.clipping.styles import ClippingGroups, make_groups
+from lightning_dpzero.clipping.watch import ForwardWatch
 from lightning_dpzero.config import NonFinitePolicy, PrivacyConfig
 
 __all__ = [
@@ -59,6 +60,17 @@ class _Layer:
     rule: ClippingRule
     params: dict[str, str]  # attribute -> canonical parameter name (trainable only)
     groups: list[int] = field(default_factory=list)  # clipping groups its parameters belong to
+    layout: _Layout | None = None  # where the examples are in its calls, once a watched batch has shown it
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where the examples are in a hooked module's call: dim 0, unless the model moved them (a sequence-first
+    ``[T, n, E]`` layout after a transpose); followed op by op on watched batches (watch.py)."""
+
+    dim: int = 0  # of its input, and of its output
+    args: tuple[int | None, ...] = ()  # fallback modules: each positional input's (None: dim 0 when its size is n)
+    kwargs: tuple[tuple[str, int | None], ...] = ()  # and each keyword input's
 
 
 def validate_model(
@@ -70,9 +82,8 @@ def validate_model(
         model: the module to privatise.
         functorch_fallback: the parameters a module without a rule owns directly get per-example gradients from
             ``torch.func`` (``fallback.py``) instead of an error; never BatchNorm (it mixes examples) nor recurrent
-            layers and a sequence-first ``nn.MultiheadAttention`` (dim 0 is not the example; ``DPMultiheadAttention``
-            is a drop-in for the latter). A ``batch_first=True`` ``nn.MultiheadAttention`` (``nn.Transformer*``
-            layers) takes the fallback.
+            layers. An ``nn.MultiheadAttention`` (``nn.Transformer*`` layers), batch- or sequence-first, takes the
+            fallback.
 
     Returns:
         The layers to hook, the trainable parameters by canonical name, and each parameter's owning module path.
@@ -158,6 +169,7 @@ class _Call:
     shared: bool = False  # no input holds example data: nothing is split, each example weights the same output
     random: RandomState | None = None  # the generators before the forward (training mode), to replay its dropout
     output: Tensor | None = None  # what the forward returned (detached), to check a replay against
+    layout: _Layout = _Layout()  # where the examples are in the inputs and the output
 
 
 @dataclass(eq=False)
@@ -204,10 +216,8 @@ def explain_reentrant_checkpointing() -> Iterator[None]:
 
 
 def _fallback_refused(module: nn.Module) -> bool:
-    """Modules the fallback must not take: they mix the examples of a batch (batch norm), or their layout is not
-    examples-first (recurrent layers, a sequence-first ``nn.MultiheadAttention``)."""
-    if isinstance(module, nn.MultiheadAttention):
-        return not module.batch_first
+    """Modules the fallback must not take: they mix the examples of a batch (batch norm), or carry state across
+    time steps that torch.func cannot recompute per example (recurrent layers)."""
     return isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.RNNBase))
 
 
@@ -225,28 +235,30 @@ class _Tap(torch.autograd.Function):
         record: TapRecord | None,
         call: _Call | None,
         shared: SharedCall | None,
+        dim: int,
     ) -> Tensor:
         ctx.engine, ctx.layer, ctx.activation, ctx.version, ctx.record = engine, layer, act, act._version, record
-        ctx.call, ctx.shared = call, shared
+        ctx.call, ctx.shared, ctx.dim = call, shared, dim
         # A fresh tensor, not a view: downstream in-place ops (ReLU(inplace=True), x += ...) must stay legal.
         return output.clone()
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None, None, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None, None, None, None, None]:
         if ctx.activation._version != ctx.version:
             raise RuntimeError(
                 f"the input of module '{ctx.layer.path}' was modified in place after the module used it; "
                 "per-example gradients need the value it saw. Avoid the in-place operation."
             )
         if ctx.engine._passive:  # another backward through the same graph (the self-check's autograd reference)
-            return grad, None, None, None, None, None, None, None
+            return grad, None, None, None, None, None, None, None, None
         if ctx.shared is not None and ctx.shared.shared:  # its uses reported each example's gradient (shared.py)
-            return grad, None, None, None, None, None, None, None
+            return grad, None, None, None, None, None, None, None, None
+        examples_first = grad.movedim(ctx.dim, 0) if ctx.dim else grad
         if ctx.record is not None:
-            ctx.record.grad = grad.detach()
-        ctx.engine._receive(ctx.layer, ctx.activation, grad, ctx.call)
+            ctx.record.grad = examples_first.detach()
+        ctx.engine._receive(ctx.layer, ctx.activation, examples_first, ctx.call)
         ctx.activation = ctx.call = None
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None
 
 
 class ClippingEngine:
@@ -289,7 +301,7 @@ class ClippingEngine:
         self._pending_taps: dict[int, int] = defaultdict(int)  # group -> taps recorded but not yet reported
         for layer in self.layers:
             layer.groups = sorted({self.groups.group_of[name] for name in layer.params.values()})
-        self._watch: ForwardWatch | None = None  # the ops of the batch being recorded (shared.py)
+        self._watch: ForwardWatch | None = None  # the ops of the batch being recorded (watch.py)
         self._watched_once = False
         self._shares = False  # some module's output is shared by all examples: every batch is watched
         self._model = weakref.ref(model)  # for its buffers (data-free)
@@ -373,7 +385,10 @@ class ClippingEngine:
             rows = self._rows
             activation = args[0] if args and isinstance(args[0], Tensor) else output
             watch, shared = self._watch, None
-            if rows is not None and rows > 1 and output.dim() > 0 and output.shape[0] == 1:
+            layout = self._layout(layer, args, kwargs, activation, watch)
+            if layout.dim:  # examples moved out of dim 0 (sequence-first): the rule sees them first again
+                activation = activation.movedim(layout.dim, 0)
+            elif rows is not None and rows > 1 and output.dim() > 0 and output.shape[0] == 1:
                 # Computed once for the whole batch, with a batch dim of 1 (positions: wpe(arange(T)[None])): its
                 # output would be broadcast over the examples, and autograd would hand the tap their summed
                 # gradient. Expanded here (a view), each example's row gets its own gradient.
@@ -390,21 +405,61 @@ class ClippingEngine:
                     {k: _detached(v) for k, v in kwargs.items()},
                     random=self._random_before.pop(id(layer), None),
                     output=output.detach(),
+                    layout=layout,
                 )
             record = None
             if self._probe is not None:
-                record = TapRecord(layer.path, activation.detach(), output.detach())
+                record = TapRecord(layer.path, activation.detach(), output.detach().movedim(layout.dim, 0))
                 self._probe.taps.append(record)
             if shared is not None:
                 shared.call, shared.record = call, record
-            tapped = _Tap.apply(output, self._anchor, self, layer, activation.detach(), record, call, shared)
+            tapped = _Tap.apply(
+                output, self._anchor, self, layer, activation.detach(), record, call, shared, layout.dim
+            )
             for k in layer.groups:
                 self._pending_taps[k] += 1
             if watch is not None:
-                watch.track(tapped, layer, shared)
+                watch.track(tapped, layer, shared, layout.dim)
             return tapped if rest is None else (tapped, *rest)
 
         return hook
+
+    def _layout(
+        self,
+        layer: _Layer,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        activation: Tensor,
+        watch: ForwardWatch | None,
+    ) -> _Layout:
+        """Where the examples are in this call: as the watch followed them on a watched batch (and the same in every
+        call of the module), else as the last watched batch showed."""
+        if watch is None:
+            return layer.layout or _Layout()
+        dim = watch.example_dim(activation) or 0  # data-free, or not followed: dim 0 (the self-check verifies)
+        layout = _Layout(dim)
+        if layer.rule is functorch_rule:
+            moved = [watch.example_dim(a) if isinstance(a, Tensor) else None for a in args]
+            keyed = {k: watch.example_dim(v) if isinstance(v, Tensor) else None for k, v in kwargs.items()}
+            layout = _Layout(dim, tuple(d or None for d in moved), tuple((k, d or None) for k, d in keyed.items()))
+        module = layer.module
+        if isinstance(module, nn.MultiheadAttention) and not module.batch_first and dim != 1:
+            raise UnsupportedLayerError(
+                layer.path,
+                module,
+                "it is sequence-first (batch_first=False), but the examples of its query were not found in dim 1 "
+                f"(found: {'not known' if watch.example_dim(activation) is None else f'dim {dim}'}); pass it "
+                "[L, n, E] inputs transposed from the batch, or build it with batch_first=True",
+            )
+        if layer.layout is not None and layer.layout.dim != layout.dim:
+            raise UnsupportedLayerError(
+                layer.path,
+                module,
+                f"it is called with the examples in dim {layer.layout.dim} of its input in one call and in dim "
+                f"{layout.dim} in another; per-example clipping needs one layout per module",
+            )
+        layer.layout = layout
+        return layout
 
     @contextlib.contextmanager
     def recording(self, device: torch.device, rows: int | None = None) -> Iterator[None]:

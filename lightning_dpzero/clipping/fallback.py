@@ -63,26 +63,37 @@ def _per_example(
     wrapper = _Forward(module)
     own = {f"inner.{attr}": module.get_parameter(attr).detach() for attr in params}
     shared = call is not None and call.shared  # no input holds example data: only the output gradient is split
-    per_example = [not shared and isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == n for a in args]
-    keyed = [
-        k
-        for k, v in kwargs.items()
-        if not shared and isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n and not _shared_input(module, k, v)
-    ]
-    split_args = tuple(a for a, split in zip(args, per_example) if split)
-    split_kwargs = {k: kwargs[k] for k in keyed}
+    layout = call.layout if call is not None else None
+    arg_dims = layout.args if layout is not None else ()
+    kwarg_dims = dict(layout.kwargs) if layout is not None else {}
+    out_dim = layout.dim if layout is not None else 0
+
+    def split_dim(value: Any, dim: int | None, shared_input: bool = False) -> int | None:
+        """The dim of an input that holds the n examples (None: the input is passed whole to every example)."""
+        if shared or not isinstance(value, Tensor) or value.dim() == 0:
+            return None
+        if dim is not None:  # the examples moved out of dim 0 (sequence-first), as the watch followed them
+            return dim
+        return 0 if value.shape[0] == n and not shared_input else None
+
+    per_example = [split_dim(a, arg_dims[i] if i < len(arg_dims) else None) for i, a in enumerate(args)]
+    keyed = {k: d for k, v in kwargs.items() if (d := split_dim(v, kwarg_dims.get(k), _shared_input(module, k, v)))
+             is not None}  # fmt: skip
+    # Each split input with its examples moved to dim 0 for vmap; the call puts a dim of 1 back where they were.
+    split_args = tuple(a.movedim(d, 0) for a, d in zip(args, per_example) if d is not None)
+    split_kwargs = {k: kwargs[k].movedim(d, 0) for k, d in keyed.items()}
 
     def weighted_output(
         theta: dict[str, Tensor], xs: tuple[Tensor, ...], kws: dict[str, Tensor], b: Tensor
     ) -> tuple[Tensor, Tensor]:
         """<y_i, b_i>, and y_i (the aux output)."""
         rows = iter(xs)
-        call_args = tuple(next(rows).unsqueeze(0) if split else a for a, split in zip(args, per_example))
-        call_kwargs = {**kwargs, **{k: v.unsqueeze(0) for k, v in kws.items()}}
+        call_args = tuple(a if d is None else next(rows).unsqueeze(d) for a, d in zip(args, per_example))
+        call_kwargs = {**kwargs, **{k: v.unsqueeze(keyed[k]) for k, v in kws.items()}}
         y = torch.func.functional_call(wrapper, theta, call_args, call_kwargs, strict=False)
         if isinstance(y, tuple):  # (output, values without gradient): the engine tapped the first item only
             y = y[0]
-        return (y * (b if shared else b.unsqueeze(0))).sum(), y.detach()
+        return (y * (b if shared else b.unsqueeze(out_dim))).sum(), y.detach()
 
     def per_example_grads(randomness: str) -> tuple[dict[str, Tensor], Tensor]:
         with warnings.catch_warnings():
@@ -139,7 +150,7 @@ def _replayed(module: nn.Module, call: Any, per_example_grads: Callable[[str], t
         if state.device is not None and state.accelerator is not None:
             torch.cuda.set_rng_state(state.accelerator, state.device)
         grads, recomputed = per_example_grads("different")
-    output = call.output
+    output = call.output.movedim(call.layout.dim, 0)
     recomputed = recomputed.reshape(output.shape)
     tolerance = 1e-4 if output.dtype in (torch.float32, torch.float64) else 2e-2
     scale = float(output.abs().max()) if output.numel() else 0.0
@@ -158,7 +169,7 @@ class RandomnessNotReplayed(RuntimeError):
 def _shared_input(module: nn.Module, name: str, value: Tensor) -> bool:
     """A keyword input that is one tensor for every example even when its dim 0 happens to be n: an
     ``nn.MultiheadAttention``'s 2-d ``attn_mask`` [L, S] (with L = n it would otherwise be cut into rows)."""
-    return isinstance(module, nn.MultiheadAttention) and name == "attn_mask" and value.dim() == 2
+    return isinstance(module, nn.MultiheadAttention) and name == "attn_mask" and getattr(value, "ndim", 0) == 2
 
 
 class _Forward(nn.Module):

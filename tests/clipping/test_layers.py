@@ -137,12 +137,40 @@ def attention_block(batch_first: bool) -> Built:
     return model, squared_error, (torch.randn(N_EXAMPLES, L, E), torch.randn(N_EXAMPLES, L, 2))
 
 
-def test_multihead_attention_is_refused_with_the_replacement_as_fix() -> None:
-    """Reference: DESIGN.md section 6 (unsupported layer -> error naming the module and the fix): sequence-first when
-    the engine is built; batch-first with need_weights=True (the averaged weights' gradient would be missed) when
-    it runs."""
-    with pytest.raises(UnsupportedLayerError, match=r"'attn' \(MultiheadAttention\).*replace_multihead_attention"):
-        ClippingEngine(AttentionBlock(False), PrivacyConfig(noise_multiplier=1.0))
+def test_sequence_first_multihead_attention_trains_unchanged_through_the_fallback() -> None:
+    """Reference: reference_clipped_sum. A sequence-first nn.MultiheadAttention with a per-example padding mask
+    ([n, L], examples in dim 0) and a causal mask shared by the examples: the watch follows the transpose to its
+    [L, n, E] query, and the fallback splits the query, key and value along dim 1 and the padding mask along dim 0."""
+    torch.manual_seed(4)
+    model = AttentionBlock(False)
+    inputs = (torch.randn(N_EXAMPLES, L, E), torch.randn(N_EXAMPLES, L, 2))
+    mask = default_mask()
+    expected = reference_clipped_sum(
+        model, squared_error, inputs, mask, clip_norm=0.5, style="all-layer", function="abadi"
+    )
+    got, _ = run_engine(model, squared_error, [(inputs, mask)] * 2, clip_norm=0.5, clipping_function="abadi")
+    assert_matches(got, {k: 2 * v for k, v in expected.items()}, 0.5)
+
+
+def test_multihead_attention_is_refused_with_the_fixes() -> None:
+    """Reference: DESIGN.md section 6 (unsupported layer -> error naming the module and the fix): sequence-first but
+    called on batch-first tensors (its dim 1 is not the examples); batch-first with need_weights=True (the averaged
+    weights' gradient would be missed)."""
+
+    class Misused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(E, H)  # batch_first=False
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.attn(x, x, x, need_weights=False)[0]
+
+    misused = Misused()
+    engine = ClippingEngine(misused, PrivacyConfig(noise_multiplier=1.0))
+    engine.attach()
+    with pytest.raises(UnsupportedLayerError, match=r"'attn' \(MultiheadAttention\).*not found in dim 1.*batch_first"):
+        with engine.recording(torch.device("cpu"), rows=N_EXAMPLES):
+            misused(torch.randn(N_EXAMPLES, L, E))
     model, loss_fn, (inputs, targets) = AttentionBlock(True), squared_error, attention_block(True)[2]
     engine = ClippingEngine(model, PrivacyConfig(noise_multiplier=1.0))
     engine.attach()

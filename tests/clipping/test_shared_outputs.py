@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_dpzero.clipping import ClippingEngine, UnsupportedLayerError
-from lightning_dpzero.clipping import shared as shared_module
+from lightning_dpzero.clipping import watch as watch_module
 from lightning_dpzero.config import PrivacyConfig
 from tests.conftest import token_cross_entropy
 from tests.reference import reference_clipped_sum
@@ -180,13 +180,13 @@ def test_models_without_shared_outputs_are_watched_on_the_first_batch_only(monke
     """Reference: the op-by-op watch costs a Python call per op; it runs on the first batch, then only for models
     that showed a shared output."""
     watches = []
-    real = shared_module.ForwardWatch.__init__
+    real = watch_module.ForwardWatch.__init__
 
     def counting(self, *args, **kwargs):
         watches.append(self)
         real(self, *args, **kwargs)
 
-    monkeypatch.setattr(shared_module.ForwardWatch, "__init__", counting)
+    monkeypatch.setattr(watch_module.ForwardWatch, "__init__", counting)
 
     class NoShared(Positions):
         def forward(self, ids: Tensor) -> Tensor:

@@ -3,7 +3,8 @@
 GPT-2 (``Conv1D`` with its transposed weight, positions ``wpe(arange(T)[None])`` computed once for the batch, a tied
 head), Llama (``LlamaRMSNorm`` through the torch.func fallback), OPT (learned positions in an ``nn.Embedding``
 subclass; feed-forward layers on rows flattened to [n * T, D]), BERT (positions and token types computed once), ViT
-(raw class token and position embeddings owned by ``ViTEmbeddings``), T5 (``T5LayerNorm`` through the fallback; its
+(raw class token and position embeddings owned by ``ViTEmbeddings``), a sequence-first ``nn.TransformerEncoder`` (the
+examples followed through the transpose to dim 1), T5 (``T5LayerNorm`` through the fallback; its
 relative attention bias [T, T, heads] computed once from positions and reused by every layer, split per example where
 it meets the scores: clipping/shared.py)."""
 
@@ -79,6 +80,30 @@ def _torch_transformer() -> nn.Module:
     return Transformer(vocab_size=V, ninp=16, nhead=2, nhid=32, nlayers=1, dropout=0.0)
 
 
+class _SequenceFirstLM(nn.Module):
+    """torch's classic language-model layout (pytorch/examples' word_language_model): tokens transposed to [T, n],
+    an ``nn.TransformerEncoder`` left at its default ``batch_first=False`` with a causal mask, logits [T, n, V]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(V, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        self.head = nn.Linear(16, V)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        src = self.emb(ids.t())  # [T, n, E]
+        causal = nn.Transformer.generate_square_subsequent_mask(ids.shape[1])
+        return self.head(self.encoder(src, mask=causal, is_causal=True))  # [T, n, V]
+
+
+def sequence_first_loss(model: nn.Module, inputs: tuple[Tensor, ...]) -> Tensor:
+    """Next-token cross-entropy from [T, n, V] logits, averaged over each example's tokens: [n]."""
+    (ids,) = inputs
+    logits = model(ids)[:-1].permute(1, 2, 0)  # [n, V, T - 1]
+    return F.cross_entropy(logits, ids[:, 1:], reduction="none").mean(1)
+
+
 def lm_loss(model: nn.Module, inputs: tuple[Tensor, ...]) -> Tensor:
     """Next-token cross-entropy, averaged over each example's tokens: [n]."""
     (ids,) = inputs
@@ -124,6 +149,7 @@ MODELS = {
     "vit": (_vit, class_loss, _images),
     "t5": (_t5, seq2seq_loss, _tokens),
     "torch_transformer": (_torch_transformer, demo_loss, _tokens),
+    "torch_sequence_first": (_SequenceFirstLM, sequence_first_loss, _tokens),
 }
 
 

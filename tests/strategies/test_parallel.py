@@ -223,7 +223,7 @@ def test_dp_zero3_exchanges_the_same_collectives_as_nonprivate_zero3(tmp_path) -
 
 
 # tests/clipping/test_transformers.py's MODELS (not imported here: transformers is optional)
-_HF_MODELS = ("gpt2", "llama", "opt", "bert", "vit", "t5", "torch_transformer")
+_HF_MODELS = ("gpt2", "llama", "opt", "bert", "vit", "t5", "torch_transformer", "torch_sequence_first")
 
 
 @pytest.mark.parametrize(
@@ -239,9 +239,11 @@ def test_transformers_models_match_the_reference_on_two_processes(model_name: st
     "t5": T5 (T5LayerNorm through the fallback, encoder and decoder, two layers each) with its relative attention
     bias trained: computed once per stack, reused by both layers, split per example where it meets the scores.
     "torch_transformer": Lightning's demo ``nn.Transformer`` (batch_first ``nn.MultiheadAttention`` through the
-    fallback, on parameters ZeRO-3 or FSDP2 gathered, a causal mask). "vit": ViT, whose ``ViTEmbeddings`` takes the
-    fallback for its raw class token and position embeddings and calls a patch convolution inside: FSDP2 shards
-    that subtree as one group, and under ZeRO-3 the recompute gathers the convolution's parameters itself."""
+    fallback, on parameters ZeRO-3 or FSDP2 gathered, a causal mask). "torch_sequence_first": an
+    ``nn.TransformerEncoder`` with ``batch_first=False`` on [T, n, E] (every layer's examples in dim 1). "vit": ViT,
+    whose ``ViTEmbeddings`` takes the fallback for its raw class token and position embeddings and calls a patch
+    convolution inside: FSDP2 shards that subtree as one group, and under ZeRO-3 the recompute gathers the
+    convolution's parameters itself."""
     pytest.importorskip("transformers")
     from tests.clipping.test_transformers import MODELS
 
