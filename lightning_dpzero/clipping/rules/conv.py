@@ -60,21 +60,39 @@ def _check(module: nn.Module, path: str) -> None:
 _WEIGHT_GRADIENTS = (conv_grad.conv1d_weight, conv_grad.conv2d_weight, conv_grad.conv3d_weight)
 
 
+def _padded(module: ConvNd, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """x padded as the module pads it (padding modes, 'same'), and the numeric padding left for the convolution."""
+    dims = len(module.kernel_size)
+    pad = conv_padding(module)
+    numeric = module.padding_mode == "zeros" and not isinstance(module.padding, str)
+    if any(pad) and not numeric:
+        x = F.pad(x, pad, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
+    return x, cast(tuple[int, ...], module.padding) if numeric else (0,) * dims
+
+
+def _weighted_weight_gradient(module: ConvNd, x: Tensor, grad_output: Tensor, factors: Tensor) -> Tensor:
+    """sum_i f_i G_i, [C_out, C_in / groups * prod(kernel)] fp32: the batch's weight gradient with example i's output
+    gradient scaled by f_i, by the weight-gradient convolution non-private training runs (no patches)."""
+    x, padding = _padded(module, x.float())
+    scaled = grad_output.float() * factors.view(-1, *([1] * (grad_output.dim() - 1)))
+    weight_gradient = _WEIGHT_GRADIENTS[len(module.kernel_size) - 1](
+        x, module.weight.shape, scaled, stride=module.stride, padding=padding, dilation=module.dilation,
+        groups=module.groups,
+    )  # fmt: skip
+    return weight_gradient.reshape(weight_gradient.shape[0], -1)
+
+
 def _per_example_weight_gradients(module: ConvNd, x: Tensor, grad_output: Tensor) -> Tensor:
     """[n, C_out, C_in / groups * prod(kernel)] fp32: every example's weight gradient, by one weight-gradient
     convolution of the whole batch laid side by side as n * groups groups ([1, n * C_in, *S]). Where the output has
     many positions next to the weight's size (2 T^2 >= P D), this is 2-3x faster on CPU than im2col and a batched
     matmul, and it builds no patches."""
-    n, dims = x.shape[0], len(module.kernel_size)
-    x, grad_output = x.float(), grad_output.float()
-    pad = conv_padding(module)
-    numeric = module.padding_mode == "zeros" and not isinstance(module.padding, str)
-    padding = cast(tuple[int, ...], module.padding) if numeric else (0,) * dims
-    if any(pad) and not numeric:
-        x = F.pad(x, pad, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
+    n = x.shape[0]
+    x, padding = _padded(module, x.float())
+    grad_output = grad_output.float()
     c_in, c_out = x.shape[1], grad_output.shape[1]
     size = (n * c_out, c_in // module.groups, *module.kernel_size)
-    weight_gradient = _WEIGHT_GRADIENTS[dims - 1](
+    weight_gradient = _WEIGHT_GRADIENTS[len(module.kernel_size) - 1](
         x.reshape(1, n * c_in, *x.shape[2:]),
         size,
         grad_output.reshape(1, n * c_out, *grad_output.shape[2:]),
@@ -123,6 +141,11 @@ def conv_rule(
                     build_right=right(g),
                     instantiate=instantiate(g) if grouped else None,
                     dims=(t, p, d),
+                    weighted_sum=(
+                        functools.partial(_weighted_weight_gradient, conv, activation, grad_output)
+                        if groups == 1
+                        else None
+                    ),
                 )
             )
     if "bias" in params:
