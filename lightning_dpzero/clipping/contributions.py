@@ -133,7 +133,7 @@ class Contribution:
             self.instantiated = self.instantiate()
         elif instantiate:
             right = self.right if self.right is not None else self._build_right()
-            self.instantiated = torch.einsum("ntp,ntd->npd", self.left.float(), right.float())
+            self.instantiated = torch.bmm(self.left.float().transpose(1, 2), right.float())  # [n, P, D]
         elif self.right is None:
             self.right = self._build_right()
         if instantiate:
@@ -378,9 +378,11 @@ def clipped_sum(c: Contribution, factors: Tensor) -> Tensor:
         factors: per-example clip factors, shape [n], fp32; 0 for padding rows.
     """
     if c.kind is Kind.SAMPLE:
-        return torch.einsum("n,n...->...", factors, _f32(c.left))
-    if c.instantiated is not None:
-        return _to_param(c, torch.einsum("n,npd->pd", factors, c.instantiated))
+        left = _f32(c.left)
+        return (factors @ left.reshape(left.shape[0], -1)).view(left.shape[1:])
+    if c.instantiated is not None:  # [n] @ [n, P * D]: a matrix-vector product (einsum adds ~10 us per call)
+        n, p, d = c.instantiated.shape
+        return _to_param(c, (factors @ c.instantiated.reshape(n, p * d)).view(p, d))
     if c.weighted_sum is not None:
         return _to_param(c, c.weighted_sum(factors))
     right = _f32(c.right) * factors.view(-1, 1, 1)
