@@ -76,7 +76,7 @@ def _weighted_weight_gradient(module: ConvNd, x: Tensor, grad_output: Tensor, fa
     x, padding = _padded(module, x.float())
     scaled = grad_output.float() * factors.view(-1, *([1] * (grad_output.dim() - 1)))
     weight_gradient = _WEIGHT_GRADIENTS[len(module.kernel_size) - 1](
-        x, module.weight.shape, scaled, stride=module.stride, padding=padding, dilation=module.dilation,
+        x, full_shape(module.weight), scaled, stride=module.stride, padding=padding, dilation=module.dilation,
         groups=module.groups,
     )  # fmt: skip
     return weight_gradient.reshape(weight_gradient.shape[0], -1)
