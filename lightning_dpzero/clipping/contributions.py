@@ -138,11 +138,26 @@ class Contribution:
             self.right = self._build_right()
         if instantiate:
             self.left = self.right = None
-        self.build_right = self.instantiate = None
+        if instantiate or self.weighted_sum is None:
+            self.build_right = None  # (kept otherwise: ``spare`` may drop ``right`` and ``factored`` rebuild it)
+        self.instantiate = None
 
     def _build_right(self) -> Tensor:
         assert self.build_right is not None
         return self.build_right()
+
+    def spare(self) -> None:
+        """Once its norm is taken: drop ``right`` if only the norm needed it (the clipped sum is ``weighted_sum``'s,
+        and ``build_right`` rebuilds it should a cross term, an exact recomputation or a dropped example need it).
+        A convolution's patches then live for one layer's backward instead of the whole step's."""
+        if self.weighted_sum is not None and self.build_right is not None:
+            self.right = None
+
+    def factored(self) -> Contribution:
+        """This contribution with ``right`` rebuilt if ``spare`` dropped it."""
+        if self.right is None and self.build_right is not None and self.instantiated is None:
+            self.right = self._build_right()
+        return self
 
 
 def _f32(t: Tensor | None) -> Tensor:
@@ -280,6 +295,7 @@ def _index_self_inner(c: Contribution) -> tuple[Tensor, Tensor]:
 
 def inner(a: Contribution, b: Contribution) -> tuple[Tensor, Tensor]:
     """<G_a,i, G_b,i> for every example, for two uses of the same parameter block, and its mass: [n], float64."""
+    a, b = a.factored(), b.factored()
     if a.kind is Kind.SAMPLE or b.kind is Kind.SAMPLE or a.matrix_shape() != b.matrix_shape():
         return _elementwise_inner(_per_example(a), _per_example(b))
     if a.kind is Kind.INDEX and b.kind is Kind.DENSE:
@@ -339,6 +355,7 @@ def _gather_rows(matrix: Tensor, ids: Tensor | None) -> Tensor:
 def _per_example(c: Contribution, rows: Tensor | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
     """The per-example gradient block [n, *shape] (or of the examples ``rows`` only), in ``dtype``."""
     pick = (lambda t: t) if rows is None else (lambda t: t[rows])
+    c = c.factored()
     if c.kind is Kind.SAMPLE:
         assert c.left is not None
         return pick(c.left).to(dtype)
@@ -385,6 +402,7 @@ def clipped_sum(c: Contribution, factors: Tensor) -> Tensor:
         return _to_param(c, (factors @ c.instantiated.reshape(n, p * d)).view(p, d))
     if c.weighted_sum is not None:
         return _to_param(c, c.weighted_sum(factors))
+    c = c.factored()
     right = _f32(c.right) * factors.view(-1, 1, 1)
     if c.kind is Kind.INDEX:
         ids = c.left
@@ -405,6 +423,8 @@ def zero_rows(c: Contribution, rows: Tensor) -> Contribution:
         keep = ~rows.view(-1, *([1] * (t.dim() - 1))).to(t.device)
         return torch.where(keep, t, torch.zeros((), dtype=t.dtype, device=t.device))
 
+    c = c.factored()
     return dataclasses.replace(
-        c, left=clean(c.left), right=clean(c.right), instantiated=clean(c.instantiated), weighted_sum=None
-    )
+        c, left=clean(c.left), right=clean(c.right), instantiated=clean(c.instantiated), weighted_sum=None,
+        build_right=None,
+    )  # fmt: skip

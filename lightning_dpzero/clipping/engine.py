@@ -623,6 +623,7 @@ class ClippingEngine:
                 for previous in self._contributions[key]:  # the same parameter used again: cross terms
                     cross, cross_mass = inner(previous, c)
                     norm2, mass = norm2 + 2.0 * cross, mass + 2.0 * cross_mass
+                c.spare()
                 self._contributions[key].append(c)
                 if key in self._norm2:
                     norm2, mass = norm2 + self._norm2[key], mass + self._mass[key]

@@ -123,6 +123,8 @@ def conv_rule(
         per_example = functools.cache(lambda: _per_example_weight_gradients(conv, activation, grad_output))
 
         def right(g: int) -> Callable[[], Tensor]:
+            if groups == 1:  # not cached: the patches are dropped once the norm is taken (Contribution.spare)
+                return lambda: _unfold(conv, activation)
             return lambda: patches()[..., g * d : (g + 1) * d]
 
         def instantiate(g: int) -> Callable[[], Tensor]:
