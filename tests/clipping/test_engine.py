@@ -251,6 +251,33 @@ def test_two_physical_batches_sum_to_the_union(build, norm_mode):
     assert_matches(got, expected, 0.5)
 
 
+class TwiceConv(nn.Module):
+    """One Conv2d called twice (reflect padding, stride 2 then 1), then a head: cross terms between two uses of a
+    convolution, whose patches the engine drops after each use's norm (Contribution.spare) and rebuilds for them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect")
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.conv(torch.tanh(self.conv(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("norm_mode", list(NormMode), ids=str)
+def test_a_convolution_called_twice(norm_mode):
+    """Reference: reference_clipped_sum; all-layer, so both uses' contributions are held until the step's clipping."""
+    torch.manual_seed(40)
+    model = TwiceConv()
+    inputs = (torch.randn(N_EXAMPLES, 3, 6, 6), torch.randn(N_EXAMPLES, 2))
+    mask = default_mask()
+    expected = reference_clipped_sum(model, squared_error, inputs, mask, clip_norm=0.5, style="all-layer",
+                                     function="abadi")  # fmt: skip
+    got, _ = run_engine(model, squared_error, [(inputs, mask)], clip_norm=0.5, clipping_function="abadi",
+                        norm_mode=norm_mode)  # fmt: skip
+    assert_matches(got, expected, 0.5)
+
+
 @pytest.mark.parametrize("style", ["all-layer", "layer-wise"])
 @pytest.mark.parametrize("build", [tied_gpt, twice_linear], ids=lambda b: b.__name__)
 def test_sink_streams_each_parameter_once_per_physical_batch(build, style):
