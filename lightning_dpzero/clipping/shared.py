@@ -24,7 +24,7 @@ self-check, which compares every tap's rows when one example changes.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -47,6 +47,7 @@ class SharedCall:
     output: weakref.ref[Tensor] | None = None  # its tapped output
     shared: bool = False  # some use broadcast it over the examples: the uses report, its own tap passes through
     escaped: str | None = None  # an op that combined it with example data without splitting it per example
+    feeds: list[SharedCall] = field(default_factory=list)  # shared calls whose input it is
 
 
 class SharedTap(torch.autograd.Function):

@@ -107,6 +107,9 @@ class ForwardWatch(TorchFunctionMode):
         if not all(self.is_free(t) for t in _tensors(inputs)):
             return None
         shared = SharedCall(layer, activation, None, None)
+        for t in _tensors(inputs):
+            for inner in self._from(t):
+                inner.feeds.append(shared)
         self.calls.append(shared)
         return shared
 
@@ -130,6 +133,17 @@ class ForwardWatch(TorchFunctionMode):
         if self.error is not None:
             raise self.error
         for shared in self.calls:
+            fed = next((outer for outer in shared.feeds if outer.shared), None)
+            if fed is not None:
+                raise UnsupportedLayerError(
+                    shared.layer.path,
+                    shared.layer.module,
+                    "its output is computed from no example data and goes into module "
+                    f"'{fed.layer.path}', also computed once for all examples, before it meets them; per-example "
+                    "gradients cannot be split back through that module. Apply one of them to per-example inputs "
+                    "(positions expanded per example: wpe(pos.expand(n, T))), or freeze it: "
+                    f"get_submodule('{shared.layer.path}').requires_grad_(False)",
+                )
             if shared.shared and shared.escaped is not None:
                 raise UnsupportedLayerError(
                     shared.layer.path,

@@ -176,6 +176,26 @@ def test_a_shared_output_also_combined_with_data_otherwise_is_refused() -> None:
         _run(AlsoEinsum(6, "add"), [_data(6)])
 
 
+@pytest.mark.parametrize("T", [N, 6], ids=["T == n", "T != n"])
+def test_a_shared_output_fed_into_another_shared_module_is_refused(T: int) -> None:
+    """Reference: positions embedded once and projected once (proj(wpe(arange(T)))), then added to the tokens: proj's
+    per-example gradients are split where the sum meets the examples, wpe's would have to come back through proj's
+    own tap. Refused naming both modules, also when T == n, where wpe's summed gradient [T, D] has n rows and would
+    otherwise pass for per-example."""
+
+    class Projected(Positions):
+        def __init__(self, T: int) -> None:
+            super().__init__(T)
+            self.proj = nn.Linear(D, D)
+
+        def forward(self, ids: Tensor) -> Tensor:
+            return self.head(self.wte(ids) + self.proj(self.wpe(torch.arange(ids.shape[1]))))
+
+    torch.manual_seed(0)
+    with pytest.raises(UnsupportedLayerError, match=r"'wpe'.*goes into module 'proj'.*requires_grad_\(False\)"):
+        _run(Projected(T), [_data(T)])
+
+
 def test_models_without_shared_outputs_are_watched_on_the_first_batch_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """Reference: the op-by-op watch costs a Python call per op; it runs on the first batch, then only for models
     that showed a shared output."""
