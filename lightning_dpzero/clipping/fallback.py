@@ -7,6 +7,11 @@ gradient with respect to the module's *own* parameters theta is grad_theta <modu
 for every i at once with ``vmap(grad(...))``. Submodules keep their own rules: their parameters are constants here.
 This instantiates per-example gradients ([n, *param.shape] per own parameter) and re-runs the module's forward in the
 backward pass, so it costs more than a rule; the parameters such modules own directly are usually small.
+
+Inputs whose examples the engine followed to another dim (a sequence-first ``nn.MultiheadAttention``'s [L, n, E]) are
+split along that dim. A module that draws random numbers in its training forward (attention dropout) is recomputed
+with the generators reset to their state before that forward, under ``randomness="different"``; the recomputed
+output must equal the forward's, or the module is refused.
 """
 
 from __future__ import annotations
