@@ -53,8 +53,8 @@ class ForwardWatch(TorchFunctionMode):
         engine: the engine recording the batch (its ``share`` wraps a shared use).
         rows: n, the examples of the physical batch; ``None``: unknown, and nothing is split.
         constants: ids of the model's buffers (data-free, like its parameters).
-        first: the first recorded batch: a tapped output *with* example data broadcast along a new leading dimension
-            is refused (its dim 0 is not the example dimension).
+        first: the first recorded batch: a tapped output with example data (or any, when ``rows`` is unknown)
+            broadcast along a new leading dimension is refused (its dim 0 is not the example dimension).
     """
 
     def __init__(self, engine: ClippingEngine, rows: int | None, constants: set[int], first: bool) -> None:
@@ -116,13 +116,13 @@ class ForwardWatch(TorchFunctionMode):
     def track(self, tapped: Tensor, layer: _Layer, shared: SharedCall | None, dim: int) -> None:
         """Called with a tap's output: data-free (and a source of shared uses) when its inputs were; otherwise its
         examples are in ``dim``, as in the module's input."""
-        if shared is not None:
+        if shared is not None:  # (free to broadcast against other data-free values; split where it meets data)
             shared.output = weakref.ref(tapped)
             self._held.append(tapped)  # until the forward ends: a wrapper's hook (ZeRO-3's) may replace the output
             self._free[id(tapped)] = (weakref.ref(tapped), (shared,))
-        else:
-            self._free.pop(id(tapped), None)
-            self._set_dim(tapped, dim if dim < tapped.dim() else None)
+            return
+        self._free.pop(id(tapped), None)
+        self._set_dim(tapped, dim if dim < tapped.dim() else None)
         if self.first:
             self._tapped[id(tapped)] = tapped
             self._layers[id(tapped)] = layer

@@ -35,8 +35,8 @@ class Positions(nn.Module):
 
 class RelativeBias(nn.Module):
     """T5's pattern: a bias [heads, T, T] from an embedding of relative positions, computed once and reused by every
-    layer, reaching the scores through ``how``: ``add``, ``matmul`` (as a mixing matrix), ``sdpa`` (attn_mask) or
-    ``expand`` (explicitly to [n, heads, T, T] first)."""
+    layer, reaching the scores through ``how``: ``add``, ``matmul`` (as a mixing matrix), ``sdpa`` (attn_mask),
+    ``expand`` (explicitly to [n, heads, T, T] first) or ``masked`` (added first to a data-free [1, T, T, heads])."""
 
     def __init__(self, T: int, how: str = "add", layers: int = 2, heads: int = 2) -> None:
         super().__init__()
@@ -48,7 +48,10 @@ class RelativeBias(nn.Module):
 
     def bias(self) -> Tensor:
         pos = torch.arange(self.T)
-        return self.rel(pos[None, :] - pos[:, None] + self.T - 1).permute(2, 0, 1).unsqueeze(0)  # [1, heads, T, T]
+        values = self.rel(pos[None, :] - pos[:, None] + self.T - 1)  # [T, T, heads]
+        if self.how == "masked":  # first broadcast against a data-free value with one more leading dim
+            return (values + torch.zeros(1, self.T, self.T, self.heads)).permute(0, 3, 1, 2)
+        return values.permute(2, 0, 1).unsqueeze(0)  # [1, heads, T, T]
 
     def forward(self, ids: Tensor) -> Tensor:
         n, T = ids.shape
@@ -129,6 +132,7 @@ CASES = {
     "relative bias, matmul": lambda T: RelativeBias(T, "matmul"),
     "relative bias, sdpa attn_mask": lambda T: RelativeBias(T, "sdpa"),
     "relative bias, expand": lambda T: RelativeBias(T, "expand"),
+    "relative bias, masked first": lambda T: RelativeBias(T, "masked"),
     "raw table, fallback": WithBiasTable,
 }
 
