@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -395,8 +396,8 @@ def clipped_sum(c: Contribution, factors: Tensor) -> Tensor:
         factors: per-example clip factors, shape [n], fp32; 0 for padding rows.
     """
     if c.kind is Kind.SAMPLE:
-        left = _f32(c.left)
-        return (factors @ left.reshape(left.shape[0], -1)).view(left.shape[1:])
+        left = _f32(c.left)  # [n, *shape]
+        return (factors @ left.reshape(left.shape[0], math.prod(left.shape[1:]))).view(left.shape[1:])
     if c.instantiated is not None:  # [n] @ [n, P * D]: a matrix-vector product (einsum adds ~10 us per call)
         n, p, d = c.instantiated.shape
         return _to_param(c, (factors @ c.instantiated.reshape(n, p * d)).view(p, d))

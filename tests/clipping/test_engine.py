@@ -278,6 +278,28 @@ def test_a_convolution_called_twice(norm_mode):
     assert_matches(got, expected, 0.5)
 
 
+@pytest.mark.parametrize("norm_mode", list(NormMode), ids=str)
+def test_a_non_finite_example_through_a_convolution_contributes_nothing(norm_mode):
+    """Reference: reference_clipped_sum over the other examples. One example's input is inf: its norms are non-finite,
+    so it is dropped, and the convolution's clipped sum comes from its factors cleaned of that row (the patches a
+    ghost norm dropped are rebuilt for it) instead of the weight-gradient convolution, where 0 * inf would be NaN."""
+    torch.manual_seed(41)
+    model = TwiceConv()
+    x, y = torch.randn(N_EXAMPLES, 3, 6, 6), torch.randn(N_EXAMPLES, 2)
+    x[1, 0, 1, 1] = float("inf")  # a real example (row 2 of the default mask is padding)
+    mask = default_mask()
+    kept = mask.clone()
+    kept[1] = False
+    clean = (torch.where(torch.isfinite(x), x, torch.zeros(())), y)  # the reference never runs row 1 anyway
+    expected = reference_clipped_sum(model, squared_error, clean, kept, clip_norm=0.5, style="all-layer",
+                                     function="abadi")  # fmt: skip
+    got, engine = run_engine(model, squared_error, [((x, y), mask)], clip_norm=0.5, clipping_function="abadi",
+                             norm_mode=norm_mode)  # fmt: skip
+    assert engine.non_finite_examples == 1
+    assert all(torch.isfinite(v).all() for v in got.values())
+    assert_matches(got, expected, 0.5)
+
+
 @pytest.mark.parametrize("style", ["all-layer", "layer-wise"])
 @pytest.mark.parametrize("build", [tied_gpt, twice_linear], ids=lambda b: b.__name__)
 def test_sink_streams_each_parameter_once_per_physical_batch(build, style):
