@@ -35,7 +35,12 @@ from lightning_dpzero.clipping.contributions import (
     self_inner,
     zero_rows,
 )
-from lightning_dpzero.clipping.fallback import RandomnessNotReplayed, RandomState, functorch_rule
+from lightning_dpzero.clipping.fallback import (
+    RandomnessNotReplayed,
+    RandomState,
+    functorch_rule,
+    may_draw_random_numbers,
+)
 from lightning_dpzero.clipping.functions import clip_factors
 from lightning_dpzero.clipping.registry import ClippingRule, UnsupportedLayerError, rule_for
 from lightning_dpzero.clipping.shared import SharedCall, SharedTap, SharedUse, per_example_view
@@ -400,11 +405,13 @@ class ClippingEngine:
                 shared = watch.call_for(layer, (args, kwargs), output, activation.detach())
             call = None
             if layer.rule is functorch_rule:
+                random = self._random_before.pop(id(layer), None)
                 call = _Call(
                     tuple(_detached(a) for a in args),
                     {k: _detached(v) for k, v in kwargs.items()},
-                    random=self._random_before.pop(id(layer), None),
-                    output=output.detach(),
+                    random=random,
+                    # kept only where a replay may need it: an activation-sized tensor per call otherwise
+                    output=output.detach() if random is not None and may_draw_random_numbers(module) else None,
                     layout=layout,
                 )
             record = None

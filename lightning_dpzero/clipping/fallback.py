@@ -30,7 +30,7 @@ from lightning_dpzero._internals import deepspeed as deepspeed_internals
 from lightning_dpzero._internals.torch import hooks_set_aside
 from lightning_dpzero.clipping.contributions import Contribution, Kind
 
-__all__ = ["RandomState", "RandomnessNotReplayed", "functorch_rule"]
+__all__ = ["RandomState", "RandomnessNotReplayed", "functorch_rule", "may_draw_random_numbers"]
 
 
 def functorch_rule(
@@ -116,6 +116,8 @@ def _per_example(
     else:
         try:
             grads, _ = per_example_grads("error")
+            if random:  # a training forward that drew nothing: later ones need not keep their output
+                _draws_random_numbers[module] = False
         except RuntimeError as err:
             if not random or "randomness" not in str(err):
                 raise
@@ -127,8 +129,14 @@ def _per_example(
     ]
 
 
-# Modules seen drawing random numbers in a training forward (dropout): their recompute replays the forward's draws.
+# Whether a module drew random numbers in its last recomputed training forward (dropout): if so its recompute replays
+# the forward's draws; if not, its forwards need not keep their output to check a replay against.
 _draws_random_numbers: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def may_draw_random_numbers(module: nn.Module) -> bool:
+    """Whether ``module``'s forward should keep its output for a replay: it drew random numbers, or is not seen yet."""
+    return _draws_random_numbers.get(module, True)
 
 
 @dataclass(eq=False)
@@ -155,6 +163,11 @@ def _replayed(module: nn.Module, call: Any, per_example_grads: Callable[[str], t
         if state.device is not None and state.accelerator is not None:
             torch.cuda.set_rng_state(state.accelerator, state.device)
         grads, recomputed = per_example_grads("different")
+    if call.output is None:
+        raise RandomnessNotReplayed(
+            "its forward drew random numbers where an earlier one of the run drew none, so its output was not kept "
+            "to check a replay against"
+        )
     output = call.output.movedim(call.layout.dim, 0)
     recomputed = recomputed.reshape(output.shape)
     tolerance = 1e-4 if output.dtype in (torch.float32, torch.float64) else 2e-2
