@@ -45,7 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import step_time  # noqa: E402  (the benchmark models)
 
-from lightning_dpzero.clipping import ClippingEngine, contributions, engine as engine_module  # noqa: E402
+from lightning_dpzero.clipping import ClippingEngine, contributions  # noqa: E402
+from lightning_dpzero.clipping import engine as engine_module  # noqa: E402
 from lightning_dpzero.config import PrivacyConfig  # noqa: E402
 from lightning_dpzero.selfcheck import SelfCheck  # noqa: E402
 

@@ -226,6 +226,25 @@ def _fallback_refused(module: nn.Module) -> bool:
     return isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.RNNBase))
 
 
+# Layers whose output is a fresh tensor that their own backward does not read (they save inputs and statistics, never
+# the result): the tap may take the output itself, in place, instead of a copy. Exact types only: a subclass may
+# return anything from its own forward.
+_FRESH_OUTPUT_TYPES = frozenset({
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+})  # fmt: skip
+
+
+def _tap_in_place(module: nn.Module, output: Tensor) -> bool:
+    """Whether the tap may mark ``output`` as modified in place and hand it on, with no copy.
+
+    A copy keeps downstream in-place operations (``ReLU(inplace=True)``, ``x += y``) legal on any output; an output
+    that is not a view of another tensor, made by a layer whose backward never reads it, stays legal in place too
+    (autograd rebases its history onto the tap). A layer that did read it would fail loudly, not silently, through
+    autograd's version check."""
+    return type(module) in _FRESH_OUTPUT_TYPES and output.grad_fn is not None and not output._is_view()
+
+
 class _Tap(torch.autograd.Function):
     """Identity on a module's output that hands the output gradient to the engine."""
 
@@ -241,29 +260,33 @@ class _Tap(torch.autograd.Function):
         call: _Call | None,
         shared: SharedCall | None,
         dim: int,
+        in_place: bool,
     ) -> Tensor:
         ctx.engine, ctx.layer, ctx.activation, ctx.version, ctx.record = engine, layer, act, act._version, record
         ctx.call, ctx.shared, ctx.dim = call, shared, dim
+        if in_place:  # see _tap_in_place
+            ctx.mark_dirty(output)
+            return output
         # A fresh tensor, not a view: downstream in-place ops (ReLU(inplace=True), x += ...) must stay legal.
         return output.clone()
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None, None, None, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None, None, None, None, None, None]:
         if ctx.activation._version != ctx.version:
             raise RuntimeError(
                 f"the input of module '{ctx.layer.path}' was modified in place after the module used it; "
                 "per-example gradients need the value it saw. Avoid the in-place operation."
             )
         if ctx.engine._passive:  # another backward through the same graph (the self-check's autograd reference)
-            return grad, None, None, None, None, None, None, None, None
+            return grad, None, None, None, None, None, None, None, None, None
         if ctx.shared is not None and ctx.shared.shared:  # its uses reported each example's gradient (shared.py)
-            return grad, None, None, None, None, None, None, None, None
+            return grad, None, None, None, None, None, None, None, None, None
         examples_first = grad.movedim(ctx.dim, 0) if ctx.dim else grad
         if ctx.record is not None:
             ctx.record.grad = examples_first.detach()
         ctx.engine._receive(ctx.layer, ctx.activation, examples_first, ctx.call)
         ctx.activation = ctx.call = None
-        return grad, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None
 
 
 class ClippingEngine:
@@ -420,8 +443,11 @@ class ClippingEngine:
                 self._probe.taps.append(record)
             if shared is not None:
                 shared.call, shared.record = call, record
+            # In place only in the steady state: not while the watch follows values by identity, nor while a probe
+            # keeps the output (a downstream in-place op would change what it recorded).
+            in_place = watch is None and record is None and _tap_in_place(module, output)
             tapped = _Tap.apply(
-                output, self._anchor, self, layer, activation.detach(), record, call, shared, layout.dim
+                output, self._anchor, self, layer, activation.detach(), record, call, shared, layout.dim, in_place
             )
             for k in layer.groups:
                 self._pending_taps[k] += 1

@@ -278,6 +278,69 @@ def test_a_convolution_called_twice(norm_mode):
     assert_matches(got, expected, 0.5)
 
 
+class InPlaceAfterEveryLayer(nn.Module):
+    """Each layer type whose output the tap takes in place (engine._FRESH_OUTPUT_TYPES) followed by an in-place op on
+    that output, and a Linear subclass (not taken in place: a subclass may return anything)."""
+
+    class _Scaled(nn.Linear):
+        def forward(self, x: Tensor) -> Tensor:
+            return super().forward(x) * 2.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.gn = nn.GroupNorm(2, 4)
+        self.ln = nn.LayerNorm(4)
+        self.fc = nn.Linear(4, 3)
+        self.sub = self._Scaled(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu_(self.conv(x))
+        h = self.gn(h)
+        h += 0.5  # on the tapped GroupNorm output itself
+        h = self.ln(h.mean((2, 3)))
+        h.mul_(1.5)
+        h = self.fc(h)
+        h.tanh_()
+        return self.sub(h)
+
+
+def test_outputs_tapped_in_place_stay_exact_under_in_place_ops():
+    """Reference: reference_clipped_sum of three physical batches (the first is watched and tapped by copy, the
+    later ones in place); the layers of _FRESH_OUTPUT_TYPES hand on their own output tensor, the subclass a copy."""
+    torch.manual_seed(41)
+    model = InPlaceAfterEveryLayer()
+    batches = []
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        inputs = (torch.randn(N_EXAMPLES, 2, 5, 5, generator=gen), torch.randn(N_EXAMPLES, 2, generator=gen))
+        batches.append((inputs, default_mask()))
+    same: dict[str, list[bool]] = {"conv": [], "gn": [], "ln": [], "fc": [], "sub": []}
+    raw: dict[str, int] = {}
+    for name in same:
+        module = model.get_submodule(name)
+        module.register_forward_hook(lambda m, a, out, n=name: raw.__setitem__(n, out.data_ptr()), prepend=True)
+
+    _, eng = run_engine(model, squared_error, [], clip_norm=0.5, clipping_function="abadi")
+    for name in same:  # after the engine's hook: the tensor the rest of the forward sees
+        module = model.get_submodule(name)
+        module.register_forward_hook(
+            lambda m, a, out, n=name: same[n].append(out.data_ptr() == raw[n]) if recording else None
+        )
+    recording = False
+    for inputs, mask in batches:
+        recording = True
+        with eng.recording(CPU):
+            loss = squared_error(model, inputs).sum()
+        recording = False
+        eng.backward(loss, mask)
+        expected = reference_clipped_sum(model, squared_error, inputs, mask, clip_norm=0.5, style="all-layer",
+                                         function="abadi")  # fmt: skip
+        assert_matches(eng.pop_summed(), expected, 0.5)
+    assert same == {"conv": [False, True, True], "gn": [False, True, True], "ln": [False, True, True],
+                    "fc": [False, True, True], "sub": [False, False, False]}  # fmt: skip
+
+
 @pytest.mark.parametrize("norm_mode", list(NormMode), ids=str)
 def test_a_non_finite_example_through_a_convolution_contributes_nothing(norm_mode):
     """Reference: reference_clipped_sum over the other examples. One example's input is inf: its norms are non-finite,

@@ -20,7 +20,8 @@ def _affine_contributions(
 ) -> list[Contribution]:
     out = []
     if "weight" in params:
-        gw = (x_hat * grad).sum(reduce_dims) if reduce_dims else x_hat * grad
+        # x_hat is the rule's own temporary: multiplied in place, so that no second activation-sized tensor is held
+        gw = x_hat.mul_(grad).sum(reduce_dims) if reduce_dims else x_hat * grad
         out.append(Contribution(params["weight"], Kind.SAMPLE, gw, None, full_shape(cast(Tensor, module.weight))))
     if "bias" in params:
         gb = grad.sum(reduce_dims) if reduce_dims else grad
