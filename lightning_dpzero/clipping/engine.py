@@ -235,14 +235,31 @@ _FRESH_OUTPUT_TYPES = frozenset({
 })  # fmt: skip
 
 
-def _tap_in_place(module: nn.Module, output: Tensor) -> bool:
-    """Whether the tap may mark ``output`` as modified in place and hand it on, with no copy.
+def _in_place_target(module: nn.Module, output: Tensor) -> Tensor | None:
+    """The tensor the tap may mark as modified in place and hand on, with no copy; ``None``: copy ``output``.
 
-    A copy keeps downstream in-place operations (``ReLU(inplace=True)``, ``x += y``) legal on any output; an output
-    that is not a view of another tensor, made by a layer whose backward never reads it, stays legal in place too
-    (autograd rebases its history onto the tap). A layer that did read it would fail loudly, not silently, through
-    autograd's version check."""
-    return type(module) in _FRESH_OUTPUT_TYPES and output.grad_fn is not None and not output._is_view()
+    A copy keeps downstream in-place operations (``ReLU(inplace=True)``, ``x += y``) legal on any output. A fresh
+    tensor made by a layer whose backward never reads it stays legal in place too: autograd rebases its history onto
+    the tap (a layer that did read it would fail loudly, through autograd's version check, not silently). That is
+    the output itself, or, for a Linear on [n, T, D] (torch returns a [n, T, P] view of its [n T, P] result), the
+    whole tensor it views: the tap takes that one and the module returns a view of it, as torch's own Linear does.
+    """
+    if type(module) not in _FRESH_OUTPUT_TYPES or output.grad_fn is None:
+        return None
+    if not output._is_view():
+        return output
+    base = output._base
+    if (
+        base is not None
+        and not base._is_view()
+        and base.grad_fn is not None
+        and output.is_contiguous()
+        and base.is_contiguous()
+        and output.storage_offset() == 0
+        and output.numel() == base.numel()
+    ):
+        return base
+    return None
 
 
 class _Tap(torch.autograd.Function):
@@ -261,32 +278,34 @@ class _Tap(torch.autograd.Function):
         shared: SharedCall | None,
         dim: int,
         in_place: bool,
+        shape: torch.Size,
     ) -> Tensor:
         ctx.engine, ctx.layer, ctx.activation, ctx.version, ctx.record = engine, layer, act, act._version, record
-        ctx.call, ctx.shared, ctx.dim = call, shared, dim
-        if in_place:  # see _tap_in_place
+        ctx.call, ctx.shared, ctx.dim, ctx.shape = call, shared, dim, shape
+        if in_place:  # see _in_place_target
             ctx.mark_dirty(output)
             return output
         # A fresh tensor, not a view: downstream in-place ops (ReLU(inplace=True), x += ...) must stay legal.
         return output.clone()
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None, None, None, None, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None, None, None, None, None, None, None]:
         if ctx.activation._version != ctx.version:
             raise RuntimeError(
                 f"the input of module '{ctx.layer.path}' was modified in place after the module used it; "
                 "per-example gradients need the value it saw. Avoid the in-place operation."
             )
         if ctx.engine._passive:  # another backward through the same graph (the self-check's autograd reference)
-            return grad, None, None, None, None, None, None, None, None, None
+            return grad, None, None, None, None, None, None, None, None, None, None
         if ctx.shared is not None and ctx.shared.shared:  # its uses reported each example's gradient (shared.py)
-            return grad, None, None, None, None, None, None, None, None, None
-        examples_first = grad.movedim(ctx.dim, 0) if ctx.dim else grad
+            return grad, None, None, None, None, None, None, None, None, None, None
+        output_grad = grad if grad.shape == ctx.shape else grad.reshape(ctx.shape)  # tapped the tensor it views
+        examples_first = output_grad.movedim(ctx.dim, 0) if ctx.dim else output_grad
         if ctx.record is not None:
             ctx.record.grad = examples_first.detach()
         ctx.engine._receive(ctx.layer, ctx.activation, examples_first, ctx.call)
         ctx.activation = ctx.call = None
-        return grad, None, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None, None
 
 
 class ClippingEngine:
@@ -445,10 +464,13 @@ class ClippingEngine:
                 shared.call, shared.record = call, record
             # In place only in the steady state: not while the watch follows values by identity, nor while a probe
             # keeps the output (a downstream in-place op would change what it recorded).
-            in_place = watch is None and record is None and _tap_in_place(module, output)
+            target = None if watch is not None or record is not None else _in_place_target(module, output)
             tapped = _Tap.apply(
-                output, self._anchor, self, layer, activation.detach(), record, call, shared, layout.dim, in_place
-            )
+                output if target is None else target, self._anchor, self, layer, activation.detach(), record, call,
+                shared, layout.dim, target is not None, output.shape,
+            )  # fmt: skip
+            if tapped.shape != output.shape:
+                tapped = tapped.view(output.shape)
             for k in layer.groups:
                 self._pending_taps[k] += 1
             if watch is not None:

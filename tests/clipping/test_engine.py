@@ -291,6 +291,7 @@ class InPlaceAfterEveryLayer(nn.Module):
         self.conv = nn.Conv2d(2, 4, 3, padding=1)
         self.gn = nn.GroupNorm(2, 4)
         self.ln = nn.LayerNorm(4)
+        self.seq = nn.Linear(4, 4)  # on [n, 3, 4]: torch returns a view of its [3n, 4] result
         self.fc = nn.Linear(4, 3)
         self.sub = self._Scaled(3, 2)
 
@@ -300,14 +301,17 @@ class InPlaceAfterEveryLayer(nn.Module):
         h += 0.5  # on the tapped GroupNorm output itself
         h = self.ln(h.mean((2, 3)))
         h.mul_(1.5)
-        h = self.fc(h)
+        h = self.seq(h.unsqueeze(1) * torch.arange(1.0, 4.0).view(1, 3, 1))
+        h.relu_()
+        h = self.fc(h.mean(1))
         h.tanh_()
         return self.sub(h)
 
 
 def test_outputs_tapped_in_place_stay_exact_under_in_place_ops():
     """Reference: reference_clipped_sum of three physical batches (the first is watched and tapped by copy, the
-    later ones in place); the layers of _FRESH_OUTPUT_TYPES hand on their own output tensor, the subclass a copy."""
+    later ones in place); the layers of _FRESH_OUTPUT_TYPES hand on their own output's memory (a 3-d Linear a view of
+    the tensor it viewed), the subclass a copy."""
     torch.manual_seed(41)
     model = InPlaceAfterEveryLayer()
     batches = []
@@ -315,7 +319,7 @@ def test_outputs_tapped_in_place_stay_exact_under_in_place_ops():
         gen = torch.Generator().manual_seed(seed)
         inputs = (torch.randn(N_EXAMPLES, 2, 5, 5, generator=gen), torch.randn(N_EXAMPLES, 2, generator=gen))
         batches.append((inputs, default_mask()))
-    same: dict[str, list[bool]] = {"conv": [], "gn": [], "ln": [], "fc": [], "sub": []}
+    same: dict[str, list[bool]] = {"conv": [], "gn": [], "ln": [], "seq": [], "fc": [], "sub": []}
     raw: dict[str, int] = {}
     for name in same:
         module = model.get_submodule(name)
@@ -338,7 +342,7 @@ def test_outputs_tapped_in_place_stay_exact_under_in_place_ops():
                                          function="abadi")  # fmt: skip
         assert_matches(eng.pop_summed(), expected, 0.5)
     assert same == {"conv": [False, True, True], "gn": [False, True, True], "ln": [False, True, True],
-                    "fc": [False, True, True], "sub": [False, False, False]}  # fmt: skip
+                    "seq": [False, True, True], "fc": [False, True, True], "sub": [False, False, False]}  # fmt: skip
 
 
 @pytest.mark.parametrize("norm_mode", list(NormMode), ids=str)
