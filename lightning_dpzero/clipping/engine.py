@@ -233,6 +233,7 @@ _FRESH_OUTPUT_TYPES = frozenset({
     nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
     nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
 })  # fmt: skip
+_FRESH_OUTPUT_NAMES = frozenset({"transformers.pytorch_utils.Conv1D"})  # GPT-2's: addmm(...).view(...)
 
 
 def _in_place_target(module: nn.Module, output: Tensor) -> Tensor | None:
@@ -241,10 +242,14 @@ def _in_place_target(module: nn.Module, output: Tensor) -> Tensor | None:
     A copy keeps downstream in-place operations (``ReLU(inplace=True)``, ``x += y``) legal on any output. A fresh
     tensor made by a layer whose backward never reads it stays legal in place too: autograd rebases its history onto
     the tap (a layer that did read it would fail loudly, through autograd's version check, not silently). That is
-    the output itself, or, for a Linear on [n, T, D] (torch returns a [n, T, P] view of its [n T, P] result), the
-    whole tensor it views: the tap takes that one and the module returns a view of it, as torch's own Linear does.
+    the output itself, or, for a Linear on [n, T, D] (torch returns a [n, T, P] view of its [n T, P] result; GPT-2's
+    Conv1D alike), the whole tensor it views: the tap takes that one and the module returns a view of it, as the
+    layer itself does.
     """
-    if type(module) not in _FRESH_OUTPUT_TYPES or output.grad_fn is None:
+    kind = type(module)
+    if output.grad_fn is None or (
+        kind not in _FRESH_OUTPUT_TYPES and f"{kind.__module__}.{kind.__qualname__}" not in _FRESH_OUTPUT_NAMES
+    ):
         return None
     if not output._is_view():
         return output
