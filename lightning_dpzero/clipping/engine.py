@@ -764,11 +764,10 @@ class ClippingEngine:
                 )
             for name in dict.fromkeys(key[0] for key in keys):  # each parameter once, in the order reached
                 param = self.params[name]
-                target = self.summed.get(name) if self.sink is None else None
-                if target is None:
-                    target = torch.zeros(full_shape(param), device=param.device, dtype=torch.float32)
-                    if self.sink is None:
-                        self.summed[name] = target
+                shape = full_shape(param)
+                # None until the first block: a whole, contiguous first block becomes the sum itself (no zero fill and
+                # no addition of the parameter's size).
+                target: Tensor | None = self.summed.get(name) if self.sink is None else None
                 k = self.groups.group_of[name]
                 for key in [key for key in keys if key[0] == name]:
                     contributions = self._contributions.pop(key)
@@ -778,13 +777,22 @@ class ClippingEngine:
                         f = f.clone()
                         f[rows] = 0.0
                         kept = rows[factors[k][rows] != 0]  # padding, dropped examples: their blocks may be inf
+                        target = _zeros(shape, param) if target is None else target
                         for chunk, blocks in _exact_chunks(contributions, kept):
                             block = torch.einsum("k,k...->...", factors[k][chunk].double(), blocks).float()
                             self._add_block(target, contributions[0].rows, block)
                     for c in contributions:
                         if k in dropped:
                             c = zero_rows(c, dropped[k])  # 0 * inf would still be NaN
-                        self._add_block(target, c.rows, clipped_sum(c, f))
+                        block = clipped_sum(c, f)
+                        if target is None and c.rows is None and block.shape == shape and block.is_contiguous():
+                            target = block
+                        else:
+                            target = _zeros(shape, param) if target is None else target
+                            self._add_block(target, c.rows, block)
+                target = _zeros(shape, param) if target is None else target
+                if self.sink is None:
+                    self.summed[name] = target
                 self.seen.add(name)
                 if self.sink is not None:
                     self._emitted.add(name)
@@ -831,6 +839,10 @@ class ClippingEngine:
         """The clipped sums of the logical step so far (fp32, parameter-shaped), and reset."""
         summed, self.summed = self.summed, {}
         return summed
+
+
+def _zeros(shape: torch.Size, param: Tensor) -> Tensor:
+    return torch.zeros(shape, device=param.device, dtype=torch.float32)
 
 
 def _exact_chunks(contributions: list[Contribution], rows: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
