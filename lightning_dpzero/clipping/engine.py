@@ -714,11 +714,12 @@ class ClippingEngine:
             block key -> the indices [k] of its examples recomputed, for blocks with any.
         """
         # One vectorised test for every block (most steps find nothing): cancellation, or an fp32 overflow
-        risky = (mass > CANCELLATION_LIMIT * norm2) & (mass > 0) | ~torch.isfinite(norm2) | ~torch.isfinite(mass)
-        risky |= norm2 < 0
+        # (mass >= 0: a negative squared norm fails the first test; a NaN fails both; an inf the second)
+        safe = (mass <= CANCELLATION_LIMIT * norm2) & torch.isfinite(mass + norm2)
         exact: dict[tuple[str, int | None], Tensor] = {}
-        if not bool(risky.any()):
+        if bool(safe.all()):
             return exact
+        risky = ~safe
         for index, key in enumerate(keys):
             rows = torch.nonzero(risky[index]).flatten()
             if not rows.numel():
@@ -743,20 +744,25 @@ class ClippingEngine:
                 self._examine(keys, block_norm2)
                 return
             device = block_norm2.device
-            owner = torch.tensor([self.groups.group_of[key[0]] for key in keys], device=device)
-            norm2 = torch.zeros(len(self.groups), block_norm2.shape[1], dtype=torch.float64, device=device)
-            norm2.index_add_(0, owner, block_norm2)  # [K, n]
+            reached = sorted({self.groups.group_of[key[0]] for key in keys})  # the groups with blocks to clip
+            if len(reached) == 1:  # layer- and param-wise clip one group at a time: no scatter needed
+                norm2 = block_norm2.sum(0, keepdim=True)
+            else:
+                row = {k: i for i, k in enumerate(reached)}
+                owner = torch.tensor([row[self.groups.group_of[key[0]]] for key in keys], device=device)
+                norm2 = torch.zeros(len(reached), block_norm2.shape[1], dtype=torch.float64, device=device)
+                norm2.index_add_(0, owner, block_norm2)  # [groups reached, n]
             mask = self._mask.to(device)
             # float64 norms, then fp32 for the clipping function: a norm beyond fp32's range counts as non-finite
-            norms = norm2.clamp(min=0).sqrt().float()  # [K, n]
+            all_norms = norm2.clamp(min=0).sqrt().float()
             factors, dropped = {}, {}
-            for k in groups:
-                bad = ~torch.isfinite(norms[k])  # padding rows copy a real example: they may be non-finite too
+            for k, norms in zip(reached, all_norms):
+                bad = ~torch.isfinite(norms)  # padding rows copy a real example: they may be non-finite too
                 if bool(bad.any()):
                     self._non_finite(bad, mask, k)
                     dropped[k] = bad
                 factors[k] = clip_factors(
-                    torch.where(bad, torch.zeros_like(norms[k]), norms[k]),
+                    torch.where(bad, torch.zeros_like(norms), norms),
                     mask * ~bad,
                     clip_norm=self.groups.clip_norms[k],
                     fn=self.config.clipping_function,
