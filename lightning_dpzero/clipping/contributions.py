@@ -11,7 +11,8 @@ a gradient matrix of shape [P, D]. One *use* of a parameter in the forward pass 
 A parameter's per-example gradient is the sum of its uses' G_i (a module called twice, tied weights), so its
 squared norm is sum_u ||G_u,i||^2 + 2 sum_{u<v} <G_u,i, G_v,i>. Everything here computes those inner products
 and the clipped sum sum_i c_i G_i without building a per-example gradient unless that is the cheaper way
-(``instantiate``), in fp32 whatever the compute dtype.
+(``instantiate``), in fp32 whatever the compute dtype (a bf16 layer's instantiated gradients are stored in bf16, the
+precision of its own weight gradient under autocast; their norms and sums are taken in fp32 from those values).
 
 Privacy: a Gram-matrix ("ghost") norm is a sum of terms of both signs, which fp32 can cancel down to nothing while
 the gradient that is summed stays large (opposite inputs at two positions). So every squared norm comes with its
@@ -88,7 +89,7 @@ class Contribution:
     num_rows: int = 0
     rows: slice | None = None
     to_param: Callable[[Tensor], Tensor] | None = None
-    instantiated: Tensor | None = field(default=None, repr=False)  # DENSE only: [n, P, D] fp32
+    instantiated: Tensor | None = field(default=None, repr=False)  # DENSE only: [n, P, D] fp32 (bf16 for bf16 layers)
     build_right: Callable[[], Tensor] | None = field(default=None, repr=False)
     instantiate: Callable[[], Tensor] | None = field(default=None, repr=False)
     dims: tuple[int, int, int] | None = None
@@ -134,7 +135,11 @@ class Contribution:
             self.instantiated = self.instantiate()
         elif instantiate:
             right = self.right if self.right is not None else self._build_right()
-            self.instantiated = torch.bmm(self.left.float().transpose(1, 2), right.float())  # [n, P, D]
+            # [n, P, D], in bf16 where the layer's output gradient is bf16 (under bf16 autocast the weight gradient is
+            # a bf16 matmul of the same factors, the input cast as autocast casts it), fp32 otherwise. Its norm and
+            # its clipped sum are both taken, in fp32, from these stored values: the clip bounds what is summed.
+            dtype = torch.bfloat16 if self.left.dtype == torch.bfloat16 else torch.float32
+            self.instantiated = torch.bmm(self.left.to(dtype).transpose(1, 2), right.to(dtype))
         elif self.right is None:
             self.right = self._build_right()
         if instantiate:
@@ -180,8 +185,18 @@ CANCELLATION_LIMIT = 64.0  # mass / value above which a squared norm is recomput
 def _sq_norms(x: Tensor) -> tuple[Tensor, Tensor]:
     """||x_i||^2 for x [n, ...]: no cancellation possible (value = mass). An overflow of the fp32 squares shows as a
     non-finite value, which the engine recomputes exactly; an underflow only affects norms far below any C."""
-    out = torch.linalg.vector_norm(x.reshape(x.shape[0], -1).float(), dim=1).double().square()
+    rows = x.reshape(x.shape[0], -1)
+    if rows.dtype in (torch.float32, torch.float64) or rows.numel() <= _UPCAST_CHUNK:
+        out = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32)
+    else:  # upcast (in vector_norm) a few rows at a time: an fp32 copy of a whole bf16 block would be its peak
+        step = max(1, _UPCAST_CHUNK // rows.shape[1])
+        out = torch.cat([torch.linalg.vector_norm(rows[i : i + step], dim=1, dtype=torch.float32)
+                         for i in range(0, rows.shape[0], step)])  # fmt: skip
+    out = out.double().square()
     return out, out
+
+
+_UPCAST_CHUNK = 1 << 18  # elements of a low-precision block upcast to fp32 at once
 
 
 def _row_scaled(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -310,9 +325,9 @@ def inner(a: Contribution, b: Contribution) -> tuple[Tensor, Tensor]:
         if a.kind is Kind.INDEX:
             rows = _gather_rows(b.instantiated, a.left)  # [n, T, D]
             return _elementwise_inner(rows, _f32(a.right))
-        left, right = _f32(a.left), _f32(a.right)
-        value = torch.einsum("ntp,npd,ntd->n", left, b.instantiated, right)
-        mass = torch.einsum("ntp,npd,ntd->n", left.abs(), b.instantiated.abs(), right.abs())
+        left, right, matrices = _f32(a.left), _f32(a.right), _f32(b.instantiated)
+        value = torch.einsum("ntp,npd,ntd->n", left, matrices, right)
+        mass = torch.einsum("ntp,npd,ntd->n", left.abs(), matrices.abs(), right.abs())
         return value.double(), mass.double()
     if a.kind is Kind.DENSE and b.kind is Kind.DENSE:
         assert a.left is not None and a.right is not None and b.left is not None and b.right is not None
@@ -400,7 +415,7 @@ def clipped_sum(c: Contribution, factors: Tensor) -> Tensor:
         return (factors @ left.reshape(left.shape[0], math.prod(left.shape[1:]))).view(left.shape[1:])
     if c.instantiated is not None:  # [n] @ [n, P * D]: a matrix-vector product (einsum adds ~10 us per call)
         n, p, d = c.instantiated.shape
-        return _to_param(c, (factors @ c.instantiated.reshape(n, p * d)).view(p, d))
+        return _to_param(c, (factors @ _f32(c.instantiated).reshape(n, p * d)).view(p, d))
     if c.weighted_sum is not None:
         return _to_param(c, c.weighted_sum(factors))
     c = c.factored()

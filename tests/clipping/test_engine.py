@@ -600,3 +600,36 @@ def test_frozen_batchnorm_in_training_mode_is_refused():
         loss = model(torch.randn(3, 4)).sum(1).sum()
     eng.backward(loss, torch.ones(3, dtype=torch.bool))
     assert set(eng.pop_summed()) == {"0.weight", "0.bias"}
+
+
+def test_bf16_layers_keep_bf16_per_example_gradients_and_clip_exactly_what_they_sum(monkeypatch):
+    """Reference: under bf16 autocast an instantiated Linear's per-example gradients are stored in bf16 (the
+    precision of its own weight gradient there); the clipped sum must be sum_i c_i G_i of exactly those stored values,
+    with c_i from their norms (float64 here), or the clip would bound something other than what is summed."""
+    torch.manual_seed(42)
+    model = nn.Sequential(nn.Linear(6, 5), nn.GELU(), nn.Linear(5, 3))
+    x, w = torch.randn(N_EXAMPLES, 4, 6), torch.randn(N_EXAMPLES, 4, 3)
+    held: dict[str, list[Tensor]] = {}
+    finalize = ClippingEngine._finalize
+
+    def spy(self, groups):
+        for (name, _), contributions in self._contributions.items():
+            held[name] = [c.instantiated if c.instantiated is not None else c.left for c in contributions]
+        return finalize(self, groups)
+
+    monkeypatch.setattr(ClippingEngine, "_finalize", spy)
+    eng = ClippingEngine(model, PrivacyConfig(noise_multiplier=1.0, clip_norm=0.05, clipping_function="abadi",
+                                              norm_mode="instantiate"))  # fmt: skip
+    eng.attach()
+    with eng.recording(CPU), torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = (model(x) * w).sum((1, 2))
+    eng.backward(loss.float().sum(), torch.ones(N_EXAMPLES, dtype=torch.bool))
+    got = eng.pop_summed()
+    assert held["0.weight"][0].dtype == torch.bfloat16 and held["2.weight"][0].dtype == torch.bfloat16
+    blocks = {name: sum(t.double() for t in tensors) for name, tensors in held.items()}  # [n, *shape] each
+    norms = torch.stack([b.reshape(N_EXAMPLES, -1).square().sum(1) for b in blocks.values()]).sum(0).sqrt()
+    factors = (0.05 / norms).clamp(max=1.0)
+    assert (factors < 1).all()  # every example clipped: the bound is what is tested
+    for name, block in blocks.items():
+        expected = torch.einsum("n,n...->...", factors, block)
+        torch.testing.assert_close(got[name].double(), expected, rtol=1e-5, atol=1e-7, msg=name)

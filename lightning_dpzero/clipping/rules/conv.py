@@ -83,13 +83,15 @@ def _weighted_weight_gradient(module: ConvNd, x: Tensor, grad_output: Tensor, fa
 
 
 def _per_example_weight_gradients(module: ConvNd, x: Tensor, grad_output: Tensor) -> Tensor:
-    """[n, C_out, C_in / groups * prod(kernel)] fp32: every example's weight gradient, by one weight-gradient
-    convolution of the whole batch laid side by side as n * groups groups ([1, n * C_in, *S]). Where the output has
-    many positions next to the weight's size (2 T^2 >= P D), this is 2-3x faster on CPU than im2col and a batched
-    matmul, and it builds no patches."""
+    """[n, C_out, C_in / groups * prod(kernel)]: every example's weight gradient, by one weight-gradient convolution of
+    the whole batch laid side by side as n * groups groups ([1, n * C_in, *S]). Where the output has many positions
+    next to the weight's size (2 T^2 >= P D), this is 2-3x faster on CPU than im2col and a batched matmul, and it
+    builds no patches. fp32, or bf16 where the output gradient is bf16 (the precision of the layer's own weight
+    gradient under bf16 autocast; the engine takes the norms and the clipped sum from these stored values in fp32)."""
     n = x.shape[0]
-    x, padding = _padded(module, x.float())
-    grad_output = grad_output.float()
+    dtype = torch.bfloat16 if grad_output.dtype == torch.bfloat16 else torch.float32
+    x, padding = _padded(module, x.to(dtype))
+    grad_output = grad_output.to(dtype)
     c_in, c_out = x.shape[1], grad_output.shape[1]
     size = (n * c_out, c_in // module.groups, *module.kernel_size)
     weight_gradient = _WEIGHT_GRADIENTS[len(module.kernel_size) - 1](

@@ -4,7 +4,7 @@ weight: sum over positions of x_hat * b; bias: sum of b; x_hat is the input norm
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import cast
 
 import torch
@@ -16,17 +16,34 @@ from lightning_dpzero.clipping.registry import register_rule
 
 
 def _affine_contributions(
-    module: nn.Module, x_hat: Tensor, grad: Tensor, reduce_dims: tuple[int, ...], params: Mapping[str, str]
+    module: nn.Module,
+    x: Tensor,
+    grad: Tensor,
+    normalize: Callable[[Tensor], Tensor],
+    reduce_dims: tuple[int, ...],
+    params: Mapping[str, str],
 ) -> list[Contribution]:
+    """x: the layer's input; normalize(rows of x, fp32) -> those rows normalised without the affine part."""
     out = []
     if "weight" in params:
-        # x_hat is the rule's own temporary: multiplied in place, so that no second activation-sized tensor is held
-        gw = x_hat.mul_(grad).sum(reduce_dims) if reduce_dims else x_hat * grad
+        if reduce_dims and x.shape[0] > 0:
+            # A few examples at a time: the normalised input is an fp32 temporary of the activation's size, held
+            # with the product it is turned into in place, and the rule may run at the step's peak of memory.
+            step = max(1, _CHUNK // max(1, x[0].numel()))
+            gw = torch.cat([
+                normalize(x[i : i + step].float()).mul_(grad[i : i + step].float()).sum(reduce_dims)
+                for i in range(0, x.shape[0], step)
+            ])  # fmt: skip
+        else:
+            gw = normalize(x.float()) * grad.float()
         out.append(Contribution(params["weight"], Kind.SAMPLE, gw, None, full_shape(cast(Tensor, module.weight))))
     if "bias" in params:
-        gb = grad.sum(reduce_dims) if reduce_dims else grad
+        gb = grad.float().sum(reduce_dims) if reduce_dims else grad.float()
         out.append(Contribution(params["bias"], Kind.SAMPLE, gb, None, full_shape(cast(Tensor, module.bias))))
     return out
+
+
+_CHUNK = 1 << 18  # elements of the input normalised at once
 
 
 @register_rule(nn.LayerNorm)
@@ -34,11 +51,12 @@ def layer_norm_rule(
     module: nn.Module, activation: Tensor, grad_output: Tensor, params: Mapping[str, str]
 ) -> list[Contribution]:
     assert isinstance(module, nn.LayerNorm)
-    x = activation.float()
-    x_hat = F.layer_norm(x, module.normalized_shape, eps=module.eps)
     k = len(module.normalized_shape)
-    reduce_dims = tuple(range(1, x.dim() - k))  # every dim between the examples and the normalised ones
-    return _affine_contributions(module, x_hat, grad_output.float(), reduce_dims, params)
+    reduce_dims = tuple(range(1, activation.dim() - k))  # every dim between the examples and the normalised ones
+    return _affine_contributions(
+        module, activation, grad_output, lambda x: F.layer_norm(x, module.normalized_shape, eps=module.eps),
+        reduce_dims, params,
+    )  # fmt: skip
 
 
 @register_rule(nn.GroupNorm)
@@ -46,10 +64,11 @@ def group_norm_rule(
     module: nn.Module, activation: Tensor, grad_output: Tensor, params: Mapping[str, str]
 ) -> list[Contribution]:
     assert isinstance(module, nn.GroupNorm)
-    x = activation.float()
-    x_hat = F.group_norm(x, module.num_groups, eps=module.eps)  # [n, C, *spatial]
-    reduce_dims = tuple(range(2, x.dim()))
-    return _affine_contributions(module, x_hat, grad_output.float(), reduce_dims, params)
+    reduce_dims = tuple(range(2, activation.dim()))  # [n, C, *spatial]
+    return _affine_contributions(
+        module, activation, grad_output, lambda x: F.group_norm(x, module.num_groups, eps=module.eps), reduce_dims,
+        params,
+    )  # fmt: skip
 
 
 @register_rule(nn.RMSNorm)
@@ -57,13 +76,13 @@ def rms_norm_rule(
     module: nn.Module, activation: Tensor, grad_output: Tensor, params: Mapping[str, str]
 ) -> list[Contribution]:
     assert isinstance(module, nn.RMSNorm)
-    x = activation.float()
     eps = module.eps
     if eps is None:  # torch's default: the eps of the op-math dtype (fp32 for fp16/bf16 inputs, fp64 for fp64)
         eps = torch.finfo(torch.promote_types(activation.dtype, torch.float32)).eps
-    x_hat = F.rms_norm(x, module.normalized_shape, eps=eps)
-    reduce_dims = tuple(range(1, x.dim() - len(module.normalized_shape)))
-    return _affine_contributions(module, x_hat, grad_output.float(), reduce_dims, params)
+    reduce_dims = tuple(range(1, activation.dim() - len(module.normalized_shape)))
+    return _affine_contributions(
+        module, activation, grad_output, lambda x: F.rms_norm(x, module.normalized_shape, eps=eps), reduce_dims, params
+    )
 
 
 @register_rule(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
@@ -71,16 +90,19 @@ def instance_norm_rule(
     module: nn.Module, activation: Tensor, grad_output: Tensor, params: Mapping[str, str]
 ) -> list[Contribution]:
     assert isinstance(module, nn.modules.instancenorm._InstanceNorm)
-    x = activation.float()
     if module.training or not module.track_running_stats:
         # Each example normalised by its own statistics; running statistics, if any, only track them.
-        x_hat = F.instance_norm(x, eps=module.eps)  # [n, C, *spatial]
+        def normalize(x: Tensor) -> Tensor:
+            return F.instance_norm(x, eps=module.eps)  # [n, C, *spatial]
     else:  # eval with tracked statistics: constants of the model, as torch uses them
         assert module.running_mean is not None and module.running_var is not None  # track_running_stats=True
         mean, var = module.running_mean.float(), module.running_var.float()
-        x_hat = F.instance_norm(x, mean, var, use_input_stats=False, eps=module.eps)
-    reduce_dims = tuple(range(2, x.dim()))
-    return _affine_contributions(module, x_hat, grad_output.float(), reduce_dims, params)
+
+        def normalize(x: Tensor) -> Tensor:
+            return F.instance_norm(x, mean, var, use_input_stats=False, eps=module.eps)
+
+    reduce_dims = tuple(range(2, activation.dim()))
+    return _affine_contributions(module, activation, grad_output, normalize, reduce_dims, params)
 
 
 __all__ = ["group_norm_rule", "instance_norm_rule", "layer_norm_rule", "rms_norm_rule"]
