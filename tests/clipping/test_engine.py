@@ -602,19 +602,45 @@ def test_frozen_batchnorm_in_training_mode_is_refused():
     assert set(eng.pop_summed()) == {"0.weight", "0.bias"}
 
 
-def test_bf16_layers_keep_bf16_per_example_gradients_and_clip_exactly_what_they_sum(monkeypatch):
-    """Reference: under bf16 autocast an instantiated Linear's per-example gradients are stored in bf16 (the
-    precision of its own weight gradient there); the clipped sum must be sum_i c_i G_i of exactly those stored values,
-    with c_i from their norms (float64 here), or the clip would bound something other than what is summed."""
+class _ConvHead(nn.Module):
+    """A convolution whose per-example gradients come from the grouped weight-gradient convolution (2 T^2 >= P D)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.conv(x)).mean((2, 3))).unsqueeze(1)  # [n, 1, 3]
+
+
+BF16_MODELS = {
+    "linear": (lambda: nn.Sequential(nn.Linear(6, 5), nn.GELU(), nn.Linear(5, 3)), (4, 6), ("0.weight", "2.weight")),
+    "conv": (_ConvHead, (2, 5, 5), ("conv.weight",)),
+}
+
+
+@pytest.mark.parametrize("upcast_rows", ["whole", "a few at a time"])
+@pytest.mark.parametrize("name", list(BF16_MODELS))
+def test_bf16_layers_keep_bf16_per_example_gradients_and_clip_exactly_what_they_sum(monkeypatch, name, upcast_rows):
+    """Reference: under bf16 autocast an instantiated Linear's or convolution's per-example gradients are stored in
+    bf16 (the precision of its own weight gradient there); the clipped sum must be sum_i c_i G_i of exactly those
+    stored values, with c_i from their norms (float64 here), or the clip would bound something other than what is
+    summed. Also with the norms' fp32 upcast done a few examples at a time (contributions._UPCAST_CHUNK)."""
+    import lightning_dpzero.clipping.contributions as contributions_module
+
+    if upcast_rows != "whole":
+        monkeypatch.setattr(contributions_module, "_UPCAST_CHUNK", 20)
     torch.manual_seed(42)
-    model = nn.Sequential(nn.Linear(6, 5), nn.GELU(), nn.Linear(5, 3))
-    x, w = torch.randn(N_EXAMPLES, 4, 6), torch.randn(N_EXAMPLES, 4, 3)
+    build, shape, bf16_params = BF16_MODELS[name]
+    model = build()
+    x, w = torch.randn(N_EXAMPLES, *shape), torch.randn(N_EXAMPLES, shape[0] if name == "linear" else 1, 3)
     held: dict[str, list[Tensor]] = {}
     finalize = ClippingEngine._finalize
 
     def spy(self, groups):
-        for (name, _), contributions in self._contributions.items():
-            held[name] = [c.instantiated if c.instantiated is not None else c.left for c in contributions]
+        for (param, _), contributions in self._contributions.items():
+            held[param] = [c.instantiated if c.instantiated is not None else c.left for c in contributions]
         return finalize(self, groups)
 
     monkeypatch.setattr(ClippingEngine, "_finalize", spy)
@@ -625,11 +651,12 @@ def test_bf16_layers_keep_bf16_per_example_gradients_and_clip_exactly_what_they_
         loss = (model(x) * w).sum((1, 2))
     eng.backward(loss.float().sum(), torch.ones(N_EXAMPLES, dtype=torch.bool))
     got = eng.pop_summed()
-    assert held["0.weight"][0].dtype == torch.bfloat16 and held["2.weight"][0].dtype == torch.bfloat16
-    blocks = {name: sum(t.double() for t in tensors) for name, tensors in held.items()}  # [n, *shape] each
+    for param in bf16_params:
+        assert held[param][0].dtype == torch.bfloat16, param
+    blocks = {param: sum(t.double() for t in tensors) for param, tensors in held.items()}  # [n, ...] each
     norms = torch.stack([b.reshape(N_EXAMPLES, -1).square().sum(1) for b in blocks.values()]).sum(0).sqrt()
     factors = (0.05 / norms).clamp(max=1.0)
     assert (factors < 1).all()  # every example clipped: the bound is what is tested
-    for name, block in blocks.items():
-        expected = torch.einsum("n,n...->...", factors, block)
-        torch.testing.assert_close(got[name].double(), expected, rtol=1e-5, atol=1e-7, msg=name)
+    for param, block in blocks.items():
+        expected = torch.einsum("n,n...->...", factors, block).reshape(got[param].shape)
+        torch.testing.assert_close(got[param].double(), expected, rtol=1e-5, atol=1e-7, msg=param)

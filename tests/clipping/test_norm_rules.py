@@ -54,3 +54,43 @@ def test_instance_norm_in_eval_mode_uses_running_statistics() -> None:
     weight = {c.param: c.left for c in instance_norm_rule(norm, x, grad, {"weight": "w", "bias": "b"})}["w"]
     x_hat = (x - norm.running_mean.view(1, 3, 1, 1)) / (norm.running_var.view(1, 3, 1, 1) + norm.eps).sqrt()
     torch.testing.assert_close(weight, (x_hat * grad).sum((2, 3)))
+
+
+class _Norms(nn.Module):
+    """Every normalisation rule on inputs with positions: LayerNorm and RMSNorm over [n, T, D], GroupNorm and
+    InstanceNorm over [n, C, H, W]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.group = nn.GroupNorm(2, 4)
+        self.instance = nn.InstanceNorm2d(4, affine=True)
+        self.layer = nn.LayerNorm(4)
+        self.rms = nn.RMSNorm(4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        # InstanceNorm before GroupNorm: torch's own CPU backward of InstanceNorm's affine parameters (the reference)
+        # is wrong when its output gradient arrives transposed (finite differences agree with this engine instead)
+        h = self.group(torch.tanh(self.instance(self.conv(x))))  # [n, 4, 5, 5]
+        h = self.rms(torch.tanh(self.layer(h.flatten(2).transpose(1, 2))))  # [n, 25, 4]
+        return self.head(h.mean(1))
+
+
+def test_norm_rules_normalise_a_few_examples_at_a_time(monkeypatch) -> None:
+    """Reference: reference_clipped_sum, with the rules' chunk (norm._CHUNK) small enough that each normalises
+    one or two examples at a time (the default normalises these small inputs at once)."""
+    import lightning_dpzero.clipping.rules.norm as norm_module
+
+    monkeypatch.setattr(norm_module, "_CHUNK", 150)  # 100 values per example here: 1 example per chunk
+    torch.manual_seed(2)
+    model = _Norms()
+    with torch.no_grad():
+        for module in (model.group, model.instance, model.layer, model.rms):
+            module.weight.add_(0.3 * torch.randn_like(module.weight))
+    inputs = (torch.randn(N_EXAMPLES, 2, 5, 5), torch.randn(N_EXAMPLES, 2))
+    mask = default_mask()
+    expected = reference_clipped_sum(model, squared_error, inputs, mask, clip_norm=0.5, style="all-layer",
+                                     function="abadi")  # fmt: skip
+    got, _ = run_engine(model, squared_error, [(inputs, mask)], clip_norm=0.5, clipping_function="abadi")
+    assert_matches(got, expected, 0.5)
