@@ -221,6 +221,7 @@ LAYER_CASES: dict[type[nn.Module], list[Callable[[], Built]]] = {
     nn.InstanceNorm2d: [instance_norm_2d_running_stats],
     nn.InstanceNorm3d: [instance_norm_3d],
 }
+CONV_CASES = [build for kind in (nn.Conv1d, nn.Conv2d, nn.Conv3d) for build in LAYER_CASES[kind]]
 
 
 @dataclass(frozen=True)

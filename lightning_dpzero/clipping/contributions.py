@@ -77,8 +77,9 @@ class Contribution:
         instantiate: DENSE only: a faster way than ``einsum(left, right)`` to the per-example gradients [n, P, D]
             fp32, used when the norm mode instantiates (a convolution's weight gradient with one group per example).
         dims: DENSE with ``right=None``: (T, P, D).
-        weighted_sum: DENSE only: a faster way than the factored matmul to sum_i f_i G_i [P, D] fp32 for factors
-            f [n] (a convolution's weight gradient with each example's output gradient scaled by f_i: no patches).
+        weighted_sum: DENSE only: a faster way than the factored matmul to sum_i f_i G_i for factors f [n], fp32
+            and already of ``shape`` (a convolution's weight gradient with each example's output gradient scaled by
+            f_i: no patches).
     """
 
     param: str
@@ -312,7 +313,12 @@ def _index_self_inner(c: Contribution) -> tuple[Tensor, Tensor]:
 def inner(a: Contribution, b: Contribution) -> tuple[Tensor, Tensor]:
     """<G_a,i, G_b,i> for every example, for two uses of the same parameter block, and its mass: [n], float64."""
     a, b = a.factored(), b.factored()
-    if a.kind is Kind.SAMPLE or b.kind is Kind.SAMPLE or a.matrix_shape() != b.matrix_shape():
+    if (
+        a.kind is Kind.SAMPLE
+        or b.kind is Kind.SAMPLE
+        or a.matrix_shape() != b.matrix_shape()
+        or a.to_param is not b.to_param  # matrices laid out differently (a transposed weight, a convolution's)
+    ):
         return _elementwise_inner(_per_example(a), _per_example(b))
     if a.kind is Kind.INDEX and b.kind is Kind.DENSE:
         a, b = b, a
@@ -417,7 +423,7 @@ def clipped_sum(c: Contribution, factors: Tensor) -> Tensor:
         n, p, d = c.instantiated.shape
         return _to_param(c, (factors @ _f32(c.instantiated).reshape(n, p * d)).view(p, d))
     if c.weighted_sum is not None:
-        return _to_param(c, c.weighted_sum(factors))
+        return c.weighted_sum(factors)
     c = c.factored()
     right = _f32(c.right) * factors.view(-1, 1, 1)
     if c.kind is Kind.INDEX:

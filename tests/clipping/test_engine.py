@@ -10,9 +10,11 @@ import torch
 from torch import Tensor, nn
 
 import lightning_dpzero.clipping.engine as engine_module
+import lightning_dpzero.clipping.rules.conv as conv_rules
 from lightning_dpzero.clipping import ClippingEngine, UnsupportedLayerError
 from lightning_dpzero.config import ClippingFunction, ClippingStyle, NormMode, PrivacyConfig
 from tests.conftest import (
+    CONV_CASES,
     N_EXAMPLES,
     SHARING_CASES,
     Built,
@@ -264,9 +266,20 @@ class TwiceConv(nn.Module):
         return self.head(self.conv(torch.tanh(self.conv(x))).mean((2, 3)))
 
 
+CONV_WAYS = ["grouped convolution", "patches"]  # how a convolution's per-example gradients are instantiated
+
+
+def _instantiate_convolutions_by(monkeypatch, way: str) -> None:
+    monkeypatch.setattr(conv_rules, "_grouped_is_faster", lambda positions, per_group: way == CONV_WAYS[0])
+
+
+@pytest.mark.parametrize("way", CONV_WAYS)
 @pytest.mark.parametrize("norm_mode", list(NormMode), ids=str)
-def test_a_convolution_called_twice(norm_mode):
-    """Reference: reference_clipped_sum; all-layer, so both uses' contributions are held until the step's clipping."""
+def test_a_convolution_called_twice(monkeypatch, norm_mode, way):
+    """Reference: reference_clipped_sum; all-layer, so both uses' contributions are held until the step's clipping.
+    The two uses' per-example gradients meet in cross terms however each was formed (instantiated by the grouped
+    convolution or from the patches, or factored as patches): all must be laid out alike."""
+    _instantiate_convolutions_by(monkeypatch, way)
     torch.manual_seed(40)
     model = TwiceConv()
     inputs = (torch.randn(N_EXAMPLES, 3, 6, 6), torch.randn(N_EXAMPLES, 2))
@@ -276,6 +289,25 @@ def test_a_convolution_called_twice(norm_mode):
     got, _ = run_engine(model, squared_error, [(inputs, mask)], clip_norm=0.5, clipping_function="abadi",
                         norm_mode=norm_mode)  # fmt: skip
     assert_matches(got, expected, 0.5)
+
+
+@pytest.mark.parametrize("way", CONV_WAYS)
+@pytest.mark.parametrize("norm_mode", [NormMode.INSTANTIATE, NormMode.AUTO], ids=str)
+@pytest.mark.parametrize("build", CONV_CASES, ids=lambda build: build.__name__)
+def test_convolutions_match_reference_whichever_way_they_are_instantiated(monkeypatch, build, norm_mode, way):
+    """Reference: reference_clipped_sum. Every convolution case (1-3 d, strides, dilation, groups, padding modes),
+    its per-example gradients instantiated by the grouped weight-gradient convolution or from its patches (which
+    ``conv._grouped_is_faster`` picks by the layer's shape; the test models are too small to reach both)."""
+    _instantiate_convolutions_by(monkeypatch, way)
+    model, loss_fn, inputs = build()
+    mask = default_mask()
+    expected = reference_clipped_sum(model, loss_fn, inputs, mask, clip_norm=0.3, style="all-layer",
+                                     function="abadi")  # fmt: skip
+    got, eng = run_engine(model, loss_fn, [(inputs, mask)], clip_norm=0.3, clipping_function="abadi",
+                          norm_mode=norm_mode)  # fmt: skip
+    assert_matches(got, expected, 0.3)
+    if norm_mode is NormMode.INSTANTIATE:
+        assert eng.last_norm_modes["0"] == "instantiate"
 
 
 class InPlaceAfterEveryLayer(nn.Module):
@@ -603,7 +635,7 @@ def test_frozen_batchnorm_in_training_mode_is_refused():
 
 
 class _ConvHead(nn.Module):
-    """A convolution whose per-example gradients come from the grouped weight-gradient convolution (2 T^2 >= P D)."""
+    """A convolution, its per-example gradients instantiated (either way: CONV_WAYS)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -616,7 +648,8 @@ class _ConvHead(nn.Module):
 
 BF16_MODELS = {
     "linear": (lambda: nn.Sequential(nn.Linear(6, 5), nn.GELU(), nn.Linear(5, 3)), (4, 6), ("0.weight", "2.weight")),
-    "conv": (_ConvHead, (2, 5, 5), ("conv.weight",)),
+    "conv by grouped convolution": (_ConvHead, (2, 5, 5), ("conv.weight",)),
+    "conv from patches": (_ConvHead, (2, 5, 5), ("conv.weight",)),
 }
 
 
@@ -631,6 +664,7 @@ def test_bf16_layers_keep_bf16_per_example_gradients_and_clip_exactly_what_they_
 
     if upcast_rows != "whole":
         monkeypatch.setattr(contributions_module, "_UPCAST_CHUNK", 20)
+    _instantiate_convolutions_by(monkeypatch, CONV_WAYS[0] if "grouped" in name else CONV_WAYS[1])
     torch.manual_seed(42)
     build, shape, bf16_params = BF16_MODELS[name]
     model = build()
@@ -640,7 +674,11 @@ def test_bf16_layers_keep_bf16_per_example_gradients_and_clip_exactly_what_they_
 
     def spy(self, groups):
         for (param, _), contributions in self._contributions.items():
-            held[param] = [c.instantiated if c.instantiated is not None else c.left for c in contributions]
+            held[param] = [  # each example's block in the parameter's layout
+                torch.stack([c.to_param(m) for m in c.instantiated]) if c.to_param and c.instantiated is not None
+                else c.instantiated if c.instantiated is not None else c.left
+                for c in contributions
+            ]  # fmt: skip
         return finalize(self, groups)
 
     monkeypatch.setattr(ClippingEngine, "_finalize", spy)

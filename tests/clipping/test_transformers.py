@@ -240,3 +240,40 @@ def test_every_model_is_also_tested_on_two_processes() -> None:
     from tests.strategies.test_parallel import _HF_MODELS
 
     assert set(_HF_MODELS) == set(MODELS)
+
+
+class _SquareWeightTwoLayouts(nn.Module):
+    """One square weight used by an nn.Linear (as [out, in]) and by GPT-2's Conv1D (as [in, out], transposed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(5, 5)
+        self.conv1d = transformers.pytorch_utils.Conv1D(5, 5)
+        self.conv1d.weight = self.linear.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv1d(torch.tanh(self.linear(x)))
+
+
+@pytest.mark.parametrize("norm_mode", ["ghost", "instantiate", "auto"])
+def test_a_weight_shared_by_layers_that_lay_it_out_differently(norm_mode):
+    """Reference: reference_clipped_sum. The cross term of the two uses' per-example gradients must be taken in the
+    parameter's layout: their factored matrices have the same shape but one is the other's transpose."""
+    torch.manual_seed(3)
+    model = _SquareWeightTwoLayouts()
+    inputs = (torch.randn(N, 3, 5), torch.randn(N, 3, 5))
+
+    def loss_fn(net: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
+        return (net(batch[0]) * batch[1]).sum((1, 2))
+
+    mask = torch.ones(N, dtype=torch.bool)
+    engine = ClippingEngine(model, PrivacyConfig(noise_multiplier=1.0, clip_norm=C, clipping_function="abadi",
+                                                 norm_mode=norm_mode))  # fmt: skip
+    engine.attach()
+    with engine.recording(torch.device("cpu"), rows=N):
+        loss = loss_fn(model, inputs).sum()
+    engine.backward(loss, mask)
+    got = engine.pop_summed()
+    expected = reference_clipped_sum(model, loss_fn, inputs, mask, clip_norm=C, style="all-layer", function="abadi")
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key].double(), value, rtol=1e-5, atol=1e-6 * C, msg=key)

@@ -18,38 +18,53 @@ from lightning_dpzero.clipping.contributions import Contribution, Kind, full_sha
 from lightning_dpzero.clipping.registry import UnsupportedLayerError, register_rule
 
 
-def _unfold(module: ConvNd, x: Tensor) -> Tensor:
-    """x [n, C, *S] -> patches [n, T, C * prod(kernel)], features ordered (C, k1, k2, ...) like the weight.
+def _windows(module: ConvNd, x: Tensor) -> Tensor:
+    """x [n, C, *S] -> patches [n, T, groups * prod(kernel) * C / groups]: the input window of each of the T output
+    positions, its features ordered (group, kernel position, channel of the group).
 
-    1-d and 2-d: torch's im2col (``F.unfold``, [n, C * prod(k), T]), returned transposed as a view: the matmuls that
-    consume it read it in place (2-3x faster than gathering a permuted view). 3-d: strided windows, permuted.
+    The input is laid out channels last first, so that each window is copied as runs of contiguous channels: on CPU
+    about 2x faster than im2col (``F.unfold``), whose (channel, kernel position) order gathers one value at a time.
+    A matrix formed from these patches is [P, prod(kernel) * C / groups]; ``_to_weight`` turns it into the weight's
+    (channel, kernel position) layout.
     """
-    pad = conv_padding(module)  # F.pad's spec, also set for padding='same'
+    x, padding = _padded(module, x)
+    if any(padding):
+        x = F.pad(x, [side for size in reversed(padding) for side in (size, size)])
+    x = x.movedim(1, -1).contiguous()  # [n, *S, C]
     dims = len(module.kernel_size)
-    if dims <= 2:
-        numeric = module.padding_mode == "zeros" and not isinstance(module.padding, str)
-        if any(pad) and not numeric:
-            x = F.pad(x, pad, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
-        padding = cast(tuple[int, ...], module.padding) if numeric else (0,) * dims
-        if dims == 1:  # as a 2-d convolution over [n, C, 1, L]
-            x, one = x.unsqueeze(2), (1,)
-            kernel, dilation, stride, padding = (
-                one + tuple(module.kernel_size), one + tuple(module.dilation), one + tuple(module.stride),
-                (0, *padding),
-            )  # fmt: skip
-        else:
-            kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
-        return F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride).transpose(1, 2)
-    if any(pad):
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        x = F.pad(x, pad, mode=mode)
-    for i, (k, s, d) in enumerate(zip(module.kernel_size, module.stride, module.dilation)):
-        x = x.unfold(2 + i, d * (k - 1) + 1, s)[..., ::d]  # appends a kernel dim of size k
-    n, c = x.shape[:2]
-    out_spatial = x.shape[2 : 2 + dims]
-    # [n, C, *O, *k] -> [n, *O, C, *k] -> [n, T, C * prod(k)]
-    order = [0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims)]
-    return x.permute(order).reshape(n, math.prod(out_spatial), -1)
+    n, spatial, channels = x.shape[0], x.shape[1:-1], x.shape[-1]
+    per_group = channels // module.groups
+    out = [
+        (size - d * (k - 1) - 1) // s + 1
+        for size, k, s, d in zip(spatial, module.kernel_size, module.stride, module.dilation)
+    ]
+    stride = x.stride()
+    windows = x.as_strided(
+        (n, *out, module.groups, *module.kernel_size, per_group),
+        (
+            stride[0], *(stride[1 + i] * module.stride[i] for i in range(dims)), per_group,
+            *(stride[1 + i] * module.dilation[i] for i in range(dims)), 1,
+        ),
+    )  # fmt: skip
+    return windows.reshape(n, math.prod(out), -1)
+
+
+@functools.cache
+def _to_weight(kernel: tuple[int, ...], per_group: int) -> Callable[[Tensor], Tensor]:
+    """[P, prod(kernel) * C / groups] in the patches' (kernel position, channel) order -> the weight's block
+    [P, C / groups, *kernel]. One function per layout, so that ``inner`` can tell two uses laid out alike."""
+
+    def to_weight(matrix: Tensor) -> Tensor:
+        return matrix.reshape(matrix.shape[0], *kernel, per_group).movedim(-1, 1).contiguous()
+
+    return to_weight
+
+
+def _from_weight(matrices: Tensor, kernel: tuple[int, ...]) -> Tensor:
+    """[..., P, C / groups * prod(kernel)] in the weight's order -> the patches' (kernel position, channel) order."""
+    *lead, p, features = matrices.shape
+    size = math.prod(kernel)
+    return matrices.reshape(*lead, p, features // size, size).transpose(-1, -2).reshape(*lead, p, features)
 
 
 def _check(module: nn.Module, path: str) -> None:
@@ -71,23 +86,22 @@ def _padded(module: ConvNd, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
 
 
 def _weighted_weight_gradient(module: ConvNd, x: Tensor, grad_output: Tensor, factors: Tensor) -> Tensor:
-    """sum_i f_i G_i, [C_out, C_in / groups * prod(kernel)] fp32: the batch's weight gradient with example i's output
-    gradient scaled by f_i, by the weight-gradient convolution non-private training runs (no patches)."""
+    """sum_i f_i G_i, the weight's shape, fp32: the batch's weight gradient with example i's output gradient scaled
+    by f_i, by the weight-gradient convolution non-private training runs (no patches)."""
     x, padding = _padded(module, x.float())
     scaled = grad_output.float() * factors.view(-1, *([1] * (grad_output.dim() - 1)))
-    weight_gradient = _WEIGHT_GRADIENTS[len(module.kernel_size) - 1](
+    return _WEIGHT_GRADIENTS[len(module.kernel_size) - 1](
         x, full_shape(module.weight), scaled, stride=module.stride, padding=padding, dilation=module.dilation,
         groups=module.groups,
     )  # fmt: skip
-    return weight_gradient.reshape(weight_gradient.shape[0], -1)
 
 
 def _per_example_weight_gradients(module: ConvNd, x: Tensor, grad_output: Tensor) -> Tensor:
-    """[n, C_out, C_in / groups * prod(kernel)]: every example's weight gradient, by one weight-gradient convolution of
-    the whole batch laid side by side as n * groups groups ([1, n * C_in, *S]). Where the output has many positions
-    next to the weight's size (2 T^2 >= P D), this is 2-3x faster on CPU than im2col and a batched matmul, and it
-    builds no patches. fp32, or bf16 where the output gradient is bf16 (the precision of the layer's own weight
-    gradient under bf16 autocast; the engine takes the norms and the clipped sum from these stored values in fp32)."""
+    """[n, C_out, prod(kernel) * C_in / groups] in the patches' order: every example's weight gradient, by one
+    weight-gradient convolution of the whole batch laid side by side as n * groups groups ([1, n * C_in, *S]).
+    ``_grouped_is_faster`` says where this beats the patches and a batched matmul. fp32, or bf16 where the output
+    gradient is bf16 (the precision of the layer's own weight gradient under bf16 autocast; the engine takes the norms
+    and the clipped sum from these stored values in fp32)."""
     n = x.shape[0]
     dtype = torch.bfloat16 if grad_output.dtype == torch.bfloat16 else torch.float32
     x, padding = _padded(module, x.to(dtype))
@@ -103,7 +117,15 @@ def _per_example_weight_gradients(module: ConvNd, x: Tensor, grad_output: Tensor
         dilation=module.dilation,
         groups=n * module.groups,
     )
-    return weight_gradient.reshape(n, c_out, -1)
+    return _from_weight(weight_gradient.reshape(n, c_out, -1), tuple(module.kernel_size))
+
+
+def _grouped_is_faster(positions: int, per_group: int) -> bool:
+    """Whether the per-example weight-gradient convolution is the faster way to a layer's per-example gradients
+    than its patches and a batched matmul (measured on CPU, docs/benchmarks.md): with many output positions and
+    enough input channels per group. With few channels (an RGB input layer) the grouped convolution runs n * groups
+    tiny convolutions; with few positions (the deep layers of a CNN) a few large matmuls win."""
+    return positions >= 256 and per_group >= 8
 
 
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, check=_check)
@@ -118,15 +140,19 @@ def conv_rule(
     out = []
     if "weight" in params:
         groups, t = conv.groups, b.shape[1]
-        p, d = c_out // groups, (activation.shape[1] // groups) * math.prod(conv.kernel_size)
+        kernel, per_group = tuple(conv.kernel_size), activation.shape[1] // groups
+        p, d = c_out // groups, per_group * math.prod(kernel)
         block = torch.Size((p, *full_shape(conv.weight)[1:]))
-        patches = functools.cache(lambda: _unfold(conv, activation))  # [n, T, C_in * prod(k)], built on demand
-        grouped = 2 * t * t >= p * d  # where the per-example weight-gradient convolution beats im2col (above)
+        to_weight = _to_weight(kernel, per_group)
+        patches = functools.cache(lambda: _windows(conv, activation))  # [n, T, C_in * prod(k)], built on demand
+        # Instantiated by the grouped weight-gradient convolution where it is the faster way; otherwise by the
+        # contribution's batched matmul of its factors (Contribution.choose_norm_mode).
+        grouped = _grouped_is_faster(t, per_group)
         per_example = functools.cache(lambda: _per_example_weight_gradients(conv, activation, grad_output))
 
         def right(g: int) -> Callable[[], Tensor]:
             if groups == 1:  # not cached: the patches are dropped once the norm is taken (Contribution.spare)
-                return lambda: _unfold(conv, activation)
+                return lambda: _windows(conv, activation)
             return lambda: patches()[..., g * d : (g + 1) * d]
 
         def instantiate(g: int) -> Callable[[], Tensor]:
@@ -142,6 +168,7 @@ def conv_rule(
                     None,
                     full_shape(conv.weight) if rows is None else block,
                     rows=rows,
+                    to_param=to_weight,
                     build_right=right(g),
                     instantiate=instantiate(g) if grouped else None,
                     dims=(t, p, d),
