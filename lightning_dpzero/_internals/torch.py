@@ -23,6 +23,7 @@ __all__ = [
     "hooks_set_aside",
     "local_shape_and_offset",
     "reduce_scatter",
+    "saved_tensor_hooks_active",
 ]
 
 
@@ -69,6 +70,12 @@ def compiled_modules(module: nn.Module) -> list[str]:
         if isinstance(sub, OptimizedModule) or getattr(sub, "_compiled_call_impl", None) is not None:
             found.append(path or "<LightningModule>")
     return found
+
+
+def saved_tensor_hooks_active() -> bool:
+    """Whether tensors saved for backward now go through pack/unpack hooks (non-reentrant activation checkpointing,
+    CPU offload of activations): reading an autograd node's saved tensor would then unpack (recompute) it."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
 
 
 def conv_padding(module: nn.Module) -> list[int]:

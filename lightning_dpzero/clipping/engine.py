@@ -43,6 +43,7 @@ from lightning_dpzero.clipping.fallback import (
 )
 from lightning_dpzero.clipping.functions import clip_factors
 from lightning_dpzero.clipping.registry import ClippingRule, UnsupportedLayerError, rule_for
+from lightning_dpzero.clipping.rules.norm import Statistics, forward_statistics
 from lightning_dpzero.clipping.shared import SharedCall, SharedTap, SharedUse, per_example_view
 from lightning_dpzero.clipping.styles import ClippingGroups, make_groups
 from lightning_dpzero.clipping.watch import ForwardWatch
@@ -284,9 +285,10 @@ class _Tap(torch.autograd.Function):
         dim: int,
         in_place: bool,
         shape: torch.Size,
+        statistics: Statistics | None,
     ) -> Tensor:
         ctx.engine, ctx.layer, ctx.activation, ctx.version, ctx.record = engine, layer, act, act._version, record
-        ctx.call, ctx.shared, ctx.dim, ctx.shape = call, shared, dim, shape
+        ctx.call, ctx.shared, ctx.dim, ctx.shape, ctx.statistics = call, shared, dim, shape, statistics
         if in_place:  # see _in_place_target
             ctx.mark_dirty(output)
             return output
@@ -294,23 +296,26 @@ class _Tap(torch.autograd.Function):
         return output.clone()
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None, None, None, None, None, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         if ctx.activation._version != ctx.version:
             raise RuntimeError(
                 f"the input of module '{ctx.layer.path}' was modified in place after the module used it; "
                 "per-example gradients need the value it saw. Avoid the in-place operation."
             )
         if ctx.engine._passive:  # another backward through the same graph (the self-check's autograd reference)
-            return grad, None, None, None, None, None, None, None, None, None, None
+            return (grad, *_NONE)
         if ctx.shared is not None and ctx.shared.shared:  # its uses reported each example's gradient (shared.py)
-            return grad, None, None, None, None, None, None, None, None, None, None
+            return (grad, *_NONE)
         output_grad = grad if grad.shape == ctx.shape else grad.reshape(ctx.shape)  # tapped the tensor it views
         examples_first = output_grad.movedim(ctx.dim, 0) if ctx.dim else output_grad
         if ctx.record is not None:
             ctx.record.grad = examples_first.detach()
-        ctx.engine._receive(ctx.layer, ctx.activation, examples_first, ctx.call)
-        ctx.activation = ctx.call = None
-        return grad, None, None, None, None, None, None, None, None, None, None
+        ctx.engine._receive(ctx.layer, ctx.activation, examples_first, ctx.call, ctx.statistics)
+        ctx.activation = ctx.call = ctx.statistics = None
+        return (grad, *_NONE)
+
+
+_NONE = (None,) * 11  # _Tap.backward: no gradient for any input but the output
 
 
 class ClippingEngine:
@@ -470,9 +475,12 @@ class ClippingEngine:
             # In place only in the steady state: not while the watch follows values by identity, nor while a probe
             # keeps the output (a downstream in-place op would change what it recorded).
             target = None if watch is not None or record is not None else _in_place_target(module, output)
+            # Read before the tap takes the output (in place, it becomes the output's autograd node). Only with the
+            # examples in dim 0: the rule can check the statistics' shape against its input, not their order.
+            statistics = forward_statistics(module, output) if layout.dim == 0 else None
             tapped = _Tap.apply(
                 output if target is None else target, self._anchor, self, layer, activation.detach(), record, call,
-                shared, layout.dim, target is not None, output.shape,
+                shared, layout.dim, target is not None, output.shape, statistics,
             )  # fmt: skip
             if tapped.shape != output.shape:
                 tapped = tapped.view(output.shape)
@@ -630,8 +638,16 @@ class ClippingEngine:
             self._norm2.clear()
             self._mass.clear()
 
-    def _receive(self, layer: _Layer, activation: Tensor, grad_output: Tensor, call: _Call | None = None) -> None:
-        """Called from a tap's backward: this call's contributions and their squared norms."""
+    def _receive(
+        self,
+        layer: _Layer,
+        activation: Tensor,
+        grad_output: Tensor,
+        call: _Call | None = None,
+        statistics: Statistics | None = None,
+    ) -> None:
+        """Called from a tap's backward: this call's contributions and their squared norms (``statistics``: what a
+        norm layer's forward saved, rules.norm.forward_statistics)."""
         n = None if self._mask is None else self._mask.numel()
         if (
             n is not None
@@ -647,6 +663,7 @@ class ClippingEngine:
             k = grad_output.shape[0] // n
             grad_output = grad_output.reshape(n, k, *grad_output.shape[1:])
             activation = activation.reshape(n, k, *activation.shape[1:])
+            statistics = None  # laid out by rows, not examples
         if n is not None and (grad_output.dim() == 0 or grad_output.shape[0] != n):
             raise UnsupportedLayerError(
                 layer.path,
@@ -669,7 +686,11 @@ class ClippingEngine:
                         raise
                     raise UnsupportedLayerError(layer.path, layer.module, _FALLBACK_RANDOMNESS) from err
             else:
-                contributions = layer.rule(layer.module, activation, grad_output, layer.params)
+                contributions = (
+                    layer.rule(layer.module, activation, grad_output, layer.params)
+                    if statistics is None
+                    else layer.rule(layer.module, activation, grad_output, layer.params, statistics=statistics)  # type: ignore[call-arg]
+                )
             for c in contributions:
                 c.choose_norm_mode(self.config.norm_mode)
                 if c.instantiated is not None:

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+import lightning_dpzero.clipping.engine as engine_module
 from lightning_dpzero.clipping.rules.norm import instance_norm_rule, rms_norm_rule
 from tests.clipping.test_engine import assert_matches, run_engine
 from tests.conftest import N_EXAMPLES, default_mask, squared_error
@@ -77,11 +78,29 @@ class _Norms(nn.Module):
         return self.head(h.mean(1))
 
 
-def test_norm_rules_normalise_a_few_examples_at_a_time(monkeypatch) -> None:
+def _statistics_seen(monkeypatch, statistics: str) -> list[tuple[type, bool]]:
+    """Make the engine read the norm layers' forward statistics (``saved``) or not (``recomputed``); returns the
+    (layer type, whether they were at hand) of each read."""
+    seen: list[tuple[type, bool]] = []
+    read = engine_module.forward_statistics
+
+    def spy(module: nn.Module, output: torch.Tensor):
+        found = read(module, output) if statistics == "saved" else None
+        seen.append((type(module), found is not None))
+        return found
+
+    monkeypatch.setattr(engine_module, "forward_statistics", spy)
+    return seen
+
+
+@pytest.mark.parametrize("statistics", ["saved", "recomputed"])
+def test_norm_rules_normalise_a_few_examples_at_a_time(monkeypatch, statistics) -> None:
     """Reference: reference_clipped_sum, with the rules' chunk (norm._CHUNK) small enough that each normalises
-    one or two examples at a time (the default normalises these small inputs at once)."""
+    one or two examples at a time (the default normalises these small inputs at once); LayerNorm and GroupNorm
+    with the statistics their forward saved, and recomputing them."""
     import lightning_dpzero.clipping.rules.norm as norm_module
 
+    seen = _statistics_seen(monkeypatch, statistics)
     monkeypatch.setattr(norm_module, "_CHUNK", 150)  # 100 values per example here: 1 example per chunk
     torch.manual_seed(2)
     model = _Norms()
@@ -94,3 +113,37 @@ def test_norm_rules_normalise_a_few_examples_at_a_time(monkeypatch) -> None:
                                      function="abadi")  # fmt: skip
     got, _ = run_engine(model, squared_error, [(inputs, mask)], clip_norm=0.5, clipping_function="abadi")
     assert_matches(got, expected, 0.5)
+    if statistics == "saved":
+        assert {(nn.LayerNorm, True), (nn.GroupNorm, True)} <= set(seen)
+
+
+class _SequenceFirstLayerNorm(nn.Module):
+    """A LayerNorm on [T, n, D] (the examples in dim 1) with T == n: the statistics its forward saved, [T, n, 1],
+    have the shape of examples-first ones, [n, T, 1], but not their order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(3, 4)
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):  # [n, T, 3]
+        h = self.norm(torch.tanh(self.proj(x)).transpose(0, 1))  # [T, n, 4]
+        return self.head(h.transpose(0, 1).mean(1))
+
+
+@pytest.mark.parametrize("batches", [1, 2])
+def test_layer_norm_statistics_of_a_sequence_first_input_are_not_taken_for_examples_first(monkeypatch, batches):
+    """Reference: reference_clipped_sum over ``batches`` physical batches (the second is not watched)."""
+    seen = _statistics_seen(monkeypatch, "saved")
+    torch.manual_seed(3)
+    model = _SequenceFirstLayerNorm()
+    with torch.no_grad():
+        model.norm.weight.add_(0.3 * torch.randn(4))
+    inputs = (torch.randn(N_EXAMPLES, N_EXAMPLES, 3), torch.randn(N_EXAMPLES, 2))
+    mask = default_mask()
+    expected = reference_clipped_sum(model, squared_error, inputs, mask, clip_norm=0.5, style="all-layer",
+                                     function="abadi")  # fmt: skip
+    got, _ = run_engine(model, squared_error, [(inputs, mask)] * batches, clip_norm=0.5, clipping_function="abadi")
+    assert_matches(got, {k: v * batches for k, v in expected.items()}, 0.5)
+    assert (nn.LayerNorm, True) not in seen
