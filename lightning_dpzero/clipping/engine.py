@@ -47,7 +47,7 @@ from lightning_dpzero.clipping.rules.norm import Statistics, forward_statistics
 from lightning_dpzero.clipping.shared import SharedCall, SharedTap, SharedUse, per_example_view
 from lightning_dpzero.clipping.styles import ClippingGroups, make_groups
 from lightning_dpzero.clipping.watch import ForwardWatch
-from lightning_dpzero.config import NonFinitePolicy, PrivacyConfig
+from lightning_dpzero.config import ClippingFunction, NonFinitePolicy, PrivacyConfig
 
 __all__ = [
     "REENTRANT_CHECKPOINT",
@@ -765,30 +765,47 @@ class ClippingEngine:
                 self._examine(keys, block_norm2)
                 return
             device = block_norm2.device
-            reached = sorted({self.groups.group_of[key[0]] for key in keys})  # the groups with blocks to clip
-            if len(reached) == 1:  # layer- and param-wise clip one group at a time: no scatter needed
+            rows_of: dict[int, list[int]] = defaultdict(list)  # group -> its rows of block_norm2
+            for i, key in enumerate(keys):
+                rows_of[self.groups.group_of[key[0]]].append(i)
+            reached = sorted(rows_of)  # the groups with blocks to clip
+            if len(reached) == 1:  # layer-wise clips one group at a time: no scatter needed
                 norm2 = block_norm2.sum(0, keepdim=True)
+            elif len(reached) == len(keys):  # one block per group (param-wise): the blocks' rows, in group order
+                order = [rows_of[k][0] for k in reached]
+                norm2 = block_norm2 if order == sorted(order) else block_norm2[order]
             else:
-                row = {k: i for i, k in enumerate(reached)}
-                owner = torch.tensor([row[self.groups.group_of[key[0]]] for key in keys], device=device)
+                owner = torch.tensor([reached.index(self.groups.group_of[key[0]]) for key in keys], device=device)
                 norm2 = torch.zeros(len(reached), block_norm2.shape[1], dtype=torch.float64, device=device)
                 norm2.index_add_(0, owner, block_norm2)  # [groups reached, n]
             mask = self._mask.to(device)
             # float64 norms, then fp32 for the clipping function: a norm beyond fp32's range counts as non-finite
             all_norms = norm2.clamp(min=0).sqrt().float()
             factors, dropped = {}, {}
-            for k, norms in zip(reached, all_norms):
-                bad = ~torch.isfinite(norms)  # padding rows copy a real example: they may be non-finite too
-                if bool(bad.any()):
-                    self._non_finite(bad, mask, k)
-                    dropped[k] = bad
-                factors[k] = clip_factors(
-                    torch.where(bad, torch.zeros_like(norms), norms),
-                    mask * ~bad,
-                    clip_norm=self.groups.clip_norms[k],
+            if str(self.config.clipping_function) in _BROADCASTING and bool(torch.isfinite(all_norms).all()):
+                # every group at once (the built-in functions broadcast a column of thresholds)
+                thresholds = [self.groups.clip_norms[k] for k in reached]
+                all_factors = clip_factors(
+                    all_norms,
+                    mask,
+                    clip_norm=thresholds[0] if len(set(thresholds)) == 1 else torch.tensor(thresholds).view(-1, 1),
                     fn=self.config.clipping_function,
                     stability_constant=self.config.stability_constant,
                 )
+                factors = dict(zip(reached, all_factors))
+            else:
+                for k, norms in zip(reached, all_norms):
+                    bad = ~torch.isfinite(norms)  # padding rows copy a real example: they may be non-finite too
+                    if bool(bad.any()):
+                        self._non_finite(bad, mask, k)
+                        dropped[k] = bad
+                    factors[k] = clip_factors(
+                        torch.where(bad, torch.zeros_like(norms), norms),
+                        mask * ~bad,
+                        clip_norm=self.groups.clip_norms[k],
+                        fn=self.config.clipping_function,
+                        stability_constant=self.config.stability_constant,
+                    )
             for name in dict.fromkeys(key[0] for key in keys):  # each parameter once, in the order reached
                 param = self.params[name]
                 shape = full_shape(param)
@@ -866,6 +883,10 @@ class ClippingEngine:
         """The clipped sums of the logical step so far (fp32, parameter-shaped), and reset."""
         summed, self.summed = self.summed, {}
         return summed
+
+
+# Clipping functions that take a column of thresholds for a [groups, n] matrix of norms (functions.py)
+_BROADCASTING = frozenset({ClippingFunction.ABADI.value, ClippingFunction.AUTOMATIC.value})
 
 
 def _zeros(shape: torch.Size, param: Tensor) -> Tensor:

@@ -45,14 +45,15 @@ def registered_clipping_functions() -> list[str]:
 
 
 def clip_factors(
-    norms: Tensor, mask: Tensor, *, clip_norm: float, fn: ClippingFunction | str, stability_constant: float
+    norms: Tensor, mask: Tensor, *, clip_norm: float | Tensor, fn: ClippingFunction | str, stability_constant: float
 ) -> Tensor:
     """Per-example scale factors so that each clipped gradient has L2 norm <= ``clip_norm``.
 
     Args:
-        norms: per-example gradient L2 norms, shape [n], fp32.
+        norms: per-example gradient L2 norms, shape [n], fp32 (or [groups, n] for the built-in functions).
         mask: 1 for real examples, 0 for padding, shape [n].
-        clip_norm: the threshold C (or C_k of one group), in the units of ``norms``.
+        clip_norm: the threshold C (or C_k of one group), in the units of ``norms`` (or a [groups, 1] column of them
+            for the built-in functions).
         fn: ``ABADI`` gives min(1, C/n); ``AUTOMATIC`` gives C/(n + gamma); or a registered name.
         stability_constant: gamma of ``AUTOMATIC``.
     Returns:
@@ -60,5 +61,5 @@ def clip_factors(
     Privacy:
         Bounds each example's contribution by C, the sensitivity the accountant assumes.
     """
-    factors = _FUNCTIONS[str(fn)](norms.float(), clip_norm, stability_constant)
+    factors = _FUNCTIONS[str(fn)](norms.float(), clip_norm, stability_constant)  # type: ignore[arg-type]
     return torch.where(mask.bool(), factors, torch.zeros_like(factors))

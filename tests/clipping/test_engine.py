@@ -227,6 +227,35 @@ def test_explicit_group_clip_norms_match_reference(style, groups, norm_fractions
     assert_matches(got, expected, clip_norm)
 
 
+class _CalledTwiceOnceUnused(nn.Module):
+    """Each Linear is called a second time on an output the loss does not use: its tap never reports, so both
+    parameter groups are clipped together after the backward, in the order their blocks arrived (lin2 first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin1 = nn.Linear(4, 3, bias=False)
+        self.lin2 = nn.Linear(3, 2, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.lin1(x)
+        h = torch.tanh(self.lin1(x))
+        self.lin2(h)
+        return self.lin2(h)
+
+
+def test_groups_clipped_together_out_of_order_keep_their_own_norms():
+    """Reference: reference_clipped_sum, param-wise with a threshold per parameter (C_1 != C_2)."""
+    torch.manual_seed(5)
+    model = _CalledTwiceOnceUnused()
+    inputs, mask = (torch.randn(N_EXAMPLES, 4), torch.randn(N_EXAMPLES, 2)), default_mask()
+    norms = (0.3, 0.4)
+    kwargs = dict(clip_norm=0.5, style="param-wise", function="abadi", groups=None, group_clip_norms=norms)
+    expected = reference_clipped_sum(model, squared_error, inputs, mask, **kwargs)
+    got, _ = run_engine(model, squared_error, [(inputs, mask)], clip_norm=0.5, clipping_style="param-wise",
+                        clipping_function="abadi", group_clip_norms=norms)  # fmt: skip
+    assert_matches(got, expected, 0.5)
+
+
 # ---------------------------------------------------------------------------------------------- accumulation
 @pytest.mark.parametrize("norm_mode", list(NormMode), ids=str)
 @pytest.mark.parametrize(
