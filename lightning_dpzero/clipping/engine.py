@@ -786,13 +786,13 @@ class ClippingEngine:
                 # every group at once (the built-in functions broadcast a column of thresholds)
                 thresholds = [self.groups.clip_norms[k] for k in reached]
                 all_factors = clip_factors(
-                    all_norms,
+                    all_norms if len(reached) > 1 else all_norms[0],
                     mask,
                     clip_norm=thresholds[0] if len(set(thresholds)) == 1 else torch.tensor(thresholds).view(-1, 1),
                     fn=self.config.clipping_function,
                     stability_constant=self.config.stability_constant,
                 )
-                factors = dict(zip(reached, all_factors))
+                factors = dict(zip(reached, all_factors.view(len(reached), -1)))
             else:
                 for k, norms in zip(reached, all_norms):
                     bad = ~torch.isfinite(norms)  # padding rows copy a real example: they may be non-finite too

@@ -47,7 +47,7 @@ def scaled_noise(factor: float = 0.1) -> contextlib.AbstractContextManager[None]
 
 def no_clipping() -> contextlib.AbstractContextManager[None]:
     def clip_factors(norms, mask, *, clip_norm, fn, stability_constant):  # noqa: ANN001, ANN202
-        return mask.to(torch.float32)
+        return torch.where(mask.bool(), torch.ones_like(norms), torch.zeros_like(norms))  # [n], or [groups, n]
 
     return _patched(_engine, "clip_factors", clip_factors)
 
