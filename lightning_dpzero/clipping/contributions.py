@@ -287,19 +287,17 @@ def _index_self_inner(c: Contribution) -> tuple[Tensor, Tensor]:
     ids, right = c.left, _f32(c.right)
     assert ids is not None
     n, t = ids.shape
-    valid = ids >= 0
     # One key per (example, token): the distinct keys are exactly the non-zero rows of the per-example gradients.
-    keys = torch.arange(n, device=ids.device).unsqueeze(1) * c.num_rows + ids
-    rows = right[valid]  # [m, D]
+    keys, rows = _valid_rows(torch.arange(n, device=ids.device).unsqueeze(1) * c.num_rows + ids, ids, right)
     norms = torch.linalg.vector_norm(rows, dim=1).double()  # [m]
     if c.num_rows <= 4 * t:
         # Small vocabulary (or positions): scatter straight into [n * V, D], cheaper than sorting keys.
         summed = torch.zeros(n * c.num_rows, right.shape[-1], device=right.device, dtype=right.dtype)
-        summed.index_add_(0, keys[valid], rows)
+        summed.index_add_(0, keys, rows)
         magnitude = torch.zeros(n * c.num_rows, device=right.device, dtype=torch.float64)
-        magnitude.index_add_(0, keys[valid], norms)
+        magnitude.index_add_(0, keys, norms)
         return _sq_norms(summed.view(n, -1))[0], magnitude.view(n, -1).square().sum(1)
-    unique, inverse = torch.unique(keys[valid], return_inverse=True)
+    unique, inverse = torch.unique(keys, return_inverse=True)
     summed = torch.zeros(unique.numel(), right.shape[-1], device=right.device, dtype=right.dtype)
     summed.index_add_(0, inverse, rows)
     magnitude = torch.zeros(unique.numel(), device=right.device, dtype=torch.float64).index_add_(0, inverse, norms)
@@ -308,6 +306,15 @@ def _index_self_inner(c: Contribution) -> tuple[Tensor, Tensor]:
     value.index_add_(0, owner, torch.linalg.vector_norm(summed, dim=1).double().square())
     mass = torch.zeros(n, device=right.device, dtype=torch.float64).index_add_(0, owner, magnitude.square())
     return value, mass
+
+
+def _valid_rows(keys: Tensor, ids: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
+    """The entries of ``keys`` [n, T] and the rows of ``right`` [n, T, D] at the positions whose id is not -1 (an
+    embedding's padding index): [m] and [m, D]. Without padding (the usual case), views of all of them."""
+    valid = ids >= 0
+    if bool(valid.all()):
+        return keys.reshape(-1), right.reshape(-1, right.shape[-1])
+    return keys[valid], right[valid]
 
 
 def inner(a: Contribution, b: Contribution) -> tuple[Tensor, Tensor]:
@@ -429,9 +436,8 @@ def clipped_sum(c: Contribution, factors: Tensor) -> Tensor:
     if c.kind is Kind.INDEX:
         ids = c.left
         assert ids is not None
-        valid = ids >= 0
         out = torch.zeros(c.num_rows, right.shape[-1], device=right.device, dtype=right.dtype)
-        return _to_param(c, out.index_add_(0, ids[valid], right[valid]))
+        return _to_param(c, out.index_add_(0, *_valid_rows(ids, ids, right)))
     left = _f32(c.left)
     return _to_param(c, left.flatten(0, 1).T @ right.flatten(0, 1))
 
