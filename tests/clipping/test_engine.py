@@ -339,6 +339,38 @@ def test_convolutions_match_reference_whichever_way_they_are_instantiated(monkey
         assert eng.last_norm_modes["0"] == "instantiate"
 
 
+class _SlicedInput(nn.Module):
+    """A convolution whose input is a slice of a larger tensor (its storage starts at an offset) in a given memory
+    format."""
+
+    def __init__(self, memory_format: torch.memory_format) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2)  # no padding: the patches are read from the input itself
+        self.head = nn.Linear(4, 2)
+        self.memory_format = memory_format
+
+    def forward(self, x: Tensor) -> Tensor:
+        longer = torch.cat([torch.zeros_like(x[:1]), x]).contiguous(memory_format=self.memory_format)
+        return self.head(torch.tanh(self.conv(longer[1:])).mean((2, 3)))  # its storage starts one example in
+
+
+@pytest.mark.parametrize("way", CONV_WAYS)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=str)
+def test_convolution_inputs_in_any_layout_match_reference(monkeypatch, memory_format, way):
+    """Reference: reference_clipped_sum. The patches are read from the input through strides: an input in channels
+    last memory format, or one that starts at an offset in its storage, must give the same windows."""
+    _instantiate_convolutions_by(monkeypatch, way)
+    torch.manual_seed(6)
+    model = _SlicedInput(memory_format)
+    inputs, mask = (torch.randn(N_EXAMPLES, 3, 6, 5), torch.randn(N_EXAMPLES, 2)), default_mask()
+    expected = reference_clipped_sum(model, squared_error, inputs, mask, clip_norm=0.3, style="all-layer",
+                                     function="abadi")  # fmt: skip
+    for norm_mode in NormMode:
+        got, _ = run_engine(model, squared_error, [(inputs, mask)], clip_norm=0.3, clipping_function="abadi",
+                            norm_mode=norm_mode)  # fmt: skip
+        assert_matches(got, expected, 0.3)
+
+
 class InPlaceAfterEveryLayer(nn.Module):
     """Each layer type whose output the tap takes in place (engine._FRESH_OUTPUT_TYPES) followed by an in-place op on
     that output, and a Linear subclass (not taken in place: a subclass may return anything)."""
