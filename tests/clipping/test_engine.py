@@ -302,6 +302,18 @@ def _instantiate_convolutions_by(monkeypatch, way: str) -> None:
     monkeypatch.setattr(conv_rules, "_grouped_is_faster", lambda positions, per_group: way == CONV_WAYS[0])
 
 
+def _matches_abadi_all_layer(model: nn.Module, loss_fn, inputs: tuple[Tensor, ...], clip_norm: float, norm_mode):
+    """One physical batch through the engine (all-layer, Abadi's clipping) against reference_clipped_sum; returns
+    the engine."""
+    mask = default_mask()
+    expected = reference_clipped_sum(model, loss_fn, inputs, mask, clip_norm=clip_norm, style="all-layer",
+                                     function="abadi")  # fmt: skip
+    got, eng = run_engine(model, loss_fn, [(inputs, mask)], clip_norm=clip_norm, clipping_function="abadi",
+                          norm_mode=norm_mode)  # fmt: skip
+    assert_matches(got, expected, clip_norm)
+    return eng
+
+
 @pytest.mark.parametrize("way", CONV_WAYS)
 @pytest.mark.parametrize("norm_mode", list(NormMode), ids=str)
 def test_a_convolution_called_twice(monkeypatch, norm_mode, way):
@@ -310,14 +322,8 @@ def test_a_convolution_called_twice(monkeypatch, norm_mode, way):
     convolution or from the patches, or factored as patches): all must be laid out alike."""
     _instantiate_convolutions_by(monkeypatch, way)
     torch.manual_seed(40)
-    model = TwiceConv()
     inputs = (torch.randn(N_EXAMPLES, 3, 6, 6), torch.randn(N_EXAMPLES, 2))
-    mask = default_mask()
-    expected = reference_clipped_sum(model, squared_error, inputs, mask, clip_norm=0.5, style="all-layer",
-                                     function="abadi")  # fmt: skip
-    got, _ = run_engine(model, squared_error, [(inputs, mask)], clip_norm=0.5, clipping_function="abadi",
-                        norm_mode=norm_mode)  # fmt: skip
-    assert_matches(got, expected, 0.5)
+    _matches_abadi_all_layer(TwiceConv(), squared_error, inputs, 0.5, norm_mode)
 
 
 @pytest.mark.parametrize("way", CONV_WAYS)
@@ -328,13 +334,7 @@ def test_convolutions_match_reference_whichever_way_they_are_instantiated(monkey
     its per-example gradients instantiated by the grouped weight-gradient convolution or from its patches (which
     ``conv._grouped_is_faster`` picks by the layer's shape; the test models are too small to reach both)."""
     _instantiate_convolutions_by(monkeypatch, way)
-    model, loss_fn, inputs = build()
-    mask = default_mask()
-    expected = reference_clipped_sum(model, loss_fn, inputs, mask, clip_norm=0.3, style="all-layer",
-                                     function="abadi")  # fmt: skip
-    got, eng = run_engine(model, loss_fn, [(inputs, mask)], clip_norm=0.3, clipping_function="abadi",
-                          norm_mode=norm_mode)  # fmt: skip
-    assert_matches(got, expected, 0.3)
+    eng = _matches_abadi_all_layer(*build(), 0.3, norm_mode)
     if norm_mode is NormMode.INSTANTIATE:
         assert eng.last_norm_modes["0"] == "instantiate"
 
@@ -361,14 +361,9 @@ def test_convolution_inputs_in_any_layout_match_reference(monkeypatch, memory_fo
     last memory format, or one that starts at an offset in its storage, must give the same windows."""
     _instantiate_convolutions_by(monkeypatch, way)
     torch.manual_seed(6)
-    model = _SlicedInput(memory_format)
-    inputs, mask = (torch.randn(N_EXAMPLES, 3, 6, 5), torch.randn(N_EXAMPLES, 2)), default_mask()
-    expected = reference_clipped_sum(model, squared_error, inputs, mask, clip_norm=0.3, style="all-layer",
-                                     function="abadi")  # fmt: skip
+    inputs = (torch.randn(N_EXAMPLES, 3, 6, 5), torch.randn(N_EXAMPLES, 2))
     for norm_mode in NormMode:
-        got, _ = run_engine(model, squared_error, [(inputs, mask)], clip_norm=0.3, clipping_function="abadi",
-                            norm_mode=norm_mode)  # fmt: skip
-        assert_matches(got, expected, 0.3)
+        _matches_abadi_all_layer(_SlicedInput(memory_format), squared_error, inputs, 0.3, norm_mode)
 
 
 class InPlaceAfterEveryLayer(nn.Module):
