@@ -28,9 +28,10 @@ def _windows(module: ConvNd, x: Tensor) -> Tensor:
     (channel, kernel position) layout.
     """
     x, padding = _padded(module, x)
-    if any(padding):
-        x = F.pad(x, [side for size in reversed(padding) for side in (size, size)])
-    x = x.movedim(1, -1).contiguous()  # [n, *S, C]
+    x = x.movedim(1, -1)  # [n, *S, C], a view
+    if any(padding):  # the zero padding and the channels-last layout in one copy
+        x = F.pad(x, [0, 0, *(side for size in reversed(padding) for side in (size, size))])
+    x = x.contiguous()  # the strides below assume it (a no-op after the padding)
     dims = len(module.kernel_size)
     n, spatial, channels = x.shape[0], x.shape[1:-1], x.shape[-1]
     per_group = channels // module.groups
