@@ -785,10 +785,11 @@ class ClippingEngine:
             if str(self.config.clipping_function) in _BROADCASTING and bool(torch.isfinite(all_norms).all()):
                 # every group at once (the built-in functions broadcast a column of thresholds)
                 thresholds = [self.groups.clip_norms[k] for k in reached]
+                column = torch.tensor(thresholds, device=device).view(-1, 1) if len(set(thresholds)) > 1 else None
                 all_factors = clip_factors(
                     all_norms if len(reached) > 1 else all_norms[0],
                     mask,
-                    clip_norm=thresholds[0] if len(set(thresholds)) == 1 else torch.tensor(thresholds).view(-1, 1),
+                    clip_norm=thresholds[0] if column is None else column,  # on the norms' device
                     fn=self.config.clipping_function,
                     stability_constant=self.config.stability_constant,
                 )
