@@ -206,3 +206,43 @@ def test_the_exact_path_is_taken_only_where_cancellation_is_possible() -> None:
     )
     for name, value in expected.items():
         torch.testing.assert_close(summed[name].double(), value, rtol=1e-5, atol=1e-7, msg=name)
+
+
+class ConvNorms(nn.Module):
+    """A 3x3 convolution, GroupNorm and LayerNorm (normalising with the statistics their forward saved), a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3, padding=1)
+        self.group = nn.GroupNorm(2, 6)
+        self.layer = nn.LayerNorm(6)
+        self.head = nn.Linear(6, 3)
+
+
+def conv_norms_forward(model: ConvNorms, x: Tensor, conv_weights: Tensor, head_weights: Tensor) -> Tensor:
+    y = model.conv(x)  # [n, 6, 5, 5]
+    h = model.layer(torch.tanh(model.group(y)).flatten(2).transpose(1, 2))  # [n, 25, 6]
+    return (y * conv_weights).sum() + (model.head(h) * head_weights).sum()
+
+
+@pytest.mark.parametrize("way", ["grouped convolution", "patches"])
+@pytest.mark.parametrize("function", list(ClippingFunction))
+@pytest.mark.parametrize("style", list(ClippingStyle))
+def test_convolution_and_norm_layers_move_the_clipped_sum_by_at_most_c(monkeypatch, style, function, way) -> None:
+    """Reference: the DP bound ||S(D) - S(D')|| <= C, to (1 + 1e-5), for a convolution's per-example gradients formed
+    either way (conv._grouped_is_faster forced), with GroupNorm and LayerNorm rules on their forward's statistics and
+    several clipping groups clipped at once (param- and group-wise), on opposite pixels at ordinary and extreme
+    scales."""
+    import lightning_dpzero.clipping.rules.conv as conv_rules
+
+    monkeypatch.setattr(conv_rules, "_grouped_is_faster", lambda positions, per_group: way == "grouped convolution")
+    groups = 2 if style is ClippingStyle.GROUP_WISE else None
+    config = dict(clipping_style=style, clipping_function=function, clipping_groups=groups)
+    for eps in (1e-1, 1e-4, 1e-7):
+        for scale in (1.0, 1e6, 1e-6):
+            g = torch.Generator().manual_seed(hash((eps, scale)) % 2**31)
+            torch.manual_seed(0)
+            x, conv_weights = opposite_pixels(eps, scale, g)
+            head_weights = torch.randn(x.shape[0], 25, 3, generator=g)
+            s = sensitivity(ConvNorms(), conv_norms_forward, (x, conv_weights, head_weights), **config)
+            assert math.isfinite(s) and s <= 1 + TOLERANCE, f"eps={eps}, scale={scale:g}: sensitivity {s:.6g} C"
