@@ -8,6 +8,7 @@ import warnings
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_dpzero.accounting import PrivacyAccountant, calibrate_noise_multiplier, epsilon_for
+from lightning_dpzero.allocator import retain_freed_memory
 from lightning_dpzero.callbacks import PrivacyBudget
 from lightning_dpzero.clipping import ClippingRule, UnsupportedLayerError, register_rule
 from lightning_dpzero.config import (
@@ -66,6 +67,7 @@ __all__ = [
     "privacy_ledger",
     "register_rule",
     "replace_multihead_attention",
+    "retain_freed_memory",
 ]
 
 __version__ = "0.1.0"

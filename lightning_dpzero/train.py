@@ -44,6 +44,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_dpzero.allocator import retain_freed_memory
 from lightning_dpzero.callbacks import PrivacyBudget, PrivacyCurvePlot
 from lightning_dpzero.strategies.query import dp_step
 
@@ -62,6 +63,8 @@ def run(cfg: DictConfig, root_dir: str | Path | None = None) -> dict[str, Any]:
         path, or ``None``).
     """
     root = Path(root_dir or Path.cwd())
+    if cfg.get("retain_freed_memory", True):
+        retain_freed_memory()
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.task.data)
     model = instantiate(cfg.task.model)
