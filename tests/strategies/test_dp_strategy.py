@@ -117,6 +117,7 @@ def test_gradient_matches_float64_reference(zero_noise, style, function, loss_ki
         clipping_function=function,
         expected_batch_size=10,
         physical_batch_size=4,
+        physical_batch_shapes="fixed",  # p rows in every physical batch (the "few" shapes: the test below)
         seed=1,
     )
     capture = Capture()
@@ -420,7 +421,9 @@ def test_batch_hooks_see_each_physical_batch_once_through_lightnings_routing(wit
     the three batch hooks sees every physical batch exactly once, never the LogicalBatch that holds them."""
     log = _HookLog()
     task = HookTask(log)
-    privacy = dpz.PrivacyConfig(noise_multiplier=1.0, expected_batch_size=12, physical_batch_size=4)
+    privacy = dpz.PrivacyConfig(
+        noise_multiplier=1.0, expected_batch_size=12, physical_batch_size=4, physical_batch_shapes="fixed"
+    )
     physical = []
 
     class Count(Callback):
