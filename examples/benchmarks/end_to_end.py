@@ -6,15 +6,15 @@ Command::
     python examples/benchmarks/end_to_end.py --steps 50 --rounds 2
 
 Each configuration runs as a subprocess of the Hydra entry point (the default task: a GPT on the embedded corpus,
-B = 128 expected examples per logical step, DP physical batches of p = 64), once with ``--steps`` logical steps and
-once with 1; the time per logical step is the difference divided by ``steps - 1`` (start-up, data generation and
-the calibration cancel out; the self-check on step 0 too). Periodic validation, plots, loggers and the progress bar
-are off in all runs (one validation at the end, in both lengths). Configurations:
+B = 128 expected examples per logical step, DP physical batches of p = 128: the presets take p = B), once with
+``--steps`` logical steps and once with 1; the time per logical step is the difference divided by ``steps - 1``
+(start-up, data generation and the calibration cancel out; the self-check on step 0 too). Periodic validation,
+plots, loggers and the progress bar are off in all runs (one validation at the end, in both lengths). Configurations:
 
 - ``non-private``: ``strategy=nonprivate`` (Lightning's ``SingleDeviceStrategy``, shuffled batches of 128).
 - ``dp fixed``: ``strategy=dp``, every physical batch p rows (the last one of a step padded).
-- ``dp few``: ``strategy=dp privacy.physical_batch_shapes=few``: the last physical batch takes p, p/2, p/4 or p/8
-  rows, whichever is the smallest that holds it.
+- ``dp few``: ``strategy=dp privacy.physical_batch_shapes=few`` (the default): the last physical batch takes p, p/2,
+  p/4 or p/8 rows, whichever is the smallest that holds it.
 
 The padding each mode processes is computed from the sampler itself (same N, q, p; ``--steps`` draws), as padded rows
 over real rows. The rounds interleave the configurations; the table shows per-step medians over rounds with the range.
@@ -57,7 +57,7 @@ def _padding(steps: int, shapes: str) -> float:
     from lightning_dpzero.randomness import SecretKey
     from lightning_dpzero.sampling.poisson import PoissonBatchSampler
 
-    sampler = PoissonBatchSampler(num_examples=4096, sample_rate=128 / 4096, physical_batch_size=64, shapes=shapes,
+    sampler = PoissonBatchSampler(num_examples=4096, sample_rate=128 / 4096, physical_batch_size=128, shapes=shapes,
                                   steps_per_epoch=steps, key=SecretKey.from_seed(0))  # fmt: skip
     real = padded = 0
     for keys in sampler:
@@ -85,7 +85,7 @@ def main() -> None:
                 flush=True,
             )
     base = statistics.median(per_step["non-private"])
-    print(f"\nmain job (GPT T=64, D=64, 2 layers; B=128, p=64), {args.steps} logical steps, median of {args.rounds} "
+    print(f"\nmain job (GPT T=64, D=64, 2 layers; B=128, p=128), {args.steps} logical steps, median of {args.rounds} "
           "interleaved rounds (range)\n")  # fmt: skip
     print(f"| configuration | ms per logical step | / non-private (target <= {TARGET}) | padded rows / real rows |")
     print("|---|---|---|---|")
