@@ -74,8 +74,10 @@ class Contribution:
             stored the other way round).
         build_right: DENSE only, with ``right=None``: builds ``right`` when a factored form is needed (a
             convolution's patches), so that it is never built when ``instantiate`` is used instead.
-        instantiate: DENSE only: a faster way than ``einsum(left, right)`` to the per-example gradients [n, P, D]
-            fp32, used when the norm mode instantiates (a convolution's weight gradient with one group per example).
+        instantiate: DENSE only: a faster way than ``einsum(left, right)`` to the per-example gradients, used when
+            the norm mode instantiates (a convolution's weight gradient with one group per example): [n, P, D'] fp32,
+            laid out as the parameter block (``shape`` flattened after its first dim), not as ``left``/``right``'s
+            [P, D] matrices: ``to_param`` no longer applies to them and is dropped.
         dims: DENSE with ``right=None``: (T, P, D).
         weighted_sum: DENSE only: a faster way than the factored matmul to sum_i f_i G_i for factors f [n], fp32
             and already of ``shape`` (a convolution's weight gradient with each example's output gradient scaled by
@@ -134,6 +136,7 @@ class Contribution:
         )  # t == 1: ||a|| ||b|| and a rank-one clipped sum are cheaper than either
         if instantiate and self.instantiate is not None:
             self.instantiated = self.instantiate()
+            self.to_param = None  # in the parameter's own layout: a reshape to ``shape``
         elif instantiate:
             right = self.right if self.right is not None else self._build_right()
             # [n, P, D], in bf16 where the layer's output gradient is bf16 (under bf16 autocast the weight gradient is

@@ -319,7 +319,7 @@ def _matches_abadi_all_layer(model: nn.Module, loss_fn, inputs: tuple[Tensor, ..
 def test_a_convolution_called_twice(monkeypatch, norm_mode, way):
     """Reference: reference_clipped_sum; all-layer, so both uses' contributions are held until the step's clipping.
     The two uses' per-example gradients meet in cross terms however each was formed (instantiated by the grouped
-    convolution or from the patches, or factored as patches): all must be laid out alike."""
+    convolution, in the weight's order, or from the patches, or factored as patches, in the patches' order)."""
     _instantiate_convolutions_by(monkeypatch, way)
     torch.manual_seed(40)
     inputs = (torch.randn(N_EXAMPLES, 3, 6, 6), torch.randn(N_EXAMPLES, 2))

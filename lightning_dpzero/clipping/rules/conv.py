@@ -61,13 +61,6 @@ def _to_weight(kernel: tuple[int, ...], per_group: int) -> Callable[[Tensor], Te
     return to_weight
 
 
-def _from_weight(matrices: Tensor, kernel: tuple[int, ...]) -> Tensor:
-    """[..., P, C / groups * prod(kernel)] in the weight's order -> the patches' (kernel position, channel) order."""
-    *lead, p, features = matrices.shape
-    size = math.prod(kernel)
-    return matrices.reshape(*lead, p, features // size, size).transpose(-1, -2).reshape(*lead, p, features)
-
-
 def _check(module: nn.Module, path: str) -> None:
     if module.transposed:  # pragma: no cover - ConvTranspose has its own types, kept for subclass safety
         raise UnsupportedLayerError(path, module, "transposed convolutions have no rule yet")
@@ -98,7 +91,7 @@ def _weighted_weight_gradient(module: ConvNd, x: Tensor, grad_output: Tensor, fa
 
 
 def _per_example_weight_gradients(module: ConvNd, x: Tensor, grad_output: Tensor) -> Tensor:
-    """[n, C_out, prod(kernel) * C_in / groups] in the patches' order: every example's weight gradient, by one
+    """[n, C_out, C_in / groups * prod(kernel)] in the weight's own order: every example's weight gradient, by one
     weight-gradient convolution of the whole batch laid side by side as n * groups groups ([1, n * C_in, *S]).
     ``_grouped_is_faster`` says where this beats the patches and a batched matmul. fp32, or bf16 where the output
     gradient is bf16 (the precision of the layer's own weight gradient under bf16 autocast; the engine takes the norms
@@ -118,7 +111,7 @@ def _per_example_weight_gradients(module: ConvNd, x: Tensor, grad_output: Tensor
         dilation=module.dilation,
         groups=n * module.groups,
     )
-    return _from_weight(weight_gradient.reshape(n, c_out, -1), tuple(module.kernel_size))
+    return weight_gradient.view(n, c_out, -1)
 
 
 def _grouped_is_faster(positions: int, per_group: int) -> bool:
