@@ -228,11 +228,12 @@ def _fallback_refused(module: nn.Module) -> bool:
 
 
 # Layers whose output is a fresh tensor that their own backward does not read (they save inputs and statistics, never
-# the result): the tap may take the output itself, in place, instead of a copy. Exact types only: a subclass may
-# return anything from its own forward.
+# the result; an Embedding's output is a view of the rows it gathered, and its backward reads the ids only): the tap
+# may take the output itself, in place, instead of a copy. Exact types only: a subclass may return anything from its
+# own forward.
 _FRESH_OUTPUT_TYPES = frozenset({
     nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
-    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.Embedding,
 })  # fmt: skip
 _FRESH_OUTPUT_NAMES = frozenset({"transformers.pytorch_utils.Conv1D"})  # GPT-2's: addmm(...).view(...)
 

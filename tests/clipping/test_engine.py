@@ -433,6 +433,44 @@ def test_outputs_tapped_in_place_stay_exact_under_in_place_ops():
                     "seq": [False, True, True], "fc": [False, True, True], "sub": [False, False, False]}  # fmt: skip
 
 
+class _EmbeddingThenInPlace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(7, 4, padding_idx=0)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        h = self.emb(ids)  # [n, T, 4]: a view of the [n T, 4] rows it gathered
+        h.mul_(torch.arange(1.0, 5.0))  # in place on the tapped output
+        return self.fc(h.tanh()).sum(1)
+
+
+def test_an_embedding_output_tapped_in_place_stays_exact_under_an_in_place_op():
+    """Reference: reference_clipped_sum of three physical batches; from the second (not watched) on, the embedding
+    hands on its own output's memory (no copy), and the in-place op after it stays legal and exact."""
+    torch.manual_seed(42)
+    model = _EmbeddingThenInPlace()
+    raw: list[int] = []
+    same: list[bool] = []
+    recording = False
+    model.emb.register_forward_hook(lambda m, a, out: raw.append(out.data_ptr()), prepend=True)
+    _, eng = run_engine(model, squared_error, [], clip_norm=0.5, clipping_function="abadi")
+    model.emb.register_forward_hook(lambda m, a, out: same.append(out.data_ptr() == raw[-1]) if recording else None)
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        inputs = (torch.randint(0, 7, (N_EXAMPLES, 5), generator=gen), torch.randn(N_EXAMPLES, 2, generator=gen))
+        mask = default_mask()
+        recording = True
+        with eng.recording(CPU):
+            loss = squared_error(model, inputs).sum()
+        recording = False
+        eng.backward(loss, mask)
+        expected = reference_clipped_sum(model, squared_error, inputs, mask, clip_norm=0.5, style="all-layer",
+                                         function="abadi")  # fmt: skip
+        assert_matches(eng.pop_summed(), expected, 0.5)
+    assert same == [False, True, True]
+
+
 @pytest.mark.parametrize("norm_mode", list(NormMode), ids=str)
 def test_a_non_finite_example_through_a_convolution_contributes_nothing(norm_mode):
     """Reference: reference_clipped_sum over the other examples. One example's input is inf: its norms are non-finite,
