@@ -14,6 +14,7 @@ Nothing is stored on modules or parameters: hook handles and per-batch state liv
 from __future__ import annotations
 
 import contextlib
+import math
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -721,9 +722,9 @@ class ClippingEngine:
                 self._finalize(done)
 
     def _exact_rows(
-        self, keys: list[tuple[str, int | None]], norm2: Tensor, mass: Tensor
+        self, keys: list[tuple[str, int | None]], norm2: Tensor, safe: Tensor
     ) -> dict[tuple[str, int | None], Tensor]:
-        """Recompute, exactly, the squared norms that fp32 could have got wrong.
+        """Recompute, exactly, the squared norms that fp32 could have got wrong (``safe`` False: ``_safe``).
 
         Where an example's squared norm of a block is small next to the mass it was summed from (cancellation:
         opposite rows of an adversarial input; values near the ends of fp32's range), its gradient block is
@@ -735,12 +736,7 @@ class ClippingEngine:
         Returns:
             block key -> the indices [k] of its examples recomputed, for blocks with any.
         """
-        # One vectorised test for every block (most steps find nothing): cancellation, or an fp32 overflow
-        # (mass >= 0: a negative squared norm fails the first test; a NaN fails both; an inf the second)
-        safe = (mass <= CANCELLATION_LIMIT * norm2) & torch.isfinite(mass + norm2)
         exact: dict[tuple[str, int | None], Tensor] = {}
-        if bool(safe.all()):
-            return exact
         risky = ~safe
         for index, key in enumerate(keys):
             rows = torch.nonzero(risky[index]).flatten()
@@ -760,9 +756,11 @@ class ClippingEngine:
             return
         assert self._mask is not None
         with torch.no_grad():
-            block_norm2 = torch.stack([self._norm2.pop(key) for key in keys])  # [blocks, n] float64
-            exact = self._exact_rows(keys, block_norm2, torch.stack([self._mass.pop(key) for key in keys]))
+            block_norm2 = _rows([self._norm2.pop(key) for key in keys])  # [blocks, n] float64
+            safe = _safe(block_norm2, _rows([self._mass.pop(key) for key in keys]))
             if self._probe is not None:
+                if not bool(safe.all()):
+                    self._exact_rows(keys, block_norm2, safe)
                 self._examine(keys, block_norm2)
                 return
             device = block_norm2.device
@@ -771,19 +769,30 @@ class ClippingEngine:
                 rows_of[self.groups.group_of[key[0]]].append(i)
             reached = sorted(rows_of)  # the groups with blocks to clip
             if len(reached) == 1:  # layer-wise clips one group at a time: no scatter needed
-                norm2 = block_norm2.sum(0, keepdim=True)
+                reduce = lambda: block_norm2.sum(0, keepdim=True)  # noqa: E731
             elif len(reached) == len(keys):  # one block per group (param-wise): the blocks' rows, in group order
                 order = [rows_of[k][0] for k in reached]
-                norm2 = block_norm2 if order == sorted(order) else block_norm2[order]
+                reduce = lambda: block_norm2 if order == sorted(order) else block_norm2[order]  # noqa: E731
             else:
                 owner = torch.tensor([reached.index(self.groups.group_of[key[0]]) for key in keys], device=device)
-                norm2 = torch.zeros(len(reached), block_norm2.shape[1], dtype=torch.float64, device=device)
-                norm2.index_add_(0, owner, block_norm2)  # [groups reached, n]
+
+                def reduce() -> Tensor:
+                    out = torch.zeros(len(reached), block_norm2.shape[1], dtype=torch.float64, device=device)
+                    return out.index_add_(0, owner, block_norm2)  # [groups reached, n]
+
             mask = self._mask.to(device)
             # float64 norms, then fp32 for the clipping function: a norm beyond fp32's range counts as non-finite
-            all_norms = norm2.clamp(min=0).sqrt().float()
+            # (after the clamp a norm is >= 0 or NaN, so `< inf` is the finiteness test)
+            all_norms = reduce().clamp(min=0).sqrt().float()
+            # One synchronisation for the usual case: no block at risk and every norm finite.
+            exact, finite = {}, bool(safe.all() & (all_norms < math.inf).all())
+            if not finite:
+                if not bool(safe.all()):
+                    exact = self._exact_rows(keys, block_norm2, safe)
+                    all_norms = reduce().clamp(min=0).sqrt().float()
+                finite = bool((all_norms < math.inf).all())
             factors, dropped = {}, {}
-            if str(self.config.clipping_function) in _BROADCASTING and bool(torch.isfinite(all_norms).all()):
+            if str(self.config.clipping_function) in _BROADCASTING and finite:
                 # every group at once (the built-in functions broadcast a column of thresholds)
                 thresholds = [self.groups.clip_norms[k] for k in reached]
                 column = torch.tensor(thresholds, device=device).view(-1, 1) if len(set(thresholds)) > 1 else None
@@ -889,6 +898,17 @@ class ClippingEngine:
 
 # Clipping functions that take a column of thresholds for a [groups, n] matrix of norms (functions.py)
 _BROADCASTING = frozenset({ClippingFunction.ABADI.value, ClippingFunction.AUTOMATIC.value})
+
+
+def _rows(vectors: list[Tensor]) -> Tensor:
+    """[n] vectors -> [len(vectors), n] (a view for one)."""
+    return vectors[0].unsqueeze(0) if len(vectors) == 1 else torch.stack(vectors)
+
+
+def _safe(norm2: Tensor, mass: Tensor) -> Tensor:
+    """Which squared norms fp32 cannot have got wrong: no cancellation (mass <= CANCELLATION_LIMIT x value) and no
+    overflow (mass >= 0: a negative value fails the first test, a NaN both, an inf the second). [blocks, n] bool."""
+    return (mass <= CANCELLATION_LIMIT * norm2) & (mass + norm2 < math.inf)
 
 
 def _zeros(shape: torch.Size, param: Tensor) -> Tensor:

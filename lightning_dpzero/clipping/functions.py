@@ -62,4 +62,4 @@ def clip_factors(
         Bounds each example's contribution by C, the sensitivity the accountant assumes.
     """
     factors = _FUNCTIONS[str(fn)](norms.float(), clip_norm, stability_constant)  # type: ignore[arg-type]
-    return torch.where(mask.bool(), factors, torch.zeros_like(factors))
+    return torch.where(mask.bool(), factors, 0.0)

@@ -493,6 +493,34 @@ def test_a_non_finite_example_through_a_convolution_contributes_nothing(norm_mod
     assert_matches(got, expected, 0.5)
 
 
+@pytest.mark.parametrize("policy", ["zero", "raise"])
+def test_a_norm_beyond_fp32_counts_as_non_finite(policy):
+    """Reference: reference_clipped_sum over the other examples. One example's inputs and output gradients are 1e20
+    (finite in fp32); its ghost norm, from rescaled Gram matrices, is finite in float64 with no cancellation, so it
+    passes the exactness tests, but the norm itself (~2.6e42) is not finite in fp32: that example is non-finite
+    (dropped and counted, or the step refused), not clipped by a factor computed from an infinite norm."""
+    torch.manual_seed(43)
+    model = nn.Linear(64, 64, bias=False)  # ghost norm at T = 2: P D = 4096 > T (P + D)
+    with torch.no_grad():
+        model.weight.zero_()  # output 0: d loss / d output = -y
+    x, y = torch.randn(N_EXAMPLES, 2, 64), torch.randn(N_EXAMPLES, 2, 64)
+    x[1], y[1] = 1e20, -1e20
+    mask = default_mask()
+    if policy == "raise":
+        with pytest.raises(FloatingPointError, match="non-finite gradient norm"):
+            run_engine(model, squared_error, [((x, y), mask)], clip_norm=0.5, clipping_function="abadi",
+                       non_finite="raise")  # fmt: skip
+        return
+    kept = mask.clone()
+    kept[1] = False
+    expected = reference_clipped_sum(model, squared_error, (x, y), kept, clip_norm=0.5, style="all-layer",
+                                     function="abadi")  # fmt: skip
+    got, engine = run_engine(model, squared_error, [((x, y), mask)], clip_norm=0.5, clipping_function="abadi")
+    assert engine.last_norm_modes[""] == "ghost" and engine.exact_recomputations == 0
+    assert engine.non_finite_examples == 1
+    assert_matches(got, expected, 0.5)
+
+
 @pytest.mark.parametrize("style", ["all-layer", "layer-wise"])
 @pytest.mark.parametrize("build", [tied_gpt, twice_linear], ids=lambda b: b.__name__)
 def test_sink_streams_each_parameter_once_per_physical_batch(build, style):
