@@ -111,7 +111,7 @@ def _per_example_weight_gradients(module: ConvNd, x: Tensor, grad_output: Tensor
         dilation=module.dilation,
         groups=n * module.groups,
     )
-    return weight_gradient.view(n, c_out, -1)
+    return weight_gradient.reshape(n, c_out, -1)
 
 
 def _grouped_is_faster(positions: int, per_group: int) -> bool:
