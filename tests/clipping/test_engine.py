@@ -366,6 +366,19 @@ def test_convolution_inputs_in_any_layout_match_reference(monkeypatch, memory_fo
         _matches_abadi_all_layer(_SlicedInput(memory_format), squared_error, inputs, 0.3, norm_mode)
 
 
+def _record_and_check(eng: ClippingEngine, model: nn.Module, inputs, mask: Tensor, recording: list[bool]) -> None:
+    """One physical batch through the engine (``recording[0]`` is True during its forward only), against
+    reference_clipped_sum (all-layer, Abadi's clipping, C = 0.5)."""
+    recording[0] = True
+    with eng.recording(CPU):
+        loss = squared_error(model, inputs).sum()
+    recording[0] = False
+    eng.backward(loss, mask)
+    expected = reference_clipped_sum(model, squared_error, inputs, mask, clip_norm=0.5, style="all-layer",
+                                     function="abadi")  # fmt: skip
+    assert_matches(eng.pop_summed(), expected, 0.5)
+
+
 class InPlaceAfterEveryLayer(nn.Module):
     """Each layer type whose output the tap takes in place (engine._FRESH_OUTPUT_TYPES) followed by an in-place op on
     that output, and a Linear subclass (not taken in place: a subclass may return anything)."""
@@ -417,18 +430,11 @@ def test_outputs_tapped_in_place_stay_exact_under_in_place_ops():
     for name in same:  # after the engine's hook: the tensor the rest of the forward sees
         module = model.get_submodule(name)
         module.register_forward_hook(
-            lambda m, a, out, n=name: same[n].append(out.data_ptr() == raw[n]) if recording else None
+            lambda m, a, out, n=name: same[n].append(out.data_ptr() == raw[n]) if recording[0] else None
         )
-    recording = False
+    recording = [False]
     for inputs, mask in batches:
-        recording = True
-        with eng.recording(CPU):
-            loss = squared_error(model, inputs).sum()
-        recording = False
-        eng.backward(loss, mask)
-        expected = reference_clipped_sum(model, squared_error, inputs, mask, clip_norm=0.5, style="all-layer",
-                                         function="abadi")  # fmt: skip
-        assert_matches(eng.pop_summed(), expected, 0.5)
+        _record_and_check(eng, model, inputs, mask, recording)
     assert same == {"conv": [False, True, True], "gn": [False, True, True], "ln": [False, True, True],
                     "seq": [False, True, True], "fc": [False, True, True], "sub": [False, False, False]}  # fmt: skip
 
@@ -452,22 +458,14 @@ def test_an_embedding_output_tapped_in_place_stays_exact_under_an_in_place_op():
     model = _EmbeddingThenInPlace()
     raw: list[int] = []
     same: list[bool] = []
-    recording = False
+    recording = [False]
     model.emb.register_forward_hook(lambda m, a, out: raw.append(out.data_ptr()), prepend=True)
     _, eng = run_engine(model, squared_error, [], clip_norm=0.5, clipping_function="abadi")
-    model.emb.register_forward_hook(lambda m, a, out: same.append(out.data_ptr() == raw[-1]) if recording else None)
+    model.emb.register_forward_hook(lambda m, a, out: same.append(out.data_ptr() == raw[-1]) if recording[0] else None)
     for seed in range(3):
         gen = torch.Generator().manual_seed(seed)
         inputs = (torch.randint(0, 7, (N_EXAMPLES, 5), generator=gen), torch.randn(N_EXAMPLES, 2, generator=gen))
-        mask = default_mask()
-        recording = True
-        with eng.recording(CPU):
-            loss = squared_error(model, inputs).sum()
-        recording = False
-        eng.backward(loss, mask)
-        expected = reference_clipped_sum(model, squared_error, inputs, mask, clip_norm=0.5, style="all-layer",
-                                         function="abadi")  # fmt: skip
-        assert_matches(eng.pop_summed(), expected, 0.5)
+        _record_and_check(eng, model, inputs, default_mask(), recording)
     assert same == [False, True, True]
 
 
