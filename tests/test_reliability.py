@@ -133,7 +133,9 @@ def _trainer(privacy: dpz.PrivacyConfig) -> L.Trainer:
 
 @pytest.mark.parametrize("task", [HugeBatch, HugeBatchCPU])
 def test_out_of_memory_names_physical_batch_size(task) -> None:
-    privacy = dpz.PrivacyConfig(noise_multiplier=1.0, expected_batch_size=16, physical_batch_size=8)
+    privacy = dpz.PrivacyConfig(  # fixed: the batch has 8 rows even when the Poisson sample has fewer
+        noise_multiplier=1.0, expected_batch_size=16, physical_batch_size=8, physical_batch_shapes="fixed"
+    )
     with pytest.raises(torch.OutOfMemoryError, match=r"physical batch of 8 examples.*physical_batch_size.*B = qN"):
         _trainer(privacy).fit(task())
 
