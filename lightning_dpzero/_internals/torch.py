@@ -1,5 +1,6 @@
 """torch internals: DTensor's local storage and shard offsets, the renamed single-tensor collectives, compiled
-modules, the convolution modules' padding spec, and modules' hook tables (torch 2.13)."""
+modules, the convolution modules' padding spec, modules' hook tables, the statistics native layer and group norm
+save for their backward, and whether saved-tensor hooks are active (torch 2.13)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd as ConvNd  # the base of Conv1d/2d/3d (and their transposes)
 
@@ -22,6 +24,7 @@ __all__ = [
     "dtensor_local",
     "hooks_set_aside",
     "local_shape_and_offset",
+    "native_norm_statistics",
     "reduce_scatter",
     "saved_tensor_hooks_active",
 ]
@@ -76,6 +79,20 @@ def saved_tensor_hooks_active() -> bool:
     """Whether tensors saved for backward now go through pack/unpack hooks (non-reentrant activation checkpointing,
     CPU offload of activations): reading an autograd node's saved tensor would then unpack (recompute) it."""
     return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+
+
+# The autograd node of a native layer or group norm's output, by kind; it saves (mean, rstd) as result1, result2.
+_NATIVE_NORM_NODES = {"layer": "NativeLayerNormBackward0", "group": "NativeGroupNormBackward0"}
+
+
+def native_norm_statistics(output: Tensor, kind: str) -> tuple[Tensor, Tensor] | None:
+    """The (mean, rstd) that torch's native ``kind`` ("layer" or "group") norm saved for the backward of ``output``,
+    detached; ``None`` where ``output`` is another op's, or saved tensors go through pack hooks (reading one would
+    unpack, i.e. recompute, it)."""
+    node = output.grad_fn
+    if type(node).__name__ != _NATIVE_NORM_NODES[kind] or saved_tensor_hooks_active():
+        return None
+    return node._saved_result1.detach(), node._saved_result2.detach()  # type: ignore[union-attr]
 
 
 def conv_padding(module: nn.Module) -> list[int]:
@@ -169,10 +186,30 @@ def _probe_collectives() -> None:
     assert callable(getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)
 
 
+def _probe_norm_statistics() -> None:
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    stats = native_norm_statistics(F.layer_norm(x, (4,)), "layer")
+    assert stats is not None
+    torch.testing.assert_close(stats[0], x.detach().mean(-1, keepdim=True))
+    torch.testing.assert_close(stats[1], (x.detach().var(-1, unbiased=False, keepdim=True) + 1e-5).rsqrt())
+    y = torch.randn(2, 4, 3, requires_grad=True)
+    stats = native_norm_statistics(F.group_norm(y, 2), "group")
+    assert stats is not None
+    torch.testing.assert_close(stats[0], y.detach().reshape(2, 2, 6).mean(-1))
+    assert native_norm_statistics(F.layer_norm(x, (4,)), "group") is None
+    assert not saved_tensor_hooks_active()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        assert saved_tensor_hooks_active()
+        assert native_norm_statistics(F.layer_norm(x, (4,)), "layer") is None
+
+
 PROBES: dict[str, Callable[[], None]] = {
     "torch._dynamo OptimizedModule / nn.Module._compiled_call_impl": _probe_compiled,
     "nn.modules.conv._ConvNd._reversed_padding_repeated_twice": _probe_conv_padding,
     "DTensor._local_tensor / tensor._utils.compute_local_shape_and_global_offset": _probe_dtensor,
     "dist.reduce_scatter_single / all_gather_single": _probe_collectives,
     "nn.Module hook tables (_forward_hooks, _forward_pre_hooks, ...)": _probe_hook_tables,
+    "Native{Layer,Group}NormBackward0._saved_result1/2, autograd._top_saved_tensors_default_hooks": (
+        _probe_norm_statistics
+    ),
 }

@@ -774,7 +774,8 @@ class ClippingEngine:
                 order = [rows_of[k][0] for k in reached]
                 reduce = lambda: block_norm2 if order == sorted(order) else block_norm2[order]  # noqa: E731
             else:
-                owner = torch.tensor([reached.index(self.groups.group_of[key[0]]) for key in keys], device=device)
+                row = {k: i for i, k in enumerate(reached)}
+                owner = torch.tensor([row[self.groups.group_of[key[0]]] for key in keys], device=device)
 
                 def reduce() -> Tensor:
                     out = torch.zeros(len(reached), block_norm2.shape[1], dtype=torch.float64, device=device)

@@ -15,15 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_dpzero._internals.torch import saved_tensor_hooks_active
+from lightning_dpzero._internals.torch import native_norm_statistics
 from lightning_dpzero.clipping.contributions import Contribution, Kind, full_shape
 from lightning_dpzero.clipping.registry import register_rule
 
 Statistics = tuple[Tensor, Tensor]  # (mean, rstd), as torch's native layer and group norm save them
 Normalize = Callable[[Tensor, slice], Tensor]  # (rows of the input in fp32, which examples they are) -> x_hat rows
 
-# The autograd node of each layer's output that holds its forward's statistics (torch 2.13: result1, result2).
-_NATIVE_NODES = {nn.LayerNorm: "NativeLayerNormBackward0", nn.GroupNorm: "NativeGroupNormBackward0"}
+# Which native norm each layer type runs (its forward's statistics: _internals.torch.native_norm_statistics).
+_NATIVE_KIND = {nn.LayerNorm: "layer", nn.GroupNorm: "group"}
 
 
 def forward_statistics(module: nn.Module, output: Tensor) -> Statistics | None:
@@ -31,11 +31,8 @@ def forward_statistics(module: nn.Module, output: Tensor) -> Statistics | None:
     node of ``output`` right after the forward. ``None`` where they are not at hand: another layer type, an output
     that is not torch's native node's, or saved tensors behind pack hooks (checkpointing: reading one would
     recompute it). The rules check their shapes against the input they are given before using them."""
-    node = output.grad_fn
-    if _NATIVE_NODES.get(type(module)) != type(node).__name__ or saved_tensor_hooks_active():
-        return None
-    mean, rstd = node._saved_result1, node._saved_result2  # type: ignore[union-attr]
-    return mean.detach(), rstd.detach()
+    kind = _NATIVE_KIND.get(type(module))
+    return None if kind is None else native_norm_statistics(output, kind)
 
 
 def _affine_contributions(
