@@ -73,7 +73,8 @@ class Contribution:
         to_param: maps the summed [P, D] matrix to ``shape`` (a reshape by default; a transpose for layouts
             stored the other way round).
         build_right: DENSE only, with ``right=None``: builds ``right`` when a factored form is needed (a
-            convolution's patches), so that it is never built when ``instantiate`` is used instead.
+            convolution's patches), so that it is never built when ``instantiate`` is used instead; called with a
+            slice of the examples, builds their rows only.
         instantiate: DENSE only: a faster way than ``einsum(left, right)`` to the per-example gradients, used when
             the norm mode instantiates (a convolution's weight gradient with one group per example): [n, P, D'] fp32,
             laid out as the parameter block (``shape`` flattened after its first dim), not as ``left``/``right``'s
@@ -93,10 +94,11 @@ class Contribution:
     rows: slice | None = None
     to_param: Callable[[Tensor], Tensor] | None = None
     instantiated: Tensor | None = field(default=None, repr=False)  # DENSE only: [n, P, D] fp32 (bf16 for bf16 layers)
-    build_right: Callable[[], Tensor] | None = field(default=None, repr=False)
+    build_right: Callable[..., Tensor] | None = field(default=None, repr=False)
     instantiate: Callable[[], Tensor] | None = field(default=None, repr=False)
     dims: tuple[int, int, int] | None = None
     weighted_sum: Callable[[Tensor], Tensor] | None = field(default=None, repr=False)
+    deferred: bool = False  # DENSE under NormMode.AUTO: instantiated or not when the engine settles it
 
     @property
     def num_examples(self) -> int:
@@ -119,42 +121,81 @@ class Contribution:
 
         FLOPs always favour instantiation: both ways end with n T P D multiply-adds for the clipped sum or for G_i,
         and the ghost norm adds n T^2 (P + D) for its Gram matrices. Memory decides: instantiation holds
-        [n, P, D]; the ghost norm holds [n, T, T] twice. ``AUTO`` instantiates when P D is no larger than
+        [n, P, D]; the ghost norm holds [n, T, T] twice. ``AUTO`` instantiates now when P D is no larger than
         max(2 T^2, T (P + D)), i.e. than the Gram matrices or than the activations the layer keeps anyway
-        (FastDP's rule is the first half: 2 T^2 > P D).
+        (FastDP's rule is the first half: 2 T^2 > P D). Otherwise it *defers* the choice (``deferred``): the
+        engine settles it when the clip factors are next needed (``settle``), instantiating where the memory the
+        backward has given back by then holds the block, the ghost norm elsewhere.
         """
         if self.kind is not Kind.DENSE:
             return
+        t, p, d = self._dims()
+        if mode is NormMode.AUTO and t > 1 and p * d > max(2 * t * t, t * (p + d)):
+            self.deferred = True
+            return
+        # t == 1: ||a|| ||b|| and a rank-one clipped sum are cheaper than either
+        self.settle(mode is NormMode.INSTANTIATE or (mode is NormMode.AUTO and t > 1))
+
+    def _dims(self) -> tuple[int, int, int]:
+        """(T, P, D) of a DENSE contribution."""
         assert self.left is not None
         if self.right is None:
             assert self.dims is not None and self.build_right is not None
-            t, p, d = self.dims
-        else:
-            t, p, d = self.left.shape[1], self.left.shape[2], self.right.shape[2]
-        instantiate = mode is NormMode.INSTANTIATE or (
-            mode is NormMode.AUTO and t > 1 and p * d <= max(2 * t * t, t * (p + d))
-        )  # t == 1: ||a|| ||b|| and a rank-one clipped sum are cheaper than either
+            return self.dims
+        return self.left.shape[1], self.left.shape[2], self.right.shape[2]
+
+    def settle(self, instantiate: bool) -> None:
+        """DENSE: build the per-example gradient (``instantiate``), or the factors the ghost norm needs."""
+        self.deferred = False
         if instantiate and self.instantiate is not None:
             self.instantiated = self.instantiate()
             self.to_param = None  # in the parameter's own layout: a reshape to ``shape``
         elif instantiate:
-            right = self.right if self.right is not None else self._build_right()
+            assert self.left is not None
             # [n, P, D], in bf16 where the layer's output gradient is bf16 (under bf16 autocast the weight gradient is
             # a bf16 matmul of the same factors, the input cast as autocast casts it), fp32 otherwise. Its norm and
             # its clipped sum are both taken, in fp32, from these stored values: the clip bounds what is summed.
             dtype = torch.bfloat16 if self.left.dtype == torch.bfloat16 else torch.float32
-            self.instantiated = torch.bmm(self.left.to(dtype).transpose(1, 2), right.to(dtype))
+            left = self.left.to(dtype).transpose(1, 2)
+            if self.right is not None:
+                self.instantiated = torch.bmm(left, self.right.to(dtype))
+            else:  # built a few examples at a time (a convolution's patches outgrow its block)
+                n, step = left.shape[0], self._chunk()
+                self.instantiated = torch.empty(n, left.shape[1], self._dims()[2], dtype=dtype, device=left.device)
+                for i in range(0, n, step):
+                    rows = slice(i, i + step)
+                    torch.bmm(left[rows], self._build_right(rows).to(dtype), out=self.instantiated[rows])
         elif self.right is None:
             self.right = self._build_right()
-        if instantiate:
-            self.left = self.right = None
+        if instantiate:  # the block replaces the factors, and any way to a clipped sum from them
+            self.left = self.right = self.weighted_sum = None
         if instantiate or self.weighted_sum is None:
             self.build_right = None  # (kept otherwise: ``spare`` may drop ``right`` and ``factored`` rebuild it)
         self.instantiate = None
 
-    def _build_right(self) -> Tensor:
+    def _chunk(self) -> int:
+        """Examples whose ``right`` factor is built at once when it is built only to instantiate the block."""
+        t, _, d = self._dims()
+        return max(1, _RIGHT_CHUNK // (t * d))
+
+    def block_bytes(self) -> tuple[int, int]:
+        """A deferred contribution: (bytes of its instantiated block, bytes of what is built only to form it)."""
+        t, p, d = self._dims()
+        assert self.left is not None
+        size = 2 if self.left.dtype == torch.bfloat16 else 4
+        n = self.left.shape[0]
+        transient = min(n, self._chunk()) * t * d * 4 if self.right is None and self.instantiate is None else 0
+        return n * p * d * size, transient
+
+    def ghost_cost(self) -> float:
+        """A deferred contribution: the multiply-adds its instantiation saves per byte of block (the Gram matrices'
+        n T^2 (P + D) over n P D)."""
+        t, p, d = self._dims()
+        return t * t * (p + d) / (p * d)
+
+    def _build_right(self, rows: slice | None = None) -> Tensor:
         assert self.build_right is not None
-        return self.build_right()
+        return self.build_right() if rows is None else self.build_right(rows)
 
     def spare(self) -> None:
         """Once its norm is taken: drop ``right`` if only the norm needed it (the clipped sum is ``weighted_sum``'s,
@@ -201,6 +242,7 @@ def _sq_norms(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 _UPCAST_CHUNK = 1 << 18  # elements of a low-precision block upcast to fp32 at once
+_RIGHT_CHUNK = 1 << 18  # elements of a right factor built at once to instantiate a block
 
 
 def _row_scaled(x: Tensor) -> tuple[Tensor, Tensor]:

@@ -288,9 +288,11 @@ class _Tap(torch.autograd.Function):
         in_place: bool,
         shape: torch.Size,
         statistics: Statistics | None,
+        input_grad_bytes: int,
     ) -> Tensor:
         ctx.engine, ctx.layer, ctx.activation, ctx.version, ctx.record = engine, layer, act, act._version, record
         ctx.call, ctx.shared, ctx.dim, ctx.shape, ctx.statistics = call, shared, dim, shape, statistics
+        ctx.input_grad_bytes = input_grad_bytes  # the gradient autograd forms for the module's input (0: none)
         if in_place:  # see _in_place_target
             ctx.mark_dirty(output)
             return output
@@ -312,12 +314,14 @@ class _Tap(torch.autograd.Function):
         examples_first = output_grad.movedim(ctx.dim, 0) if ctx.dim else output_grad
         if ctx.record is not None:
             ctx.record.grad = examples_first.detach()
+        if ctx.engine._tracks_peak:
+            ctx.engine._bound_peak(grad.numel() * grad.element_size() + ctx.input_grad_bytes)
         ctx.engine._receive(ctx.layer, ctx.activation, examples_first, ctx.call, ctx.statistics)
         ctx.activation = ctx.call = ctx.statistics = None
         return (grad, *_NONE)
 
 
-_NONE = (None,) * 11  # _Tap.backward: no gradient for any input but the output
+_NONE = (None,) * 12  # _Tap.backward: no gradient for any input but the output
 
 
 class ClippingEngine:
@@ -375,6 +379,16 @@ class ClippingEngine:
         self._passive = False  # taps pass gradients through without reporting them
         self._rows: int | None = None  # p while a physical batch is recorded, when the strategy says it
         self._random_before: dict[int, RandomState] = {}  # id(layer) -> generators before its forward (fallback)
+        # The storages of the hooked modules' inputs and outputs in the physical batch being recorded (by id: a weak
+        # reference and the size; those alive at the end of its forward), to tell how much memory the backward has
+        # given back (``_given_back``); and the
+        # contributions whose norm mode is settled at their group's clipping (Contribution.deferred).
+        self._forward_storage: dict[int, tuple[weakref.ref, int]] = {}
+        # A lower bound of the physical batch's peak of memory so far, in the terms of _live (bytes); followed tap by
+        # tap in the backward once some model layer's norm mode has been deferred (before, the forward's end only).
+        self._peak_bound = 0
+        self._tracks_peak = False
+        self._deferred: list[tuple[tuple[str, int | None], Contribution, str]] = []
 
     # ----------------------------------------------------------------------------------------------- hooks
     def attach(self) -> None:
@@ -483,7 +497,10 @@ class ClippingEngine:
             tapped = _Tap.apply(
                 output if target is None else target, self._anchor, self, layer, activation.detach(), record, call,
                 shared, layout.dim, target is not None, output.shape, statistics,
+                activation.numel() * activation.element_size() if activation.requires_grad else 0,
             )  # fmt: skip
+            self._note_storage(activation)
+            self._note_storage(tapped)
             if tapped.shape != output.shape:
                 tapped = tapped.view(output.shape)
             for k in layer.groups:
@@ -493,6 +510,50 @@ class ClippingEngine:
             return tapped if rest is None else (tapped, *rest)
 
         return hook
+
+    def _note_storage(self, tensor: Tensor) -> None:
+        """Remember ``tensor``'s storage (a weak reference, and its size) as one the forward pass used."""
+        try:
+            storage = tensor.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # no storage of its own (a wrapper subclass): not counted
+            return
+        if id(storage) not in self._forward_storage:
+            self._forward_storage[id(storage)] = (weakref.ref(storage), storage.nbytes())
+
+    def _live(self) -> int:
+        """Bytes the physical batch holds now, as far as the engine can see: the storages of hooked modules' inputs and
+        outputs that lived at the end of the forward and still do, and what the engine holds beyond them (output
+        gradients, per-example blocks)."""
+        live = sum(size for ref, size in self._forward_storage.values() if ref() is not None)
+        held: dict[int, int] = {}
+        for contributions in self._contributions.values():
+            for c in contributions:
+                for tensor in (c.left, c.right, c.instantiated):
+                    if tensor is None:
+                        continue
+                    storage = tensor.untyped_storage()
+                    if id(storage) not in self._forward_storage:
+                        held[id(storage)] = storage.nbytes()
+        return live + sum(held.values())
+
+    def _bound_peak(self, in_flight: int) -> None:
+        """At a tap in the backward: the layer's backward, next, holds what lives now, the output gradient and the
+        input gradient it forms (``in_flight`` bytes) at once."""
+        self._peak_bound = max(self._peak_bound, self._live() + in_flight)
+
+    def _settle(self, deferred: list[tuple[tuple[str, int | None], Contribution, str]]) -> None:
+        """Settle the norm mode of ``deferred`` contributions (Contribution.deferred) and add their own squared norms:
+        instantiated, the faster way, where the block fits under the peak of memory the batch has already reached
+        (those that save the most per byte first); the ghost norm for the others."""
+        for key, c, path in sorted(deferred, key=lambda item: -item[1].ghost_cost()):
+            block, transient = c.block_bytes()
+            # below the peak so far: the step's peak is unchanged (what the last one let go of is counted)
+            instantiate = self._live() + block + transient <= self._peak_bound
+            c.settle(instantiate)
+            self.last_norm_modes[path] = "instantiate" if instantiate else "ghost"
+            norm2, mass = self_inner(c)
+            c.spare()
+            self._norm2[key], self._mass[key] = self._norm2[key] + norm2, self._mass[key] + mass
 
     def _layout(
         self,
@@ -543,6 +604,7 @@ class ClippingEngine:
         """
         self._rows = rows
         self._anchor = torch.zeros((), device=device, requires_grad=True)
+        self._forward_storage.clear()
         self._recorded = None
         first = not self._watched_once
         if first or self._shares:
@@ -557,6 +619,10 @@ class ClippingEngine:
                 watch.finish()
                 self._shares = self._shares or any(call.shared for call in watch.calls)
             self._watched_once = True
+            # Only the storages alive at the end of the forward lived together (_given_back): an output no backward
+            # reads (the input of a tanh) is freed within the forward.
+            self._forward_storage = {key: item for key, item in self._forward_storage.items() if item[0]() is not None}
+            self._peak_bound = self._live()
         finally:
             self._recorded, self._anchor, self._watch, self._rows = self._anchor, None, None, None
 
@@ -639,6 +705,8 @@ class ClippingEngine:
             self._pending_taps.clear()
             self._norm2.clear()
             self._mass.clear()
+            self._deferred.clear()
+            self._forward_storage.clear()
 
     def _receive(
         self,
@@ -695,14 +763,19 @@ class ClippingEngine:
                 )
             for c in contributions:
                 c.choose_norm_mode(self.config.norm_mode)
-                if c.instantiated is not None:
+                key = (c.param, None if c.rows is None else c.rows.start)
+                if c.deferred:  # its own term is added when its mode is settled (_settle)
+                    norm2 = mass = torch.zeros(grad_output.shape[0], dtype=torch.float64, device=grad_output.device)
+                    self._deferred.append((key, c, layer.path))
+                    self._tracks_peak = True
+                elif c.instantiated is not None:
                     self.last_norm_modes[layer.path] = "instantiate"
                 elif c.left is not None and c.left.dim() == 3 and c.left.shape[1] > 1:
                     self.last_norm_modes.setdefault(layer.path, "ghost")
                 else:
                     self.last_norm_modes.setdefault(layer.path, "direct")
-                norm2, mass = self_inner(c)
-                key = (c.param, None if c.rows is None else c.rows.start)
+                if not c.deferred:
+                    norm2, mass = self_inner(c)
                 for previous in self._contributions[key]:  # the same parameter used again: cross terms
                     cross, cross_mass = inner(previous, c)
                     norm2, mass = norm2 + 2.0 * cross, mass + 2.0 * cross_mass
@@ -756,6 +829,10 @@ class ClippingEngine:
             return
         assert self._mask is not None
         with torch.no_grad():
+            deferred = [item for item in self._deferred if self.groups.group_of[item[0][0]] in groups]
+            if deferred:
+                self._settle(deferred)
+                self._deferred = [item for item in self._deferred if item[1].deferred]
             block_norm2 = _rows([self._norm2.pop(key) for key in keys])  # [blocks, n] float64
             safe = _safe(block_norm2, _rows([self._mass.pop(key) for key in keys]))
             if self._probe is not None:

@@ -3,12 +3,15 @@ clipping style, clipping function and norm mode; padding, sharing, accumulation 
 
 from __future__ import annotations
 
+import gc
 import math
+import weakref
 
 import pytest
 import torch
 from torch import Tensor, nn
 
+import lightning_dpzero.clipping.contributions as contributions_module
 import lightning_dpzero.clipping.engine as engine_module
 import lightning_dpzero.clipping.rules.conv as conv_rules
 from lightning_dpzero.clipping import ClippingEngine, UnsupportedLayerError
@@ -337,6 +340,66 @@ def test_convolutions_match_reference_whichever_way_they_are_instantiated(monkey
     eng = _matches_abadi_all_layer(*build(), 0.3, norm_mode)
     if norm_mode is NormMode.INSTANTIATE:
         assert eng.last_norm_modes["0"] == "instantiate"
+
+
+class _WideThenDeferred(nn.Module):
+    """Wide early layers, whose activations the backward gives back, then a convolution with few positions and many
+    weights (P D > max(2 T^2, T (P + D)): under AUTO its norm mode is deferred), used again on every fourth position
+    of its input (a T = 1 use: cross terms with the deferred one)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.wide = nn.Conv2d(3, 64, 3, padding=1)
+        self.mix = nn.Conv2d(64, 32, 1)
+        self.deep = nn.Conv2d(32, channels, 3, stride=4, padding=1)
+        self.head = nn.Linear(channels, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.mix(torch.tanh(self.wide(x))))  # [n, 32, 16, 16]
+        y = self.deep(h) + self.deep(h[..., ::4, ::4])  # T = 16 (deferred), T = 1
+        return self.head(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize(
+    ("style", "channels", "expected_mode"),
+    [
+        ("all-layer", 32, "instantiate"),  # clipped after the backward: its block fits under the peak so far
+        ("all-layer", 1024, "ghost"),  # a block larger than anything the step has held
+        ("layer-wise", 32, "ghost"),  # clipped as soon as its own backward ends, the activations still alive
+    ],
+)
+def test_a_deferred_norm_is_instantiated_only_under_the_peak_of_memory_so_far(
+    monkeypatch, style, channels, expected_mode
+):
+    """Reference: reference_clipped_sum (both ways exact, cross terms with the T = 1 use included); the mode follows
+    what the step has already held (ClippingEngine._settle), not a fixed shape rule. The patches are built 4
+    examples at a time (two chunks of the 6)."""
+    monkeypatch.setattr(contributions_module, "_RIGHT_CHUNK", 4 * 16 * 32 * 9)
+    torch.manual_seed(44)
+    model = _WideThenDeferred(channels)
+    inputs = (torch.randn(N_EXAMPLES, 3, 16, 16), torch.randn(N_EXAMPLES, 2))
+    mask = default_mask()
+    expected = reference_clipped_sum(model, squared_error, inputs, mask, clip_norm=0.5, style=style,
+                                     function="abadi")  # fmt: skip
+    got, eng = run_engine(model, squared_error, [(inputs, mask)] * 2, clip_norm=0.5, clipping_function="abadi",
+                          clipping_style=style)  # fmt: skip
+    assert_matches(got, {name: 2 * value for name, value in expected.items()}, 0.5)
+    assert eng.last_norm_modes["deep"] == expected_mode
+
+
+def test_an_instantiated_convolution_lets_go_of_its_input_and_output_gradient():
+    """Once a convolution's per-example gradients are instantiated, nothing else of the layer is needed: its
+    contribution must not keep the input and the output gradient alive to the end of the backward (10 of the
+    benchmark CNN's 15 MB held at the clipping)."""
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    x, grad = torch.randn(4, 8, 16, 16), torch.randn(4, 8, 16, 16)
+    (contribution,) = conv_rules.conv_rule(conv, x, grad, {"weight": "w"})
+    storages = [weakref.ref(t.untyped_storage()) for t in (x, grad)]
+    contribution.choose_norm_mode(NormMode.INSTANTIATE)
+    del x, grad
+    gc.collect()
+    assert contribution.instantiated is not None
+    assert all(storage() is None for storage in storages)
 
 
 class _SlicedInput(nn.Module):

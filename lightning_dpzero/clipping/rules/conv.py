@@ -144,10 +144,10 @@ def conv_rule(
         grouped = _grouped_is_faster(t, per_group)
         per_example = functools.cache(lambda: _per_example_weight_gradients(conv, activation, grad_output))
 
-        def right(g: int) -> Callable[[], Tensor]:
+        def right(g: int) -> Callable[..., Tensor]:
             if groups == 1:  # not cached: the patches are dropped once the norm is taken (Contribution.spare)
-                return lambda: _windows(conv, activation)
-            return lambda: patches()[..., g * d : (g + 1) * d]
+                return lambda rows=slice(None): _windows(conv, activation[rows])
+            return lambda rows=slice(None): patches()[rows, :, g * d : (g + 1) * d]
 
         def instantiate(g: int) -> Callable[[], Tensor]:
             return lambda: per_example()[:, g * p : (g + 1) * p]
