@@ -144,8 +144,13 @@ class Contribution:
             return self.dims
         return self.left.shape[1], self.left.shape[2], self.right.shape[2]
 
-    def settle(self, instantiate: bool) -> None:
-        """DENSE: build the per-example gradient (``instantiate``), or the factors the ghost norm needs."""
+    def settle(self, instantiate: bool, rows_at_once: int | None = None) -> None:
+        """DENSE: build the per-example gradient (``instantiate``), or the factors the ghost norm needs.
+
+        Args:
+            rows_at_once: where ``right`` is built only to instantiate the block, the examples whose rows of it are
+                built at once (default: as many as ``_RIGHT_CHUNK`` elements hold).
+        """
         self.deferred = False
         if instantiate and self.instantiate is not None:
             self.instantiated = self.instantiate()
@@ -160,7 +165,7 @@ class Contribution:
             if self.right is not None:
                 self.instantiated = torch.bmm(left, self.right.to(dtype))
             else:  # built a few examples at a time (a convolution's patches outgrow its block)
-                n, step = left.shape[0], self._chunk()
+                n, step = left.shape[0], min(rows_at_once or self.rows_at_once(), self.rows_at_once())
                 self.instantiated = torch.empty(n, left.shape[1], self._dims()[2], dtype=dtype, device=left.device)
                 for i in range(0, n, step):
                     rows = slice(i, i + step)
@@ -173,19 +178,19 @@ class Contribution:
             self.build_right = None  # (kept otherwise: ``spare`` may drop ``right`` and ``factored`` rebuild it)
         self.instantiate = None
 
-    def _chunk(self) -> int:
-        """Examples whose ``right`` factor is built at once when it is built only to instantiate the block."""
+    def rows_at_once(self) -> int:
+        """The most examples whose ``right`` rows are built at once when it is built only to instantiate the block."""
         t, _, d = self._dims()
         return max(1, _RIGHT_CHUNK // (t * d))
 
     def block_bytes(self) -> tuple[int, int]:
-        """A deferred contribution: (bytes of its instantiated block, bytes of what is built only to form it)."""
+        """A deferred contribution: (bytes of its instantiated block, bytes per example of what is built only to
+        form it: a convolution's patches, 0 where ``right`` is at hand or the block has its own way)."""
         t, p, d = self._dims()
         assert self.left is not None
         size = 2 if self.left.dtype == torch.bfloat16 else 4
-        n = self.left.shape[0]
-        transient = min(n, self._chunk()) * t * d * 4 if self.right is None and self.instantiate is None else 0
-        return n * p * d * size, transient
+        transient = t * d * 4 if self.right is None and self.instantiate is None else 0
+        return self.left.shape[0] * p * d * size, transient
 
     def ghost_cost(self) -> float:
         """A deferred contribution: the multiply-adds its instantiation saves per byte of block (the Gram matrices'
@@ -242,7 +247,7 @@ def _sq_norms(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 _UPCAST_CHUNK = 1 << 18  # elements of a low-precision block upcast to fp32 at once
-_RIGHT_CHUNK = 1 << 18  # elements of a right factor built at once to instantiate a block
+_RIGHT_CHUNK = 1 << 24  # the most elements of a right factor built at once to instantiate a block
 
 
 def _row_scaled(x: Tensor) -> tuple[Tensor, Tensor]:

@@ -543,13 +543,17 @@ class ClippingEngine:
 
     def _settle(self, deferred: list[tuple[tuple[str, int | None], Contribution, str]]) -> None:
         """Settle the norm mode of ``deferred`` contributions (Contribution.deferred) and add their own squared norms:
-        instantiated, the faster way, where the block fits under the peak of memory the batch has already reached
-        (those that save the most per byte first); the ghost norm for the others."""
+        instantiated, the faster way, where the block and the patches of at least one example fit under the peak of
+        memory the batch has already reached (those that save the most per byte first); the ghost norm for the
+        others."""
         for key, c, path in sorted(deferred, key=lambda item: -item[1].ghost_cost()):
-            block, transient = c.block_bytes()
-            # below the peak so far: the step's peak is unchanged (what the last one let go of is counted)
-            instantiate = self._live() + block + transient <= self._peak_bound
-            c.settle(instantiate)
+            block, per_example = c.block_bytes()
+            # Below the peak so far, the step's peak is unchanged (what the last one let go of is counted); the
+            # patches are built as many examples at a time as the room left holds (fewer, smaller matmuls are slower).
+            room = self._peak_bound - self._live() - block
+            rows_at_once = room // per_example if per_example else None
+            instantiate = room >= 0 and (rows_at_once is None or rows_at_once >= 1)
+            c.settle(instantiate, rows_at_once)
             self.last_norm_modes[path] = "instantiate" if instantiate else "ghost"
             norm2, mass = self_inner(c)
             c.spare()
