@@ -559,6 +559,24 @@ class ClippingEngine:
             c.spare()
             self._norm2[key], self._mass[key] = self._norm2[key] + norm2, self._mass[key] + mass
 
+    def _postponed(self, groups: set[int]) -> set[int]:
+        """Of ``groups``, clipped in the backward, those to clip after it instead: a deferred contribution's block does
+        not fit under the peak so far now, while the activations still live. Their factors are held to the end of the
+        backward (as all-layer clipping holds every layer's), where the block takes the memory the activations leave
+        (a faster norm than the ghost norm). Not when clipped sums stream to a sink: every rank must emit them in the
+        same order."""
+        if self.sink is not None:
+            return set()
+        live = self._live()
+        out = set()
+        for key, c, _ in self._deferred:
+            group = self.groups.group_of[key[0]]
+            if group in groups:
+                block, per_example = c.block_bytes()
+                if live + block + per_example > self._peak_bound:
+                    out.add(group)
+        return out
+
     def _layout(
         self,
         layer: _Layer,
@@ -694,7 +712,8 @@ class ClippingEngine:
             if anchor is not None and loss.requires_grad:
                 with explain_reentrant_checkpointing():
                     torch.autograd.grad(loss, [anchor], allow_unused=True)
-            self._finalize(range(len(self.groups)))  # groups whose taps did not all report (or all-layer)
+            # groups whose taps did not all report, postponed ones, or all-layer
+            self._finalize(range(len(self.groups)), last=True)
             if self.sink is not None and self._probe is None:
                 for name in self.params:  # the same calls in the same order on every rank, whatever was reached
                     if name not in self._emitted:
@@ -825,9 +844,16 @@ class ClippingEngine:
             self.exact_recomputations += rows.numel()
         return exact
 
-    def _finalize(self, groups: Iterable[int]) -> None:
-        """Clip factors of ``groups`` from their norms; add their clipped sums to ``summed``; free them."""
+    def _finalize(self, groups: Iterable[int], last: bool = False) -> None:
+        """Clip factors of ``groups`` from their norms; add their clipped sums to ``summed``; free them.
+
+        Args:
+            last: after the backward. Before it, a group with a deferred contribution whose block does not fit under
+                the peak so far is left to then (``_postponed``).
+        """
         groups = set(groups)
+        if not last and self._deferred:
+            groups -= self._postponed(groups)
         keys = [key for key in self._contributions if self.groups.group_of[key[0]] in groups]
         if not keys:
             return

@@ -361,19 +361,20 @@ class _WideThenDeferred(nn.Module):
 
 
 @pytest.mark.parametrize(
-    ("style", "channels", "expected_mode"),
+    ("style", "channels", "streamed", "expected_mode"),
     [
-        ("all-layer", 32, "instantiate"),  # clipped after the backward: its block fits under the peak so far
-        ("all-layer", 1024, "ghost"),  # a block larger than anything the step has held
-        ("layer-wise", 32, "ghost"),  # clipped as soon as its own backward ends, the activations still alive
+        ("all-layer", 32, False, "instantiate"),  # clipped after the backward: its block fits under the peak so far
+        ("all-layer", 1024, False, "ghost"),  # a block larger than anything the step has held
+        ("layer-wise", 32, False, "instantiate"),  # its group is clipped after the backward instead of during it
+        ("layer-wise", 32, True, "ghost"),  # ... but not when the sums stream out in an order every rank shares
     ],
 )
 def test_a_deferred_norm_is_instantiated_only_under_the_peak_of_memory_so_far(
-    monkeypatch, style, channels, expected_mode
+    monkeypatch, style, channels, streamed, expected_mode
 ):
     """Reference: reference_clipped_sum (both ways exact, cross terms with the T = 1 use included); the mode follows
-    what the step has already held (ClippingEngine._settle), not a fixed shape rule. The patches are built 4
-    examples at a time (two chunks of the 6)."""
+    what the step has already held (ClippingEngine._settle, _postponed), not a fixed shape rule. The patches are
+    built at most 4 examples at a time (two chunks of the 6)."""
     monkeypatch.setattr(contributions_module, "_RIGHT_CHUNK", 4 * 16 * 32 * 9)
     torch.manual_seed(44)
     model = _WideThenDeferred(channels)
@@ -381,8 +382,17 @@ def test_a_deferred_norm_is_instantiated_only_under_the_peak_of_memory_so_far(
     mask = default_mask()
     expected = reference_clipped_sum(model, squared_error, inputs, mask, clip_norm=0.5, style=style,
                                      function="abadi")  # fmt: skip
-    got, eng = run_engine(model, squared_error, [(inputs, mask)] * 2, clip_norm=0.5, clipping_function="abadi",
-                          clipping_style=style)  # fmt: skip
+    eng = ClippingEngine(model, PrivacyConfig(noise_multiplier=1.0, clip_norm=0.5, clipping_function="abadi",
+                                              clipping_style=style))  # fmt: skip
+    eng.attach()
+    got: dict[str, Tensor] = {}
+    if streamed:
+        eng.sink = lambda name, block: got.__setitem__(name, got.get(name, 0) + (0 if block is None else block))
+    for _ in range(2):
+        with eng.recording(CPU):
+            loss = squared_error(model, inputs).sum()
+        eng.backward(loss, mask)
+    got = got if streamed else eng.pop_summed()
     assert_matches(got, {name: 2 * value for name, value in expected.items()}, 0.5)
     assert eng.last_norm_modes["deep"] == expected_mode
 
@@ -855,14 +865,14 @@ def test_bf16_layers_keep_bf16_per_example_gradients_and_clip_exactly_what_they_
     held: dict[str, list[Tensor]] = {}
     finalize = ClippingEngine._finalize
 
-    def spy(self, groups):
+    def spy(self, groups, last=False):
         for (param, _), contributions in self._contributions.items():
             held[param] = [  # each example's block in the parameter's layout
                 torch.stack([c.to_param(m) for m in c.instantiated]) if c.to_param and c.instantiated is not None
                 else c.instantiated if c.instantiated is not None else c.left
                 for c in contributions
             ]  # fmt: skip
-        return finalize(self, groups)
+        return finalize(self, groups, last)
 
     monkeypatch.setattr(ClippingEngine, "_finalize", spy)
     eng = ClippingEngine(model, PrivacyConfig(noise_multiplier=1.0, clip_norm=0.05, clipping_function="abadi",

@@ -69,12 +69,12 @@ def _peak_live_contributions(style: str) -> int:
     peak = 0
     finalize = engine._finalize
 
-    def spy(groups) -> None:  # live contributions just before a group is clipped and freed
+    def spy(groups, last: bool = False) -> None:  # live contributions just before a group is clipped and freed
         nonlocal peak
         groups = list(groups)
         if groups:
             peak = max(peak, sum(len(v) for v in engine._contributions.values()))
-        finalize(groups)
+        finalize(groups, last)
 
     engine._finalize = spy  # type: ignore[method-assign]
     with engine.recording(CPU):
