@@ -1,6 +1,7 @@
 """torch internals: DTensor's local storage and shard offsets, the renamed single-tensor collectives, compiled
 modules, the convolution modules' padding spec, modules' hook tables, the statistics native layer and group norm
-save for their backward, and whether saved-tensor hooks are active (torch 2.13)."""
+save for their backward, native group norm's backward kernel, and whether saved-tensor hooks are active (torch
+2.13)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ __all__ = [
     "compiled_modules",
     "conv_padding",
     "dtensor_local",
+    "group_norm_affine_gradients",
     "hooks_set_aside",
     "local_shape_and_offset",
     "native_norm_statistics",
@@ -93,6 +95,34 @@ def native_norm_statistics(output: Tensor, kind: str) -> tuple[Tensor, Tensor] |
     if type(node).__name__ != _NATIVE_NORM_NODES[kind] or saved_tensor_hooks_active():
         return None
     return node._saved_result1.detach(), node._saved_result2.detach()  # type: ignore[union-attr]
+
+
+def group_norm_affine_gradients(
+    grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, groups: int
+) -> tuple[Tensor, Tensor]:
+    """Every example's group-norm weight and bias gradients, [n, C] each: sum over positions of grad * x_hat and of
+    grad, by torch's own backward kernel (one fused pass), with the batch laid side by side as one example of n C
+    channels in n ``groups`` groups.
+
+    Args:
+        grad, x: [n, C, *spatial], contiguous, of the statistics' dtype.
+        mean, rstd: [n, groups], as the forward saved them (``native_norm_statistics``).
+    """
+    n, c = x.shape[:2]
+    positions = x[0, 0].numel() if n and c else 0
+    _, weight, bias = torch.ops.aten.native_group_norm_backward(
+        grad.reshape(1, n * c, positions),
+        x.reshape(1, n * c, positions),
+        mean.reshape(1, n * groups),
+        rstd.reshape(1, n * groups),
+        x.new_ones(n * c),
+        1,
+        n * c,
+        positions,
+        n * groups,
+        [False, True, True],
+    )  # fmt: skip  (the weight scales only the input gradient, not asked for; the kernel needs one for its device)
+    return weight.view(n, c), bias.view(n, c)
 
 
 def conv_padding(module: nn.Module) -> list[int]:
@@ -203,6 +233,18 @@ def _probe_norm_statistics() -> None:
         assert native_norm_statistics(F.layer_norm(x, (4,)), "layer") is None
 
 
+def _probe_group_norm_backward() -> None:
+    x = torch.randn(3, 4, 5, 2, dtype=torch.float64, requires_grad=True)
+    out = F.group_norm(x, 2)
+    stats = native_norm_statistics(out, "group")
+    assert stats is not None
+    grad = torch.randn_like(out)
+    weight, bias = group_norm_affine_gradients(grad, x.detach(), *stats, groups=2)
+    x_hat = F.group_norm(x.detach(), 2)
+    torch.testing.assert_close(weight, (grad * x_hat).sum((2, 3)))
+    torch.testing.assert_close(bias, grad.sum((2, 3)))
+
+
 PROBES: dict[str, Callable[[], None]] = {
     "torch._dynamo OptimizedModule / nn.Module._compiled_call_impl": _probe_compiled,
     "nn.modules.conv._ConvNd._reversed_padding_repeated_twice": _probe_conv_padding,
@@ -212,4 +254,5 @@ PROBES: dict[str, Callable[[], None]] = {
     "Native{Layer,Group}NormBackward0._saved_result1/2, autograd._top_saved_tensors_default_hooks": (
         _probe_norm_statistics
     ),
+    "aten.native_group_norm_backward (output_mask)": _probe_group_norm_backward,
 }

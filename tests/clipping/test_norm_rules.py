@@ -147,3 +147,31 @@ def test_layer_norm_statistics_of_a_sequence_first_input_are_not_taken_for_examp
     got, _ = run_engine(model, squared_error, [(inputs, mask)] * batches, clip_norm=0.5, clipping_function="abadi")
     assert_matches(got, {k: v * batches for k, v in expected.items()}, 0.5)
     assert (nn.LayerNorm, True) not in seen
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=str)
+def test_group_norm_takes_torch_backward_kernel_on_contiguous_tensors(monkeypatch, layout) -> None:
+    """Reference: reference_clipped_sum. With its forward's statistics and contiguous input and output gradient, a
+    GroupNorm's per-example weight and bias gradients come from torch's backward kernel (the batch as one example of
+    n C channels); a channels-last input takes the normalise-and-sum chunks. Both exact."""
+    import lightning_dpzero.clipping.rules.norm as norm_module
+
+    calls = []
+    kernel = norm_module.group_norm_affine_gradients
+
+    def spy(*args, **kwargs):
+        calls.append(args[1].shape)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(norm_module, "group_norm_affine_gradients", spy)
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), nn.Tanh(), nn.Flatten(), nn.Linear(36, 2))
+    with torch.no_grad():
+        model[1].weight.add_(0.3 * torch.randn(4))
+    x = (torch.randn(N_EXAMPLES, 2, 5, 5) * 2 + 1).contiguous(memory_format=layout)
+    inputs, mask = (x, torch.randn(N_EXAMPLES, 2)), default_mask()
+    expected = reference_clipped_sum(model, squared_error, inputs, mask, clip_norm=0.5, style="all-layer",
+                                     function="abadi")  # fmt: skip
+    got, _ = run_engine(model, squared_error, [(inputs, mask)] * 2, clip_norm=0.5, clipping_function="abadi")
+    assert_matches(got, {name: 2 * value for name, value in expected.items()}, 0.5)
+    assert bool(calls) == (layout == torch.contiguous_format)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_dpzero._internals.torch import native_norm_statistics
+from lightning_dpzero._internals.torch import group_norm_affine_gradients, native_norm_statistics
 from lightning_dpzero.clipping.contributions import Contribution, Kind, full_shape
 from lightning_dpzero.clipping.registry import register_rule
 
@@ -100,6 +100,18 @@ def group_norm_rule(
     normalize: Normalize = lambda x, rows: F.group_norm(x, groups, eps=module.eps)  # noqa: E731
     if _fits(statistics, (activation.shape[0], groups)):
         assert statistics is not None
+        if (
+            activation.dtype == grad_output.dtype == statistics[0].dtype
+            and activation.is_contiguous()
+            and grad_output.is_contiguous()
+        ):  # both at once, in one pass of torch's own backward kernel (2.5-3x faster)
+            weight, bias = group_norm_affine_gradients(grad_output, activation, *statistics, groups=groups)
+            module_ = cast(nn.GroupNorm, module)
+            return [
+                Contribution(params[name], Kind.SAMPLE, value.float(), None, full_shape(getattr(module_, name)))
+                for name, value in (("weight", weight), ("bias", bias))
+                if name in params
+            ]
         mean, rstd = (s.float().unsqueeze(-1) for s in statistics)  # [n, groups, 1]
 
         def normalize(x: Tensor, rows: slice) -> Tensor:
