@@ -380,9 +380,8 @@ class ClippingEngine:
         self._rows: int | None = None  # p while a physical batch is recorded, when the strategy says it
         self._random_before: dict[int, RandomState] = {}  # id(layer) -> generators before its forward (fallback)
         # The storages of the hooked modules' inputs and outputs in the physical batch being recorded (by id: a weak
-        # reference and the size; those alive at the end of its forward), to tell how much memory the backward has
-        # given back (``_given_back``); and the
-        # contributions whose norm mode is settled at their group's clipping (Contribution.deferred).
+        # reference and the size; those alive at the end of its forward), to tell how much memory the batch holds
+        # (_live); and the contributions whose norm mode is settled at their group's clipping (Contribution.deferred).
         self._forward_storage: dict[int, tuple[weakref.ref, int]] = {}
         # A lower bound of the physical batch's peak of memory so far, in the terms of _live (bytes); followed tap by
         # tap in the backward once some model layer's norm mode has been deferred (before, the forward's end only).
@@ -522,9 +521,11 @@ class ClippingEngine:
 
     def _live(self) -> int:
         """Bytes the physical batch holds now, as far as the engine can see: the storages of hooked modules' inputs and
-        outputs that lived at the end of the forward and still do, and what the engine holds beyond them (output
-        gradients, per-example blocks)."""
-        live = sum(size for ref, size in self._forward_storage.values() if ref() is not None)
+        outputs that lived at the end of the forward and still do, and what the engine holds beyond them (``_held``)."""
+        return sum(size for ref, size in self._forward_storage.values() if ref() is not None) + self._held()
+
+    def _held(self) -> int:
+        """Bytes the engine holds beyond the forward's storages: output gradients, per-example blocks."""
         held: dict[int, int] = {}
         for contributions in self._contributions.values():
             for c in contributions:
@@ -534,7 +535,7 @@ class ClippingEngine:
                     storage = tensor.untyped_storage()
                     if id(storage) not in self._forward_storage:
                         held[id(storage)] = storage.nbytes()
-        return live + sum(held.values())
+        return sum(held.values())
 
     def _bound_peak(self, in_flight: int) -> None:
         """At a tap in the backward: the layer's backward, next, holds what lives now, the output gradient and the
@@ -561,19 +562,20 @@ class ClippingEngine:
 
     def _postponed(self, groups: set[int]) -> set[int]:
         """Of ``groups``, clipped in the backward, those to clip after it instead: a deferred contribution's block does
-        not fit under the peak so far now, while the activations still live. Their factors are held to the end of the
-        backward (as all-layer clipping holds every layer's), where the block takes the memory the activations leave
-        (a faster norm than the ghost norm). Not when clipped sums stream to a sink: every rank must emit them in the
-        same order."""
+        not fit under the peak so far now, while the activations still live, but would once they are gone. Their
+        factors are held to the end of the backward (as all-layer clipping holds every layer's), where the block takes
+        the memory the activations leave (a faster norm than the ghost norm). Not when clipped sums stream to a sink:
+        every rank must emit them in the same order."""
         if self.sink is not None:
             return set()
+        held = self._held()
         live = self._live()
         out = set()
         for key, c, _ in self._deferred:
             group = self.groups.group_of[key[0]]
             if group in groups:
                 block, per_example = c.block_bytes()
-                if live + block + per_example > self._peak_bound:
+                if live + block + per_example > self._peak_bound >= held + block + per_example:
                     out.add(group)
         return out
 
@@ -641,8 +643,8 @@ class ClippingEngine:
                 watch.finish()
                 self._shares = self._shares or any(call.shared for call in watch.calls)
             self._watched_once = True
-            # Only the storages alive at the end of the forward lived together (_given_back): an output no backward
-            # reads (the input of a tanh) is freed within the forward.
+            # Only the storages alive at the end of the forward lived together: an output no backward reads (the input
+            # of a tanh) is freed within the forward.
             self._forward_storage = {key: item for key, item in self._forward_storage.items() if item[0]() is not None}
             self._peak_bound = self._live()
         finally:

@@ -361,21 +361,31 @@ class _WideThenDeferred(nn.Module):
 
 
 @pytest.mark.parametrize(
-    ("style", "channels", "streamed", "expected_mode"),
+    ("style", "channels", "streamed", "expected_mode", "postponed"),
     [
-        ("all-layer", 32, False, "instantiate"),  # clipped after the backward: its block fits under the peak so far
-        ("all-layer", 1024, False, "ghost"),  # a block larger than anything the step has held
-        ("layer-wise", 32, False, "instantiate"),  # its group is clipped after the backward instead of during it
-        ("layer-wise", 32, True, "ghost"),  # ... but not when the sums stream out in an order every rank shares
+        ("all-layer", 32, False, "instantiate", False),  # clipped after the backward: the block fits under the peak
+        ("all-layer", 1024, False, "ghost", False),  # a block larger than anything the step has held
+        ("layer-wise", 32, False, "instantiate", True),  # its group is clipped after the backward instead of during it
+        ("layer-wise", 1024, False, "ghost", False),  # ... only where the block would fit then
+        ("layer-wise", 32, True, "ghost", False),  # ... and not when the sums stream out in an order ranks share
     ],
 )
 def test_a_deferred_norm_is_instantiated_only_under_the_peak_of_memory_so_far(
-    monkeypatch, style, channels, streamed, expected_mode
+    monkeypatch, style, channels, streamed, expected_mode, postponed
 ):
     """Reference: reference_clipped_sum (both ways exact, cross terms with the T = 1 use included); the mode follows
     what the step has already held (ClippingEngine._settle, _postponed), not a fixed shape rule. The patches are
     built at most 4 examples at a time (two chunks of the 6)."""
     monkeypatch.setattr(contributions_module, "_RIGHT_CHUNK", 4 * 16 * 32 * 9)
+    left_to_the_end: list[int] = []
+    postpone = ClippingEngine._postponed
+
+    def spy(self: ClippingEngine, groups: set[int]) -> set[int]:
+        out = postpone(self, groups)
+        left_to_the_end.extend(out)
+        return out
+
+    monkeypatch.setattr(ClippingEngine, "_postponed", spy)
     torch.manual_seed(44)
     model = _WideThenDeferred(channels)
     inputs = (torch.randn(N_EXAMPLES, 3, 16, 16), torch.randn(N_EXAMPLES, 2))
@@ -395,6 +405,7 @@ def test_a_deferred_norm_is_instantiated_only_under_the_peak_of_memory_so_far(
     got = got if streamed else eng.pop_summed()
     assert_matches(got, {name: 2 * value for name, value in expected.items()}, 0.5)
     assert eng.last_norm_modes["deep"] == expected_mode
+    assert bool(left_to_the_end) == postponed
 
 
 def test_an_instantiated_convolution_lets_go_of_its_input_and_output_gradient():
