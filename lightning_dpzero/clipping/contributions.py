@@ -99,6 +99,7 @@ class Contribution:
     dims: tuple[int, int, int] | None = None
     weighted_sum: Callable[[Tensor], Tensor] | None = field(default=None, repr=False)
     deferred: bool = False  # DENSE under NormMode.AUTO: instantiated or not when the engine settles it
+    approved: bool = False  # deferred only for the moment: instantiated when settled
 
     @property
     def num_examples(self) -> int:
@@ -116,7 +117,7 @@ class Contribution:
         p = self.num_rows if self.kind is Kind.INDEX else self.left.shape[-1]
         return p, self.right.shape[-1]
 
-    def choose_norm_mode(self, mode: NormMode) -> None:
+    def choose_norm_mode(self, mode: NormMode, room: int | None = None) -> None:
         """For DENSE, build the per-example gradient now if that is the better way to its norm.
 
         FLOPs always favour instantiation: both ways end with n T P D multiply-adds for the clipped sum or for G_i,
@@ -125,13 +126,18 @@ class Contribution:
         max(2 T^2, T (P + D)), i.e. than the Gram matrices or than the activations the layer keeps anyway
         (FastDP's rule is the first half: 2 T^2 > P D). Otherwise it *defers* the choice (``deferred``): the
         engine settles it when the clip factors are next needed (``settle``), instantiating where the memory the
-        backward has given back by then holds the block, the ghost norm elsewhere.
+        backward has given back by then holds the block, the ghost norm elsewhere. A block the first rule takes is
+        deferred too (``approved``: always instantiated when settled) where it exceeds ``room``, the bytes the
+        engine says it could take now without raising the step's peak (``None``: not followed).
         """
         if self.kind is not Kind.DENSE:
             return
         t, p, d = self._dims()
         if mode is NormMode.AUTO and t > 1 and p * d > max(2 * t * t, t * (p + d)):
             self.deferred = True
+            return
+        if mode is NormMode.AUTO and t > 1 and room is not None and self.block_bytes()[0] > room:
+            self.deferred = self.approved = True
             return
         # t == 1: ||a|| ||b|| and a rank-one clipped sum are cheaper than either
         self.settle(mode is NormMode.INSTANTIATE or (mode is NormMode.AUTO and t > 1))

@@ -317,6 +317,7 @@ class _Tap(torch.autograd.Function):
         if ctx.engine._tracks_peak:
             ctx.engine._bound_peak(grad.numel() * grad.element_size() + ctx.input_grad_bytes)
         ctx.engine._receive(ctx.layer, ctx.activation, examples_first, ctx.call, ctx.statistics)
+        ctx.engine._room = None
         ctx.activation = ctx.call = ctx.statistics = None
         return (grad, *_NONE)
 
@@ -387,6 +388,7 @@ class ClippingEngine:
         # tap in the backward once some model layer's norm mode has been deferred (before, the forward's end only).
         self._peak_bound = 0
         self._tracks_peak = False
+        self._room: int | None = None  # at the tap being received, when followed (_bound_peak)
         self._deferred: list[tuple[tuple[str, int | None], Contribution, str]] = []
 
     # ----------------------------------------------------------------------------------------------- hooks
@@ -539,8 +541,11 @@ class ClippingEngine:
 
     def _bound_peak(self, in_flight: int) -> None:
         """At a tap in the backward: the layer's backward, next, holds what lives now, the output gradient and the
-        input gradient it forms (``in_flight`` bytes) at once."""
-        self._peak_bound = max(self._peak_bound, self._live() + in_flight)
+        input gradient it forms (``in_flight`` bytes) at once. ``_room``: what a block made now could take without
+        raising the bound (negative: none)."""
+        level = self._live() + in_flight
+        self._room = self._peak_bound - level
+        self._peak_bound = max(self._peak_bound, level)
 
     def _settle(self, deferred: list[tuple[tuple[str, int | None], Contribution, str]]) -> None:
         """Settle the norm mode of ``deferred`` contributions (Contribution.deferred) and add their own squared norms:
@@ -554,6 +559,8 @@ class ClippingEngine:
             room = self._peak_bound - self._live() - block
             rows_at_once = room // per_example if per_example else None
             instantiate = room >= 0 and (rows_at_once is None or rows_at_once >= 1)
+            if c.approved:  # the memory rule took its block: never the ghost norm (far slower there)
+                instantiate, rows_at_once = True, None if rows_at_once is None else max(1, rows_at_once)
             c.settle(instantiate, rows_at_once)
             self.last_norm_modes[path] = "instantiate" if instantiate else "ghost"
             norm2, mass = self_inner(c)
@@ -575,7 +582,7 @@ class ClippingEngine:
             group = self.groups.group_of[key[0]]
             if group in groups:
                 block, per_example = c.block_bytes()
-                if live + block + per_example > self._peak_bound >= held + block + per_example:
+                if not c.approved and live + block + per_example > self._peak_bound >= held + block + per_example:
                     out.add(group)
         return out
 
@@ -787,7 +794,7 @@ class ClippingEngine:
                     else layer.rule(layer.module, activation, grad_output, layer.params, statistics=statistics)  # type: ignore[call-arg]
                 )
             for c in contributions:
-                c.choose_norm_mode(self.config.norm_mode)
+                c.choose_norm_mode(self.config.norm_mode, self._room)
                 key = (c.param, None if c.rows is None else c.rows.start)
                 if c.deferred:  # its own term is added when its mode is settled (_settle)
                     norm2 = mass = torch.zeros(grad_output.shape[0], dtype=torch.float64, device=grad_output.device)

@@ -408,6 +408,59 @@ def test_a_deferred_norm_is_instantiated_only_under_the_peak_of_memory_so_far(
     assert bool(left_to_the_end) == postponed
 
 
+class _ConvStack(nn.Module):
+    """The benchmark CNN's shape: convolutions 3-32-64-128 (strides 1, 2, 2) with GroupNorm, on 32x32 inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for c_in, c_out, stride in ((3, 32, 1), (32, 64, 2), (64, 128, 2)):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), nn.GroupNorm(8, c_out), nn.ReLU()]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(128, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def test_a_block_that_would_raise_the_peak_now_is_instantiated_after_the_backward(monkeypatch):
+    """Reference: reference_clipped_sum. The second convolution's block passes the memory rule, but made when its
+    output gradient arrives it would sit on the step's peak (that layer's own backward): it is deferred, approved, and
+    instantiated after the backward all the same, never given the ghost norm. The third's is deferred by the rule."""
+    settled: dict[int, tuple[bool, bool]] = {}
+    settle = contributions_module.Contribution.settle
+
+    def spy(self, instantiate, rows_at_once=None):
+        settled[self.dims[2] if self.dims else -1] = (self.approved, instantiate)
+        return settle(self, instantiate, rows_at_once)
+
+    monkeypatch.setattr(contributions_module.Contribution, "settle", spy)
+    torch.manual_seed(45)
+    model = _ConvStack()
+    inputs, mask = (torch.randn(N_EXAMPLES, 3, 32, 32), torch.randn(N_EXAMPLES, 2)), default_mask()
+    expected = reference_clipped_sum(model, squared_error, inputs, mask, clip_norm=0.5, style="all-layer",
+                                     function="abadi")  # fmt: skip
+    got, eng = run_engine(model, squared_error, [(inputs, mask)] * 2, clip_norm=0.5, clipping_function="abadi")
+    assert_matches(got, {name: 2 * value for name, value in expected.items()}, 0.5)
+    assert {path: eng.last_norm_modes[path] for path in ("features.0", "features.3", "features.6")} == dict.fromkeys(
+        ("features.0", "features.3", "features.6"), "instantiate"
+    )
+    assert settled[32 * 9] == (True, True)  # the second convolution (D = 32 x 3 x 3): approved, instantiated
+    assert settled[64 * 9] == (False, True)  # the third: deferred by the memory rule, fits after the backward
+
+    # With no room left at all when they are settled, the approved block is still instantiated; the other is not.
+    settle_all = ClippingEngine._settle
+
+    def no_room(self, deferred):
+        self._peak_bound = 0
+        return settle_all(self, deferred)
+
+    monkeypatch.setattr(ClippingEngine, "_settle", no_room)
+    got, eng = run_engine(model, squared_error, [(inputs, mask)], clip_norm=0.5, clipping_function="abadi")
+    assert_matches(got, expected, 0.5)
+    assert (eng.last_norm_modes["features.3"], eng.last_norm_modes["features.6"]) == ("instantiate", "ghost")
+
+
 def test_an_instantiated_convolution_lets_go_of_its_input_and_output_gradient():
     """Once a convolution's per-example gradients are instantiated, nothing else of the layer is needed: its
     contribution must not keep the input and the output gradient alive to the end of the backward (10 of the
