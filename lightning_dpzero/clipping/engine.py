@@ -29,6 +29,7 @@ from lightning_dpzero.clipping import rules as _rules  # noqa: F401  (registers 
 from lightning_dpzero.clipping.contributions import (
     CANCELLATION_LIMIT,
     Contribution,
+    Kind,
     clipped_sum,
     exact_per_example,
     full_shape,
@@ -567,6 +568,17 @@ class ClippingEngine:
             c.spare()
             self._norm2[key], self._mass[key] = self._norm2[key] + norm2, self._mass[key] + mass
 
+    def _light(self, groups: set[int]) -> set[int]:
+        """Of ``groups``, those that hold per-example gradients only (norm layers' and biases' [n, P]), no factors or
+        blocks: clipping them early frees little, so they are clipped together after the backward, in one pass
+        instead of one each."""
+        heavy = {
+            self.groups.group_of[key[0]]
+            for key, contributions in self._contributions.items()
+            if any(c.kind is not Kind.SAMPLE for c in contributions)
+        }
+        return groups - heavy
+
     def _postponed(self, groups: set[int]) -> set[int]:
         """Of ``groups``, clipped in the backward, those to clip after it instead: a deferred contribution's block does
         not fit under the peak so far now, while the activations still live, but would once they are gone. Their
@@ -857,10 +869,12 @@ class ClippingEngine:
         """Clip factors of ``groups`` from their norms; add their clipped sums to ``summed``; free them.
 
         Args:
-            last: after the backward. Before it, a group with a deferred contribution whose block does not fit under
-                the peak so far is left to then (``_postponed``).
+            last: after the backward. Before it, groups that hold little (``_light``) and groups with a deferred
+                contribution whose block does not fit under the peak so far (``_postponed``) are left to then.
         """
         groups = set(groups)
+        if not last and self.sink is None:
+            groups -= self._light(groups)
         if not last and self._deferred:
             groups -= self._postponed(groups)
         keys = [key for key in self._contributions if self.groups.group_of[key[0]] in groups]

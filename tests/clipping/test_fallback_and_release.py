@@ -91,6 +91,44 @@ def test_layer_and_group_wise_release_stored_tensors_early() -> None:
     assert _peak_live_contributions("group-wise") == 4  # one group of 2 layers
 
 
+@pytest.mark.parametrize("style", ["layer-wise", "param-wise"])
+def test_groups_holding_only_per_example_gradients_are_clipped_together_after_the_backward(style) -> None:
+    """Reference: reference_clipped_sum. Norm layers and biases hold only [n, P] per-example gradients: their groups
+    are clipped in one pass after the backward; groups with factors (the weights) as soon as they complete."""
+    torch.manual_seed(5)
+    model = nn.Sequential(
+        nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 2)
+    )
+    x, y = torch.randn(6, 5, 6), torch.randn(6, 5, 2)
+    mask = torch.tensor([True, True, False, True, True, True])
+
+    def loss_fn(m: nn.Module, inputs: tuple[Tensor, ...]) -> Tensor:
+        return 0.5 * (m(inputs[0]) - inputs[1]).square().sum((1, 2))
+
+    expected = reference_clipped_sum(model, loss_fn, (x, y), mask, clip_norm=0.5, style=style, function="abadi")
+    engine = ClippingEngine(model, PrivacyConfig(noise_multiplier=1.0, clip_norm=0.5, clipping_style=style,
+                                                 clipping_function="abadi"))  # fmt: skip
+    engine.attach()
+    clipped: dict[str, bool] = {}  # parameter -> clipped after the backward
+    finalize = engine._finalize
+
+    def spy(groups, last: bool = False) -> None:
+        before = {key[0] for key in engine._contributions}
+        finalize(groups, last)
+        clipped.update(dict.fromkeys(before - {key[0] for key in engine._contributions}, last))
+
+    engine._finalize = spy  # type: ignore[method-assign]
+    with engine.recording(CPU):
+        loss = loss_fn(model, (x, y)).sum()
+    engine.backward(loss, mask)
+    for name, value in expected.items():
+        torch.testing.assert_close(engine.summed[name].double(), value, rtol=1e-5, atol=1e-6)
+    light = {name for name in clipped if name.startswith(("1.", "4.")) or name.endswith("bias")}
+    if style == "layer-wise":  # a Linear's bias is clipped with its weight
+        light = {name for name in light if name.startswith(("1.", "4."))}
+    assert {name for name, last in clipped.items() if last} == light
+
+
 def test_registered_clipping_function_is_used_and_checked() -> None:
     """Reference: a registered 'global' function, 1[n <= C] (Bu et al. 2106.07836), against the float64 loop."""
     from lightning_dpzero.clipping import register_clipping_function
