@@ -67,7 +67,7 @@ class Accountant(_StrEnum):
 class NormMode(_StrEnum):
     """How per-example gradient norms are computed for layers with a sequence (or spatial) dimension T."""
 
-    AUTO = "auto"  # per layer and input shape, the cheaper of the two
+    AUTO = "auto"  # per call: instantiated where the block fits in memory (docs/design.md), else the ghost norm
     GHOST = "ghost"  # Gram matrices of activations and output gradients: ~T^2 (p + d) per example
     INSTANTIATE = "instantiate"  # per-example gradient: ~T p d per example, reused for the clipped sum
 
@@ -211,7 +211,8 @@ class PrivacyConfig:
             which the threat model leaves outside (like the number of physical batches under ``fixed``).
         accountant: ``rdp`` (default: fast, a slightly loose upper bound) or ``pld`` (tight; calibration takes
             seconds to tens of seconds, and per-step epsilon costs ~0.2-0.8 s).
-        norm_mode: per-example norm computation for layers with a sequence dimension (``auto`` picks the cheaper).
+        norm_mode: per-example norm computation for layers with a sequence dimension (``auto``: instantiated, the
+            faster way, where the block fits without raising the step's peak of memory; the ghost norm elsewhere).
         functorch_fallback: the parameters that a module without a clipping rule owns directly (custom norms such as
             ``LlamaRMSNorm``, raw parameters such as a ViT's class token) get per-example gradients from
             ``torch.func`` (slower: instantiates them), while registered layers inside keep their rules. ``False``
