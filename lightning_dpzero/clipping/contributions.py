@@ -125,8 +125,8 @@ class Contribution:
         [n, P, D]; the ghost norm holds [n, T, T] twice. ``AUTO`` instantiates now when P D is no larger than
         max(2 T^2, T (P + D)), i.e. than the Gram matrices or than the activations the layer keeps anyway
         (FastDP's rule is the first half: 2 T^2 > P D). Otherwise it *defers* the choice (``deferred``): the
-        engine settles it when the clip factors are next needed (``settle``), instantiating where the memory the
-        backward has given back by then holds the block, the ghost norm elsewhere. A block the first rule takes is
+        engine settles it when the clip factors are next needed (``settle``), instantiating where the block fits
+        under the step's peak of memory so far, the ghost norm elsewhere. A block the first rule takes is
         deferred too (``approved``: always instantiated when settled) where it exceeds ``room``, the bytes the
         engine says it could take now without raising the step's peak (``None``: not followed).
         """
@@ -171,7 +171,8 @@ class Contribution:
             if self.right is not None:
                 self.instantiated = torch.bmm(left, self.right.to(dtype))
             else:  # built a few examples at a time (a convolution's patches outgrow its block)
-                n, step = left.shape[0], min(rows_at_once or self.rows_at_once(), self.rows_at_once())
+                n = left.shape[0]
+                step = min(rows_at_once or n, self.rows_at_once())
                 self.instantiated = torch.empty(n, left.shape[1], self._dims()[2], dtype=dtype, device=left.device)
                 for i in range(0, n, step):
                     rows = slice(i, i + step)

@@ -519,13 +519,20 @@ class ClippingEngine:
             storage = tensor.untyped_storage()
         except (RuntimeError, NotImplementedError):  # no storage of its own (a wrapper subclass): not counted
             return
-        if id(storage) not in self._forward_storage:
+        if not self._is_forward_storage(storage):  # (an id freed in the forward may be reused by a new storage)
             self._forward_storage[id(storage)] = (weakref.ref(storage), storage.nbytes())
+
+    def _is_forward_storage(self, storage: torch.UntypedStorage) -> bool:
+        entry = self._forward_storage.get(id(storage))
+        return entry is not None and entry[0]() is storage
 
     def _live(self) -> int:
         """Bytes the physical batch holds now, as far as the engine can see: the storages of hooked modules' inputs and
         outputs that lived at the end of the forward and still do, and what the engine holds beyond them (``_held``)."""
-        return sum(size for ref, size in self._forward_storage.values() if ref() is not None) + self._held()
+        return self._forward_live() + self._held()
+
+    def _forward_live(self) -> int:
+        return sum(size for ref, size in self._forward_storage.values() if ref() is not None)
 
     def _held(self) -> int:
         """Bytes the engine holds beyond the forward's storages: output gradients, per-example blocks."""
@@ -536,7 +543,7 @@ class ClippingEngine:
                     if tensor is None:
                         continue
                     storage = tensor.untyped_storage()
-                    if id(storage) not in self._forward_storage:
+                    if not self._is_forward_storage(storage):
                         held[id(storage)] = storage.nbytes()
         return sum(held.values())
 
@@ -588,7 +595,7 @@ class ClippingEngine:
         if self.sink is not None:
             return set()
         held = self._held()
-        live = self._live()
+        live = self._forward_live() + held
         out = set()
         for key, c, _ in self._deferred:
             group = self.groups.group_of[key[0]]

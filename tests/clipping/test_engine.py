@@ -461,6 +461,27 @@ def test_a_block_that_would_raise_the_peak_now_is_instantiated_after_the_backwar
     assert (eng.last_norm_modes["features.3"], eng.last_norm_modes["features.6"]) == ("instantiate", "ghost")
 
 
+@pytest.mark.parametrize("style", ["all-layer", "layer-wise"])
+def test_one_outlier_moves_the_clipped_sum_by_at_most_c_through_the_deferred_paths(style):
+    """Reference: the DP bound. Through every path of the deferred norm modes at once (the benchmark CNN's shape:
+    the third convolution deferred and instantiated after the backward, the second approved, GroupNorm from torch's
+    kernel; layer-wise: the third's group postponed, the norm layers' groups clipped together at the end), removing
+    one example (masked: it contributes exactly zero), an outlier with inputs x 1000, moves the clipped sum by at
+    most C."""
+    torch.manual_seed(46)
+    model = _ConvStack()
+    x, y = torch.randn(N_EXAMPLES, 3, 32, 32), torch.randn(N_EXAMPLES, 2)
+    x[0] *= 1000
+    clip_norm = 0.5
+    sums = []
+    for mask in (torch.ones(N_EXAMPLES, dtype=torch.bool), torch.arange(N_EXAMPLES) > 0):
+        got, eng = run_engine(model, squared_error, [((x, y), mask)] * 2, clip_norm=clip_norm,
+                              clipping_function="abadi", clipping_style=style)  # fmt: skip
+        sums.append(torch.cat([got[name].double().flatten() for name in sorted(got)]))
+    assert eng.last_norm_modes["features.6"] == "instantiate"
+    assert (sums[0] - sums[1]).norm() / 2 <= clip_norm * (1 + 1e-5)  # two physical batches: 2 x the step's sum
+
+
 def test_an_instantiated_convolution_lets_go_of_its_input_and_output_gradient():
     """Once a convolution's per-example gradients are instantiated, nothing else of the layer is needed: its
     contribution must not keep the input and the output gradient alive to the end of the backward (10 of the
