@@ -42,6 +42,7 @@ __all__ = [
     "exact_per_example",
     "full_shape",
     "inner",
+    "merge",
     "self_inner",
     "zero_rows",
 ]
@@ -423,6 +424,43 @@ def inner(a: Contribution, b: Contribution) -> tuple[Tensor, Tensor]:
         return _gram_terms(left_gram, right_gram)
     assert ela is not None and era is not None and erb is not None
     return _scaled_gram_sum(left_gram, right_gram, (ela, torch.zeros_like(ids)), (era, erb))
+
+
+def merge(a: Contribution, b: Contribution) -> Contribution | None:
+    """Two uses of one parameter block as one contribution holding their summed per-example gradient, where that is
+    cheaper than keeping both and their cross term: one of them instantiated in fp32 and the other instantiated in
+    the same layout or an embedding's (INDEX) rows (a tied head and embedding: one block, one norm, one clipped sum,
+    no cross term); or both per-example gradients (SAMPLE) of one shape. ``None`` where they are not merged.
+
+    The merged contribution is ``a`` or ``b`` (the instantiated one; its block gains the other's gradient in place).
+    Its squared norm is then taken from the summed block itself: a sum of squares, with no cancellation to guard.
+    """
+    if a.kind is Kind.SAMPLE and b.kind is Kind.SAMPLE:
+        if a.left is None or b.left is None or a.left.shape != b.left.shape:
+            return None
+        a.left = _f32(a.left) + _f32(b.left)  # out of place: a rule's left may be a view of its output gradient
+        return a
+    if a.instantiated is None:
+        a, b = b, a
+    block = a.instantiated
+    if (
+        block is None
+        or block.dtype != torch.float32
+        or not block.is_contiguous()
+        or a.matrix_shape() != b.matrix_shape()
+        or a.to_param is not b.to_param  # laid out differently (a transposed weight, a convolution's)
+    ):
+        return None
+    if b.instantiated is not None:
+        block.add_(b.instantiated)
+        return a
+    if b.kind is not Kind.INDEX or b.right is None or b.left is None:
+        return None
+    n, p, d = block.shape
+    ids = b.left
+    keys = torch.arange(n, device=ids.device).unsqueeze(1) * p + ids  # row of the [n P, D] view per position
+    block.view(n * p, d).index_add_(0, *_valid_rows(keys, ids, b.right.to(block.dtype)))
+    return a
 
 
 def _elementwise_inner(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:

@@ -34,6 +34,7 @@ from lightning_dpzero.clipping.contributions import (
     exact_per_example,
     full_shape,
     inner,
+    merge,
     self_inner,
     zero_rows,
 )
@@ -825,13 +826,19 @@ class ClippingEngine:
                     self.last_norm_modes.setdefault(layer.path, "ghost")
                 else:
                     self.last_norm_modes.setdefault(layer.path, "direct")
+                previous = self._contributions[key]
+                merged = merge(previous[0], c) if len(previous) == 1 and not c.deferred else None
+                if merged is not None:  # the same parameter used again, its gradient added into one block
+                    self._contributions[key] = [merged]
+                    self._norm2[key], self._mass[key] = self_inner(merged)  # of the sum: replaces the first's
+                    continue
                 if not c.deferred:
                     norm2, mass = self_inner(c)
-                for previous in self._contributions[key]:  # the same parameter used again: cross terms
-                    cross, cross_mass = inner(previous, c)
+                for other in previous:  # the same parameter used again: cross terms
+                    cross, cross_mass = inner(other, c)
                     norm2, mass = norm2 + 2.0 * cross, mass + 2.0 * cross_mass
                 c.spare()
-                self._contributions[key].append(c)
+                previous.append(c)
                 if key in self._norm2:
                     norm2, mass = norm2 + self._norm2[key], mass + self._mass[key]
                 self._norm2[key], self._mass[key] = norm2, mass

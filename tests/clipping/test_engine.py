@@ -197,6 +197,31 @@ def test_tied_weight_appears_once_under_its_canonical_name():
     assert "wte.weight" in got and "lm_head.weight" not in got
 
 
+@pytest.mark.parametrize("style", ["all-layer", "layer-wise"])
+def test_a_tied_head_and_embedding_are_one_block_and_one_outlier_moves_their_sum_by_at_most_c(monkeypatch, style):
+    """The tied head's instantiated block takes the embedding's rows (contributions.merge): one block, whose norm is
+    that of the summed gradient, no cross term. Reference: reference_clipped_sum; and the DP bound: an outlier
+    (its loss x 1000) removed moves the clipped sum by at most C."""
+    merged = []
+    merge = engine_module.merge
+    monkeypatch.setattr(engine_module, "merge", lambda a, b: merged.append(merge(a, b)) or merged[-1])
+    model, loss_fn, inputs = SHARING_CASES["tied_gpt"]()
+    mask, clip_norm = default_mask(), 0.5
+    expected = reference_clipped_sum(model, loss_fn, inputs, mask, clip_norm=clip_norm, style=style, function="abadi")
+    got, _ = run_engine(model, loss_fn, [(inputs, mask)], clip_norm=clip_norm, clipping_style=style,
+                        clipping_function="abadi")  # fmt: skip
+    assert_matches(got, expected, clip_norm)
+    assert [m.param for m in merged if m is not None] == ["wte.weight"]
+    weights = torch.ones(N_EXAMPLES)
+    weights[0] = 1000.0
+    sums = []
+    for keep in (torch.ones(N_EXAMPLES, dtype=torch.bool), torch.arange(N_EXAMPLES) > 0):
+        got, _ = run_engine(model, lambda m, x: loss_fn(m, x) * weights, [(inputs, keep)], clip_norm=clip_norm,
+                            clipping_style=style, clipping_function="abadi")  # fmt: skip
+        sums.append(torch.cat([got[name].double().flatten() for name in sorted(got)]))
+    assert (sums[0] - sums[1]).norm() <= clip_norm * (1 + 1e-5)
+
+
 @pytest.mark.parametrize(
     ("style", "groups", "norm_fractions"),
     [
