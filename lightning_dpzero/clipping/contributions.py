@@ -79,7 +79,12 @@ class Contribution:
         instantiate: DENSE only: a faster way than ``einsum(left, right)`` to the per-example gradients, used when
             the norm mode instantiates (a convolution's weight gradient with one group per example): [n, P, D'] fp32,
             laid out as the parameter block (``shape`` flattened after its first dim), not as ``left``/``right``'s
-            [P, D] matrices: ``to_param`` no longer applies to them and is dropped.
+            [P, D] matrices: ``to_param`` no longer applies to them and is dropped. With ``instantiate_rows``, it is
+            called with a slice of the examples and returns their blocks only.
+        instantiate_rows: the most examples ``instantiate`` takes at once by default (its transient memory and its
+            speed: a grouped weight-gradient convolution of a whole batch can be several times slower than of a
+            few examples at a time); ``None``: it takes no argument and makes every example's block at once.
+        instantiate_bytes: bytes per example that ``instantiate`` allocates while it runs, besides the block.
         dims: DENSE with ``right=None``: (T, P, D).
         weighted_sum: DENSE only: a faster way than the factored matmul to sum_i f_i G_i for factors f [n], fp32
             and already of ``shape`` (a convolution's weight gradient with each example's output gradient scaled by
@@ -96,9 +101,11 @@ class Contribution:
     to_param: Callable[[Tensor], Tensor] | None = None
     instantiated: Tensor | None = field(default=None, repr=False)  # DENSE only: [n, P, D] fp32 (bf16 for bf16 layers)
     build_right: Callable[..., Tensor] | None = field(default=None, repr=False)
-    instantiate: Callable[[], Tensor] | None = field(default=None, repr=False)
+    instantiate: Callable[..., Tensor] | None = field(default=None, repr=False)
     dims: tuple[int, int, int] | None = None
     weighted_sum: Callable[[Tensor], Tensor] | None = field(default=None, repr=False)
+    instantiate_rows: int | None = None
+    instantiate_bytes: int = 0
     deferred: bool = False  # DENSE under NormMode.AUTO: instantiated or not when the engine settles it
     approved: bool = False  # deferred only for the moment: instantiated when settled
 
@@ -137,9 +144,11 @@ class Contribution:
         if mode is NormMode.AUTO and t > 1 and p * d > max(2 * t * t, t * (p + d)):
             self.deferred = True
             return
-        if mode is NormMode.AUTO and t > 1 and room is not None and self.block_bytes()[0] > room:
-            self.deferred = self.approved = True
-            return
+        if mode is NormMode.AUTO and t > 1 and room is not None:
+            block, per_example = self.block_bytes()
+            if block + per_example * min(self.num_examples, self.rows_at_once()) > room:
+                self.deferred = self.approved = True
+                return
         # t == 1: ||a|| ||b|| and a rank-one clipped sum are cheaper than either
         self.settle(mode is NormMode.INSTANTIATE or (mode is NormMode.AUTO and t > 1))
 
@@ -155,12 +164,25 @@ class Contribution:
         """DENSE: build the per-example gradient (``instantiate``), or the factors the ghost norm needs.
 
         Args:
-            rows_at_once: where ``right`` is built only to instantiate the block, the examples whose rows of it are
-                built at once (default: as many as ``_RIGHT_CHUNK`` elements hold).
+            rows_at_once: where the block is made with memory of its own (``block_bytes``: a convolution's patches, a
+                grouped weight-gradient convolution's buffers), the most examples made at once (default:
+                ``rows_at_once()``).
         """
         self.deferred = False
         if instantiate and self.instantiate is not None:
-            self.instantiated = self.instantiate()
+            n = self.num_examples
+            step = _even_step(n, min(rows_at_once or n, self.rows_at_once()))
+            if self.instantiate_rows is None:
+                self.instantiated = self.instantiate()
+            elif step >= n:
+                self.instantiated = self.instantiate(slice(None))
+            else:
+                first = self.instantiate(slice(0, step))
+                self.instantiated = first.new_empty(n, *first.shape[1:])
+                self.instantiated[:step] = first
+                del first
+                for i in range(step, n, step):
+                    self.instantiated[i : i + step] = self.instantiate(slice(i, i + step))
             self.to_param = None  # in the parameter's own layout: a reshape to ``shape``
         elif instantiate:
             assert self.left is not None
@@ -173,7 +195,7 @@ class Contribution:
                 self.instantiated = torch.bmm(left, self.right.to(dtype))
             else:  # built a few examples at a time (a convolution's patches outgrow its block)
                 n = left.shape[0]
-                step = min(rows_at_once or n, self.rows_at_once())
+                step = _even_step(n, min(rows_at_once or n, self.rows_at_once()))
                 self.instantiated = torch.empty(n, left.shape[1], self._dims()[2], dtype=dtype, device=left.device)
                 for i in range(0, n, step):
                     rows = slice(i, i + step)
@@ -187,17 +209,24 @@ class Contribution:
         self.instantiate = None
 
     def rows_at_once(self) -> int:
-        """The most examples whose ``right`` rows are built at once when it is built only to instantiate the block."""
+        """The most examples whose block is made at once by default: ``instantiate_rows`` for a block with its own
+        way, else as many as ``_RIGHT_CHUNK`` elements of ``right`` hold when it is built only to instantiate."""
+        if self.instantiate is not None:
+            return self.instantiate_rows or self.num_examples
         t, _, d = self._dims()
         return max(1, _RIGHT_CHUNK // (t * d))
 
     def block_bytes(self) -> tuple[int, int]:
-        """A deferred contribution: (bytes of its instantiated block, bytes per example of what is built only to
-        form it: a convolution's patches, 0 where ``right`` is at hand or the block has its own way)."""
+        """A DENSE contribution: (bytes of its instantiated block, bytes per example of what is built only to form
+        it: a convolution's patches, or what its own way allocates (``instantiate_bytes``); 0 where ``right`` is at
+        hand)."""
         t, p, d = self._dims()
         assert self.left is not None
         size = 2 if self.left.dtype == torch.bfloat16 else 4
-        transient = t * d * 4 if self.right is None and self.instantiate is None else 0
+        if self.instantiate is not None:
+            transient = self.instantiate_bytes
+        else:
+            transient = t * d * 4 if self.right is None else 0
         return self.left.shape[0] * p * d * size, transient
 
     def ghost_cost(self) -> float:
@@ -222,6 +251,13 @@ class Contribution:
         if self.right is None and self.build_right is not None and self.instantiated is None:
             self.right = self._build_right()
         return self
+
+
+def _even_step(n: int, most: int) -> int:
+    """The step that splits n examples into as few chunks of at most ``most`` as possible, all of one size but the
+    last (10 + 10 + 10 + 2 becomes 8 + 8 + 8 + 8)."""
+    chunks = -(-n // max(1, most))
+    return -(-n // max(1, chunks))
 
 
 def _f32(t: Tensor | None) -> Tensor:
@@ -523,7 +559,13 @@ def clipped_sum(c: Contribution, factors: Tensor) -> Tensor:
         return (factors @ left.reshape(left.shape[0], math.prod(left.shape[1:]))).view(left.shape[1:])
     if c.instantiated is not None:  # [n] @ [n, P * D]: a matrix-vector product (einsum adds ~10 us per call)
         n, p, d = c.instantiated.shape
-        return _to_param(c, (factors @ _f32(c.instantiated).reshape(n, p * d)).view(p, d))
+        rows = c.instantiated.reshape(n, p * d)
+        if rows.dtype == torch.float32 or rows.numel() <= _UPCAST_CHUNK:
+            return _to_param(c, (factors @ _f32(rows)).view(p, d))
+        # a low-precision block: upcast a few columns at a time (an fp32 copy of the whole block would be its peak)
+        step = max(1, _UPCAST_CHUNK // n)
+        summed = torch.cat([factors @ rows[:, j : j + step].float() for j in range(0, p * d, step)])
+        return _to_param(c, summed.view(p, d))
     if c.weighted_sum is not None:
         return c.weighted_sum(factors)
     c = c.factored()

@@ -323,11 +323,14 @@ class TwiceConv(nn.Module):
         return self.head(self.conv(torch.tanh(self.conv(x))).mean((2, 3)))
 
 
-CONV_WAYS = ["grouped convolution", "patches"]  # how a convolution's per-example gradients are instantiated
+# how a convolution's per-example gradients are instantiated
+CONV_WAYS = ["grouped convolution", "patches", "grouped convolution, 2 examples at a time"]
 
 
 def _instantiate_convolutions_by(monkeypatch, way: str) -> None:
-    monkeypatch.setattr(conv_rules, "_grouped_is_faster", lambda positions, per_group: way == CONV_WAYS[0])
+    monkeypatch.setattr(conv_rules, "_grouped_is_faster", lambda positions, per_group: way != "patches")
+    if way == CONV_WAYS[2]:
+        monkeypatch.setattr(conv_rules, "_grouped_rows_at_once", lambda activation, elements: 2)
 
 
 def _matches_abadi_all_layer(model: nn.Module, loss_fn, inputs: tuple[Tensor, ...], clip_norm: float, norm_mode):
@@ -962,7 +965,8 @@ def test_bf16_layers_keep_bf16_per_example_gradients_and_clip_exactly_what_they_
     """Reference: under bf16 autocast an instantiated Linear's or convolution's per-example gradients are stored in
     bf16 (the precision of its own weight gradient there); the clipped sum must be sum_i c_i G_i of exactly those
     stored values, with c_i from their norms (float64 here), or the clip would bound something other than what is
-    summed. Also with the norms' fp32 upcast done a few examples at a time (contributions._UPCAST_CHUNK)."""
+    summed. Also with the fp32 upcast done a few examples (norms) or columns (clipped sums) at a time
+    (contributions._UPCAST_CHUNK)."""
     import lightning_dpzero.clipping.contributions as contributions_module
 
     if upcast_rows != "whole":
