@@ -460,7 +460,10 @@ def test_a_block_that_would_raise_the_peak_now_is_instantiated_after_the_backwar
 
     def spy(self, instantiate, rows_at_once=None):
         settled[self.dims[2] if self.dims else -1] = (self.approved, instantiate)
+        chunks[self.dims[2] if self.dims else -1] = rows_at_once
         return settle(self, instantiate, rows_at_once)
+
+    chunks: dict[int, int | None] = {}
 
     monkeypatch.setattr(contributions_module.Contribution, "settle", spy)
     torch.manual_seed(45)
@@ -476,8 +479,10 @@ def test_a_block_that_would_raise_the_peak_now_is_instantiated_after_the_backwar
     assert settled[32 * 9] == (True, True)  # the second convolution (D = 32 x 3 x 3): approved, instantiated
     assert settled[64 * 9] == (False, True)  # the third: deferred by the memory rule, fits after the backward
 
-    # With no room left at all when they are settled, the approved block is still instantiated; the other is not.
+    # With no room left at all when they are settled, the approved block is still instantiated, by its grouped
+    # convolution a few examples at a time (_FEWEST_ROWS); the other is not.
     settle_all = ClippingEngine._settle
+    monkeypatch.setattr(engine_module, "_FEWEST_ROWS", 2)
 
     def no_room(self, deferred):
         self._peak_bound = 0
@@ -487,6 +492,7 @@ def test_a_block_that_would_raise_the_peak_now_is_instantiated_after_the_backwar
     got, eng = run_engine(model, squared_error, [(inputs, mask)], clip_norm=0.5, clipping_function="abadi")
     assert_matches(got, expected, 0.5)
     assert (eng.last_norm_modes["features.3"], eng.last_norm_modes["features.6"]) == ("instantiate", "ghost")
+    assert chunks[32 * 9] == 2
 
 
 @pytest.mark.parametrize("style", ["all-layer", "layer-wise"])
