@@ -592,10 +592,12 @@ class ClippingEngine:
 
     def _postponed(self, groups: set[int]) -> set[int]:
         """Of ``groups``, clipped in the backward, those to clip after it instead: a deferred contribution's block does
-        not fit under the peak so far now, while the activations still live, but would once they are gone. Their
-        factors are held to the end of the backward (as all-layer clipping holds every layer's), where the block takes
-        the memory the activations leave (a faster norm than the ghost norm). Not when clipped sums stream to a sink:
-        every rank must emit them in the same order."""
+        not fit under the peak so far now, while the activations still live, but would once they are gone (with the
+        patches of one example; an approved block, always instantiated, with as many examples at once as it takes by
+        default, ``Contribution.rows_at_once``). Their factors are held to the end of the backward (as all-layer
+        clipping holds every layer's), where the block takes the memory the activations leave (a faster norm than the
+        ghost norm; fewer, larger matmuls). Not when clipped sums stream to a sink: every rank must emit them in the
+        same order."""
         if self.sink is not None:
             return set()
         held = self._held()
@@ -605,7 +607,8 @@ class ClippingEngine:
             group = self.groups.group_of[key[0]]
             if group in groups:
                 block, per_example = c.block_bytes()
-                if not c.approved and live + block + per_example > self._peak_bound >= held + block + per_example:
+                need = block + per_example * (min(c.num_examples, c.rows_at_once()) if c.approved else 1)
+                if live + need > self._peak_bound >= held + need:
                     out.add(group)
         return out
 

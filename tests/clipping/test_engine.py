@@ -479,6 +479,22 @@ def test_a_block_that_would_raise_the_peak_now_is_instantiated_after_the_backwar
     assert settled[32 * 9] == (True, True)  # the second convolution (D = 32 x 3 x 3): approved, instantiated
     assert settled[64 * 9] == (False, True)  # the third: deferred by the memory rule, fits after the backward
 
+    # Layer-wise, the approved block's group completes in the backward, where it would be made a few examples at a
+    # time: it is clipped after the backward instead, with every example at once (ClippingEngine._postponed).
+    postponed: set[int] = set()
+    postpone = ClippingEngine._postponed
+    monkeypatch.setattr(ClippingEngine, "_postponed", lambda self, groups: postponed.update(postpone(self, groups))
+                        or postpone(self, groups))  # fmt: skip
+    expected = reference_clipped_sum(model, squared_error, inputs, mask, clip_norm=0.5, style="layer-wise",
+                                     function="abadi")  # fmt: skip
+    got, eng = run_engine(model, squared_error, [(inputs, mask)], clip_norm=0.5, clipping_function="abadi",
+                          clipping_style="layer-wise")  # fmt: skip
+    assert_matches(got, expected, 0.5)
+    assert eng.groups.group_of["features.3.weight"] in postponed
+    assert settled[32 * 9] == (True, True) and chunks[32 * 9] >= N_EXAMPLES
+    expected = reference_clipped_sum(model, squared_error, inputs, mask, clip_norm=0.5, style="all-layer",
+                                     function="abadi")  # fmt: skip
+
     # With no room left at all when they are settled, the approved block is still instantiated, by its grouped
     # convolution a few examples at a time (_FEWEST_ROWS); the other is not.
     settle_all = ClippingEngine._settle
