@@ -381,6 +381,9 @@ def _index_self_inner(c: Contribution) -> tuple[Tensor, Tensor]:
     ids, right = c.left, _f32(c.right)
     assert ids is not None
     n, t = ids.shape
+    if t <= c.num_rows and _distinct_rows(ids):  # each position its own row of G_i: ||G_i||^2 = ||b_i||^2, exactly
+        value = _sq_norms(right)[0]
+        return value, value
     # One key per (example, token): the distinct keys are exactly the non-zero rows of the per-example gradients.
     keys, rows = _valid_rows(torch.arange(n, device=ids.device).unsqueeze(1) * c.num_rows + ids, ids, right)
     norms = torch.linalg.vector_norm(rows, dim=1).double()  # [m]
@@ -400,6 +403,16 @@ def _index_self_inner(c: Contribution) -> tuple[Tensor, Tensor]:
     value.index_add_(0, owner, torch.linalg.vector_norm(summed, dim=1).double().square())
     mass = torch.zeros(n, device=right.device, dtype=torch.float64).index_add_(0, owner, magnitude.square())
     return value, mass
+
+
+def _distinct_rows(ids: Tensor) -> bool:
+    """Whether every example's ids [n, T] are distinct and none is -1 (a position embedding's): then row t of G_i is
+    b_t itself. One row is sorted where every example shares it (stride 0: expanded from a batch of one)."""
+    if ids.shape[1] <= 1:
+        return bool((ids >= 0).all())
+    row = ids[:1] if ids.stride(0) == 0 else ids
+    ordered = row.sort(1).values
+    return bool((ordered[:, 0] >= 0).all() and (ordered[:, 1:] != ordered[:, :-1]).all())
 
 
 def _valid_rows(keys: Tensor, ids: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
@@ -569,6 +582,16 @@ def clipped_sum(c: Contribution, factors: Tensor) -> Tensor:
     if c.weighted_sum is not None:
         return c.weighted_sum(factors)
     c = c.factored()
+    if c.kind is Kind.INDEX and c.left is not None and c.left.dim() == 2 and c.left.stride(0) == 0:
+        # one row of ids for every example (positions expanded from a batch of one): sum_i f_i b_i, then scatter
+        ids, right = c.left[0], _f32(c.right)
+        n, t, d = right.shape
+        rows = (factors @ right.reshape(n, t * d)).view(t, d)
+        out = torch.zeros(c.num_rows, d, device=rows.device, dtype=rows.dtype)
+        valid = ids >= 0
+        if not bool(valid.all()):
+            ids, rows = ids[valid], rows[valid]
+        return _to_param(c, out.index_add_(0, ids, rows))
     right = _f32(c.right) * factors.view(-1, 1, 1)
     if c.kind is Kind.INDEX:
         ids = c.left
