@@ -584,14 +584,14 @@ def clipped_sum(c: Contribution, factors: Tensor) -> Tensor:
     c = c.factored()
     if c.kind is Kind.INDEX and c.left is not None and c.left.dim() == 2 and c.left.stride(0) == 0:
         # one row of ids for every example (positions expanded from a batch of one): sum_i f_i b_i, then scatter
-        ids, right = c.left[0], _f32(c.right)
+        shared, right = c.left[0], _f32(c.right)
         n, t, d = right.shape
         rows = (factors @ right.reshape(n, t * d)).view(t, d)
         out = torch.zeros(c.num_rows, d, device=rows.device, dtype=rows.dtype)
-        valid = ids >= 0
+        valid = shared >= 0
         if not bool(valid.all()):
-            ids, rows = ids[valid], rows[valid]
-        return _to_param(c, out.index_add_(0, ids, rows))
+            shared, rows = shared[valid], rows[valid]
+        return _to_param(c, out.index_add_(0, shared, rows))
     right = _f32(c.right) * factors.view(-1, 1, 1)
     if c.kind is Kind.INDEX:
         ids = c.left
