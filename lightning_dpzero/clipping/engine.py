@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import weakref
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -324,6 +324,15 @@ class _Tap(torch.autograd.Function):
         return (grad, *_NONE)
 
 
+class _Bytes:
+    """A running total of bytes that weak references' callbacks can lower (no reference back to the engine)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+
 _FEWEST_ROWS = 8  # an approved block is made at least this many examples at a time (ClippingEngine._settle)
 _NONE = (None,) * 12  # _Tap.backward: no gradient for any input but the output
 
@@ -387,6 +396,12 @@ class ClippingEngine:
         # reference and the size; those alive at the end of its forward), to tell how much memory the batch holds
         # (_live); and the contributions whose norm mode is settled at their group's clipping (Contribution.deferred).
         self._forward_storage: dict[int, tuple[weakref.ref, int]] = {}
+        self._forward_bytes = _Bytes()  # of those alive now (lowered by the weak references' callbacks)
+        # What the contributions hold beyond those storages, kept up to date as they change (_track): per block key,
+        # {storage id: bytes}; per storage id, how many keys hold it; and the total (_held).
+        self._held_by_key: dict[tuple[str, int | None], dict[int, int]] = {}
+        self._held_keys: Counter[int] = Counter()
+        self._held_total = 0
         # A lower bound of the physical batch's peak of memory so far, in the terms of _live (bytes); followed tap by
         # tap in the backward once some model layer's norm mode has been deferred (before, the forward's end only).
         self._peak_bound = 0
@@ -522,7 +537,13 @@ class ClippingEngine:
         except (RuntimeError, NotImplementedError):  # no storage of its own (a wrapper subclass): not counted
             return
         if not self._is_forward_storage(storage):  # (an id freed in the forward may be reused by a new storage)
-            self._forward_storage[id(storage)] = (weakref.ref(storage), storage.nbytes())
+            total, size = self._forward_bytes, storage.nbytes()
+            total.value += size
+
+            def freed(_: weakref.ref, total: _Bytes = total, size: int = size) -> None:
+                total.value -= size
+
+            self._forward_storage[id(storage)] = (weakref.ref(storage, freed), size)
 
     def _is_forward_storage(self, storage: torch.UntypedStorage) -> bool:
         entry = self._forward_storage.get(id(storage))
@@ -534,20 +555,35 @@ class ClippingEngine:
         return self._forward_live() + self._held()
 
     def _forward_live(self) -> int:
-        return sum(size for ref, size in self._forward_storage.values() if ref() is not None)
+        return self._forward_bytes.value
 
     def _held(self) -> int:
-        """Bytes the engine holds beyond the forward's storages: output gradients, per-example blocks."""
-        held: dict[int, int] = {}
-        for contributions in self._contributions.values():
-            for c in contributions:
-                for tensor in (c.left, c.right, c.instantiated):
-                    if tensor is None:
-                        continue
+        """Bytes the engine holds beyond the forward's storages: output gradients, per-example blocks. Kept up to date
+        by ``_track`` (constant time here: the bound is read at every tap, and a model may hold thousands of
+        contributions)."""
+        return self._held_total
+
+    def _track(self, key: tuple[str, int | None]) -> None:
+        """Re-read the storages ``key``'s contributions hold, after they changed (made, settled, spared, merged,
+        clipped and let go)."""
+        new: dict[int, int] = {}
+        for c in self._contributions.get(key, ()):
+            for tensor in (c.left, c.right, c.instantiated):
+                if tensor is not None:
                     storage = tensor.untyped_storage()
                     if not self._is_forward_storage(storage):
-                        held[id(storage)] = storage.nbytes()
-        return sum(held.values())
+                        new[id(storage)] = storage.nbytes()
+        for sid, size in self._held_by_key.pop(key, {}).items():
+            self._held_keys[sid] -= 1
+            if not self._held_keys[sid]:
+                del self._held_keys[sid]
+                self._held_total -= size
+        for sid, size in new.items():
+            if not self._held_keys[sid]:
+                self._held_total += size
+            self._held_keys[sid] += 1
+        if new:
+            self._held_by_key[key] = new
 
     def _bound_peak(self, in_flight: int) -> None:
         """At a tap in the backward: the layer's backward, next, holds what lives now, the output gradient and the
@@ -578,6 +614,7 @@ class ClippingEngine:
             norm2, mass = self_inner(c)
             c.spare()
             self._norm2[key], self._mass[key] = self._norm2[key] + norm2, self._mass[key] + mass
+            self._track(key)
 
     def _light(self, groups: set[int]) -> set[int]:
         """Of ``groups``, those that hold per-example gradients only (norm layers' and biases' [n, P]), no factors or
@@ -662,6 +699,7 @@ class ClippingEngine:
         self._rows = rows
         self._anchor = torch.zeros((), device=device, requires_grad=True)
         self._forward_storage.clear()
+        self._forward_bytes = _Bytes()
         self._recorded = None
         first = not self._watched_once
         if first or self._shares:
@@ -765,6 +803,9 @@ class ClippingEngine:
             self._mass.clear()
             self._deferred.clear()
             self._forward_storage.clear()
+            self._held_by_key.clear()
+            self._held_keys.clear()
+            self._held_total = 0
 
     def _receive(
         self,
@@ -837,6 +878,7 @@ class ClippingEngine:
                 if merged is not None:  # the same parameter used again, its gradient added into one block
                     self._contributions[key] = [merged]
                     self._norm2[key], self._mass[key] = self_inner(merged)  # of the sum: replaces the first's
+                    self._track(key)
                     continue
                 if not c.deferred:
                     norm2, mass = self_inner(c)
@@ -848,6 +890,7 @@ class ClippingEngine:
                 if key in self._norm2:
                     norm2, mass = norm2 + self._norm2[key], mass + self._mass[key]
                 self._norm2[key], self._mass[key] = norm2, mass
+                self._track(key)
             # A group is final once every tap that feeds it has reported: clip it now and free its activations
             # and output gradients (layer-, param- and group-wise clipping peak lower than all-layer; 2310.19215).
             if len(self.groups) > 1:
@@ -977,6 +1020,7 @@ class ClippingEngine:
                 k = self.groups.group_of[name]
                 for key in [key for key in keys if key[0] == name]:
                     contributions = self._contributions.pop(key)
+                    self._track(key)
                     f = factors[k]
                     if key in exact:  # these examples' blocks are added from their exact instantiation instead
                         rows = exact[key]
@@ -1016,6 +1060,7 @@ class ClippingEngine:
                 self._probe.sums[name] = torch.zeros(full_shape(self.params[name]), device=ones.device)
             for c in self._contributions.pop(key):
                 self._add_block(self._probe.sums[name], c.rows, clipped_sum(c, ones))
+            self._track(key)
 
     @staticmethod
     def _add_block(target: Tensor, rows: slice | None, block: Tensor) -> None:

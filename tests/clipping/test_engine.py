@@ -511,6 +511,42 @@ def test_a_block_that_would_raise_the_peak_now_is_instantiated_after_the_backwar
     assert chunks[32 * 9] == 2
 
 
+def _held_from_scratch(engine: ClippingEngine) -> int:
+    held: dict[int, int] = {}
+    for contributions in engine._contributions.values():
+        for c in contributions:
+            for tensor in (c.left, c.right, c.instantiated):
+                if tensor is not None and not engine._is_forward_storage(tensor.untyped_storage()):
+                    held[id(tensor.untyped_storage())] = tensor.untyped_storage().nbytes()
+    return sum(held.values())
+
+
+def _forward_live_from_scratch(engine: ClippingEngine) -> int:
+    return sum(size for ref, size in engine._forward_storage.values() if ref() is not None)
+
+
+@pytest.mark.parametrize("style", ["all-layer", "layer-wise"])
+def test_the_memory_bound_is_kept_up_to_date_as_contributions_change(monkeypatch, style):
+    """The bytes the engine holds and the forward's storages still alive are running totals (read at every tap: a
+    scan of every contribution there made the step quadratic in depth, 20% of a 64-layer CNN's step). At every read
+    they must equal a scan from scratch, through deferral, approval, merging, postponement and clipping."""
+    reads = []
+    live = ClippingEngine._live
+
+    def checked(self: ClippingEngine) -> int:
+        reads.append((self._held(), _held_from_scratch(self), self._forward_live(), _forward_live_from_scratch(self)))
+        return live(self)
+
+    monkeypatch.setattr(ClippingEngine, "_live", checked)
+    torch.manual_seed(47)
+    model = _ConvStack()
+    inputs = (torch.randn(N_EXAMPLES, 3, 32, 32), torch.randn(N_EXAMPLES, 2))
+    run_engine(model, squared_error, [(inputs, default_mask())] * 2, clip_norm=0.5, clipping_style=style)
+    assert len(reads) > 10 and any(read[0] for read in reads) and any(read[2] for read in reads)
+    for held, scanned, forward, forward_scanned in reads:
+        assert (held, forward) == (scanned, forward_scanned)
+
+
 @pytest.mark.parametrize("style", ["all-layer", "layer-wise"])
 def test_one_outlier_moves_the_clipped_sum_by_at_most_c_through_the_deferred_paths(style):
     """Reference: the DP bound. Through every path of the deferred norm modes at once (the benchmark CNN's shape:
