@@ -402,6 +402,12 @@ class ClippingEngine:
         self._held_by_key: dict[tuple[str, int | None], dict[int, int]] = {}
         self._held_keys: Counter[int] = Counter()
         self._held_total = 0
+        # Per group, its blocks' keys held now, each with the order in which it was first received (``_finalize``
+        # takes a group's keys from here, not from a scan of every key); and the groups holding factors or blocks
+        # (not only per-example vectors: ``_light``).
+        self._keys_of_group: defaultdict[int, dict[tuple[str, int | None], int]] = defaultdict(dict)
+        self._received = 0
+        self._heavy: set[int] = set()
         # A lower bound of the physical batch's peak of memory so far, in the terms of _live (bytes); followed tap by
         # tap in the backward once some model layer's norm mode has been deferred (before, the forward's end only).
         self._peak_bound = 0
@@ -565,9 +571,19 @@ class ClippingEngine:
 
     def _track(self, key: tuple[str, int | None]) -> None:
         """Re-read the storages ``key``'s contributions hold, after they changed (made, settled, spared, merged,
-        clipped and let go)."""
+        clipped and let go); and file the key under its group."""
+        group = self.groups.group_of[key[0]]
+        contributions = self._contributions.get(key, ())
+        if contributions:
+            if key not in self._keys_of_group[group]:
+                self._keys_of_group[group][key] = self._received
+                self._received += 1
+            if any(c.kind is not Kind.SAMPLE for c in contributions):
+                self._heavy.add(group)
+        else:
+            self._keys_of_group[group].pop(key, None)
         new: dict[int, int] = {}
-        for c in self._contributions.get(key, ()):
+        for c in contributions:
             for tensor in (c.left, c.right, c.instantiated):
                 if tensor is not None:
                     storage = tensor.untyped_storage()
@@ -620,12 +636,7 @@ class ClippingEngine:
         """Of ``groups``, those that hold per-example gradients only (norm layers' and biases' [n, P]), no factors or
         blocks: clipping them early frees little, so they are clipped together after the backward, in one pass
         instead of one each."""
-        heavy = {
-            self.groups.group_of[key[0]]
-            for key, contributions in self._contributions.items()
-            if any(c.kind is not Kind.SAMPLE for c in contributions)
-        }
-        return groups - heavy
+        return groups - self._heavy
 
     def _postponed(self, groups: set[int]) -> set[int]:
         """Of ``groups``, clipped in the backward, those to clip after it instead: a deferred contribution's block does
@@ -806,6 +817,8 @@ class ClippingEngine:
             self._held_by_key.clear()
             self._held_keys.clear()
             self._held_total = 0
+            self._keys_of_group.clear()
+            self._heavy.clear()
 
     def _receive(
         self,
@@ -940,7 +953,10 @@ class ClippingEngine:
             groups -= self._light(groups)
         if not last and self._deferred:
             groups -= self._postponed(groups)
-        keys = [key for key in self._contributions if self.groups.group_of[key[0]] in groups]
+        keys = sorted(
+            (key for group in groups for key in self._keys_of_group.get(group, ())),
+            key=lambda key: self._keys_of_group[self.groups.group_of[key[0]]][key],
+        )  # in the order received
         if not keys:
             return
         assert self._mask is not None
