@@ -1027,14 +1027,17 @@ class ClippingEngine:
                         fn=self.config.clipping_function,
                         stability_constant=self.config.stability_constant,
                     )
-            for name in dict.fromkeys(key[0] for key in keys):  # each parameter once, in the order reached
+            keys_of: dict[str, list[tuple[str, int | None]]] = defaultdict(list)
+            for key in keys:
+                keys_of[key[0]].append(key)
+            for name, param_keys in keys_of.items():  # each parameter once, in the order reached
                 param = self.params[name]
                 shape = full_shape(param)
                 # None until the first block: a whole, contiguous first block becomes the sum itself (no zero fill and
                 # no addition of the parameter's size).
                 target: Tensor | None = self.summed.get(name) if self.sink is None else None
                 k = self.groups.group_of[name]
-                for key in [key for key in keys if key[0] == name]:
+                for key in param_keys:
                     contributions = self._contributions.pop(key)
                     self._track(key)
                     f = factors[k]
