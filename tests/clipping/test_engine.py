@@ -548,6 +548,30 @@ def test_the_memory_bound_is_kept_up_to_date_as_contributions_change(monkeypatch
 
 
 @pytest.mark.parametrize("style", ["all-layer", "layer-wise"])
+def test_following_the_memory_bound_costs_the_same_per_layer_at_any_depth(monkeypatch, style):
+    """The bound is read at every tap of a model with deferred layers. Reading it must not scan what the engine
+    holds (which grows with depth): the storages it looks at per step grow linearly with the layers (a scan per tap
+    grows quadratically: 16x from 4 to 16 blocks, against ~4x)."""
+    looks = []
+    is_forward = ClippingEngine._is_forward_storage
+    monkeypatch.setattr(ClippingEngine, "_is_forward_storage",
+                        lambda self, storage: looks.append(1) or is_forward(self, storage))  # fmt: skip
+    counts = []
+    for depth in (4, 16):
+        torch.manual_seed(48)
+        layers: list[nn.Module] = [nn.Conv2d(3, 32, 3, padding=1)]
+        for _ in range(depth):
+            layers += [nn.GroupNorm(4, 32), nn.Tanh(), nn.Conv2d(32, 32, 3, padding=1)]
+        model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(32 * 4 * 4, 2))
+        inputs = (torch.randn(N_EXAMPLES, 3, 4, 4), torch.randn(N_EXAMPLES, 2))
+        looks.clear()
+        _, eng = run_engine(model, squared_error, [(inputs, default_mask())], clip_norm=0.5, clipping_style=style)
+        assert eng._tracks_peak  # 16 positions, 32 x 288 weights: deferred, so the bound is followed
+        counts.append(len(looks))
+    assert counts[1] < 5 * counts[0]
+
+
+@pytest.mark.parametrize("style", ["all-layer", "layer-wise"])
 def test_one_outlier_moves_the_clipped_sum_by_at_most_c_through_the_deferred_paths(style):
     """Reference: the DP bound. Through every path of the deferred norm modes at once (the benchmark CNN's shape:
     the third convolution deferred and instantiated after the backward, the second approved, GroupNorm from torch's
