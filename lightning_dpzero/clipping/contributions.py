@@ -381,7 +381,8 @@ def _index_self_inner(c: Contribution) -> tuple[Tensor, Tensor]:
     ids, right = c.left, _f32(c.right)
     assert ids is not None
     n, t = ids.shape
-    if t <= c.num_rows and _distinct_rows(ids):  # each position its own row of G_i: ||G_i||^2 = ||b_i||^2, exactly
+    shared = _shared_ids(ids) if t <= c.num_rows else None
+    if shared is not None and _distinct(shared):  # each position its own row of G_i: ||G_i||^2 = ||b_i||^2, exactly
         value = _sq_norms(right)[0]
         return value, value
     # One key per (example, token): the distinct keys are exactly the non-zero rows of the per-example gradients.
@@ -405,14 +406,20 @@ def _index_self_inner(c: Contribution) -> tuple[Tensor, Tensor]:
     return value, mass
 
 
-def _distinct_rows(ids: Tensor) -> bool:
-    """Whether every example's ids [n, T] are distinct and none is -1 (a position embedding's): then row t of G_i is
-    b_t itself. One row is sorted where every example shares it (stride 0: expanded from a batch of one)."""
-    if ids.shape[1] <= 1:
-        return bool((ids >= 0).all())
-    row = ids[:1] if ids.stride(0) == 0 else ids
-    ordered = row.sort(1).values
-    return bool((ordered[:, 0] >= 0).all() and (ordered[:, 1:] != ordered[:, :-1]).all())
+def _shared_ids(ids: Tensor) -> Tensor | None:
+    """The one row [T] of ids that every example has (positions: expanded from a batch of one, stride 0, or given
+    per example alike), or ``None`` (token ids, which differ: one comparison pass, no sort)."""
+    if not len(ids):
+        return None
+    if ids.stride(0) == 0 or bool((ids == ids[:1]).all()):
+        return ids[0]
+    return None
+
+
+def _distinct(row: Tensor) -> bool:
+    """Whether the ids [T] are distinct and none is -1 (padding): then row t of G_i is b_t itself."""
+    ordered = row.sort().values
+    return bool((ordered[:1] >= 0).all() and (ordered[1:] != ordered[:-1]).all())
 
 
 def _valid_rows(keys: Tensor, ids: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
@@ -582,9 +589,9 @@ def clipped_sum(c: Contribution, factors: Tensor) -> Tensor:
     if c.weighted_sum is not None:
         return c.weighted_sum(factors)
     c = c.factored()
-    if c.kind is Kind.INDEX and c.left is not None and c.left.dim() == 2 and c.left.stride(0) == 0:
-        # one row of ids for every example (positions expanded from a batch of one): sum_i f_i b_i, then scatter
-        shared, right = c.left[0], _f32(c.right)
+    shared = _shared_ids(c.left) if c.kind is Kind.INDEX and c.left is not None and c.left.dim() == 2 else None
+    if shared is not None:  # one row of ids for every example (positions): sum_i f_i b_i, then scatter T rows
+        right = _f32(c.right)
         n, t, d = right.shape
         rows = (factors @ right.reshape(n, t * d)).view(t, d)
         out = torch.zeros(c.num_rows, d, device=rows.device, dtype=rows.dtype)

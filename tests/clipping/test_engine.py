@@ -222,6 +222,50 @@ def test_a_tied_head_and_embedding_are_one_block_and_one_outlier_moves_their_sum
     assert (sums[0] - sums[1]).norm() <= clip_norm * (1 + 1e-5)
 
 
+class _Positions(nn.Module):
+    """Token and position embeddings; the positions' ids are given as a batch of one (expanded to the examples by the
+    engine) or per example, all alike."""
+
+    def __init__(self, positions: list[int], expanded: bool, padding_idx: int | None) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(7, 4)
+        self.positions = nn.Embedding(6, 4, padding_idx=padding_idx)
+        self.ids = torch.tensor([positions])
+        self.expanded = expanded
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        ids = self.ids if self.expanded else self.ids.repeat(x.shape[0], 1)
+        return self.head(torch.tanh(self.tokens(x) + self.positions(ids)))
+
+
+@pytest.mark.parametrize("expanded", [True, False], ids=["a batch of one", "per example"])
+@pytest.mark.parametrize(
+    ("positions", "padding_idx"),
+    [([0, 1, 2, 3], None), ([3, 1, 1, 0], None), ([0, 1, 2, 3], 2)],
+    ids=["distinct", "repeated", "with padding"],
+)
+def test_ids_every_example_shares_match_reference(positions, padding_idx, expanded):
+    """Reference: reference_clipped_sum. Ids that every example shares (positions) take their own ways: where they
+    are distinct and none is padding, an example's squared norm is its output gradient's; their clipped sum is one
+    matrix-vector product and a scatter of one row of ids. A repeated id (two positions in one row of G_i) or a
+    padding id must not take the first."""
+    torch.manual_seed(49)
+    model = _Positions(positions, expanded, padding_idx)
+    inputs = (torch.randint(0, 7, (N_EXAMPLES, 4)), torch.randn(N_EXAMPLES, 4, 2))
+    for style in ("all-layer", "param-wise"):
+        mask = default_mask()
+        expected = reference_clipped_sum(model, squared_error, inputs, mask, clip_norm=0.2, style=style,
+                                         function="abadi")  # fmt: skip
+        eng = ClippingEngine(model, PrivacyConfig(noise_multiplier=1.0, clip_norm=0.2, clipping_style=style,
+                                                  clipping_function="abadi"))  # fmt: skip
+        eng.attach()
+        with eng.recording(CPU, rows=N_EXAMPLES):  # as the strategies record: the batch of one is expanded
+            loss = squared_error(model, inputs).sum()
+        eng.backward(loss, mask)
+        assert_matches(eng.pop_summed(), expected, 0.2)
+
+
 @pytest.mark.parametrize(
     ("style", "groups", "norm_fractions"),
     [
