@@ -582,6 +582,8 @@ class ClippingEngine:
                 self._heavy.add(group)
         else:
             self._keys_of_group[group].pop(key, None)
+        if not self._tracks_peak:  # nothing reads the bound (no deferred call yet): nothing to count
+            return
         new: dict[int, int] = {}
         for c in contributions:
             for tensor in (c.left, c.right, c.instantiated):
@@ -879,7 +881,10 @@ class ClippingEngine:
                 if c.deferred:  # its own term is added when its mode is settled (_settle)
                     norm2 = mass = torch.zeros(grad_output.shape[0], dtype=torch.float64, device=grad_output.device)
                     self._deferred.append((key, c, layer.path))
-                    self._tracks_peak = True
+                    if not self._tracks_peak:  # from now on, at every tap: count what is held so far
+                        self._tracks_peak = True
+                        for held in list(self._contributions):
+                            self._track(held)
                 elif c.instantiated is not None:
                     self.last_norm_modes[layer.path] = "instantiate"
                 elif c.left is not None and c.left.dim() == 3 and c.left.shape[1] > 1:
