@@ -293,3 +293,21 @@ def test_zeroth_order_runs_the_check_on_its_losses_and_buffers(kind: str, refuse
         return
     with pytest.raises(dpz.PerExampleCheckError, match="per-example losses: losses of other examples moved"):
         _fit(Model(kind), **privacy)
+
+
+def test_rows_other_than_the_changed_one_move_only_beyond_rounding() -> None:
+    """selfcheck._others_moved: equal rows (also NaN in both) and rounding-level differences are not movement; any
+    other row's real difference is, whatever the changed row does."""
+    from lightning_dpzero.selfcheck import _others_moved
+
+    x = torch.randn(6, 4, 3)
+    y = x.clone()
+    y[2] += 5.0  # the changed row
+    assert not _others_moved(x, y, changed=2)
+    x[4, 1, 1] = y[4, 1, 1] = float("nan")
+    assert not _others_moved(x, y, changed=2)
+    y[0] = x[0] * (1 + 1e-7)  # rounding
+    assert not _others_moved(x, y, changed=2)
+    y[5, 0, 0] += 1e-3 * float(x.abs().max())
+    assert _others_moved(x, y, changed=2)
+    assert _others_moved(x.bfloat16(), (y + 0.5).bfloat16(), changed=2)
