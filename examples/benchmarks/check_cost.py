@@ -18,9 +18,9 @@ the library has no switch that turns them off):
 
 The per-example self-check (``selfcheck.py``) runs on the first logical step and then every ``self_check_every``
 (100) logical steps; it is timed here on its own (its 8-row probes, two forwards and backwards each with autograd's
-reference on the first) and shown divided by 100 steps. The watch that follows data-free values (``watch.py``)
-runs on the first physical batch only for these models (none of them computes a shared output); it is part of the
-first step, not of the steady state timed here.
+reference on the first, and the comparison of every tap's rows) and shown divided by 100 steps. The watch that
+follows data-free values (``watch.py``) runs on the first physical batch only for these models (none of them computes
+a shared output); it is part of the first step, not of the steady state timed here.
 
 Timing: both engines are built on deep copies of one model; one step of each in turn, the order alternating (garbage
 collector off), the median of each round; the table gives the median over rounds of the ratio with its range.
