@@ -249,21 +249,34 @@ def test_ids_every_example_shares_match_reference(positions, padding_idx, expand
     """Reference: reference_clipped_sum. Ids that every example shares (positions) take their own ways: where they
     are distinct and none is padding, an example's squared norm is its output gradient's; their clipped sum is one
     matrix-vector product and a scatter of one row of ids. A repeated id (two positions in one row of G_i) or a
-    padding id must not take the first."""
+    padding id must not take the first. And the DP bound: an outlier (its loss x 1000) removed moves the clipped sum
+    by at most C."""
     torch.manual_seed(49)
     model = _Positions(positions, expanded, padding_idx)
     inputs = (torch.randint(0, 7, (N_EXAMPLES, 4)), torch.randn(N_EXAMPLES, 4, 2))
-    for style in ("all-layer", "param-wise"):
-        mask = default_mask()
-        expected = reference_clipped_sum(model, squared_error, inputs, mask, clip_norm=0.2, style=style,
-                                         function="abadi")  # fmt: skip
+
+    def clipped(style: str, mask: Tensor, weights: Tensor) -> dict[str, Tensor]:
         eng = ClippingEngine(model, PrivacyConfig(noise_multiplier=1.0, clip_norm=0.2, clipping_style=style,
                                                   clipping_function="abadi"))  # fmt: skip
         eng.attach()
         with eng.recording(CPU, rows=N_EXAMPLES):  # as the strategies record: the batch of one is expanded
-            loss = squared_error(model, inputs).sum()
+            loss = (squared_error(model, inputs) * weights).sum()
         eng.backward(loss, mask)
-        assert_matches(eng.pop_summed(), expected, 0.2)
+        eng.detach()
+        return eng.pop_summed()
+
+    for style in ("all-layer", "param-wise"):
+        mask = default_mask()
+        expected = reference_clipped_sum(model, squared_error, inputs, mask, clip_norm=0.2, style=style,
+                                         function="abadi")  # fmt: skip
+        assert_matches(clipped(style, mask, torch.ones(N_EXAMPLES)), expected, 0.2)
+    weights = torch.ones(N_EXAMPLES)
+    weights[0] = 1000.0
+    sums = []
+    for keep in (torch.ones(N_EXAMPLES, dtype=torch.bool), torch.arange(N_EXAMPLES) > 0):
+        got = clipped("all-layer", keep, weights)
+        sums.append(torch.cat([got[name].double().flatten() for name in sorted(got)]))
+    assert (sums[0] - sums[1]).norm() <= 0.2 * (1 + 1e-5)
 
 
 @pytest.mark.parametrize(
