@@ -276,25 +276,9 @@ class _Tap(torch.autograd.Function):
     """Identity on a module's output that hands the output gradient to the engine."""
 
     @staticmethod
-    def forward(
-        ctx: Any,
-        output: Tensor,
-        anchor: Tensor,
-        engine: ClippingEngine,
-        layer: _Layer,
-        act: Tensor,
-        record: TapRecord | None,
-        call: _Call | None,
-        shared: SharedCall | None,
-        dim: int,
-        in_place: bool,
-        shape: torch.Size,
-        statistics: Statistics | None,
-        input_grad_bytes: int,
-    ) -> Tensor:
-        ctx.engine, ctx.layer, ctx.activation, ctx.version, ctx.record = engine, layer, act, act._version, record
-        ctx.call, ctx.shared, ctx.dim, ctx.shape, ctx.statistics = call, shared, dim, shape, statistics
-        ctx.input_grad_bytes = input_grad_bytes  # the gradient autograd forms for the module's input (0: none)
+    def forward(ctx: Any, output: Tensor, anchor: Tensor, tap: _TapCall, in_place: bool) -> Tensor:
+        # One argument for what the backward needs: autograd.Function.apply inspects every argument on each call.
+        ctx.tap = tap
         if in_place:  # see _in_place_target
             ctx.mark_dirty(output)
             return output
@@ -303,25 +287,55 @@ class _Tap(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        if ctx.activation._version != ctx.version:
+        tap: _TapCall = ctx.tap
+        engine = tap.engine
+        if engine._passive:  # another backward through the same graph (the self-check's autograd reference)
+            return grad, None, None, None
+        if tap.activation is None:
+            raise RuntimeError(f"module '{tap.layer.path}': a second backward through one recorded forward")
+        if tap.activation._version != tap.version:
             raise RuntimeError(
-                f"the input of module '{ctx.layer.path}' was modified in place after the module used it; "
+                f"the input of module '{tap.layer.path}' was modified in place after the module used it; "
                 "per-example gradients need the value it saw. Avoid the in-place operation."
             )
-        if ctx.engine._passive:  # another backward through the same graph (the self-check's autograd reference)
-            return (grad, *_NONE)
-        if ctx.shared is not None and ctx.shared.shared:  # its uses reported each example's gradient (shared.py)
-            return (grad, *_NONE)
-        output_grad = grad if grad.shape == ctx.shape else grad.reshape(ctx.shape)  # tapped the tensor it views
-        examples_first = output_grad.movedim(ctx.dim, 0) if ctx.dim else output_grad
-        if ctx.record is not None:
-            ctx.record.grad = examples_first.detach()
-        if ctx.engine._tracks_peak:
-            ctx.engine._bound_peak(grad.numel() * grad.element_size() + ctx.input_grad_bytes)
-        ctx.engine._receive(ctx.layer, ctx.activation, examples_first, ctx.call, ctx.statistics)
-        ctx.engine._room = None
-        ctx.activation = ctx.call = ctx.statistics = None
-        return (grad, *_NONE)
+        if tap.shared is not None and tap.shared.shared:  # its uses reported each example's gradient (shared.py)
+            return grad, None, None, None
+        output_grad = grad if grad.shape == tap.shape else grad.reshape(tap.shape)  # tapped the tensor it views
+        examples_first = output_grad.movedim(tap.dim, 0) if tap.dim else output_grad
+        if tap.record is not None:
+            tap.record.grad = examples_first.detach()
+        if engine._tracks_peak:
+            engine._bound_peak(grad.numel() * grad.element_size() + tap.input_grad_bytes)
+        engine._receive(tap.layer, tap.activation, examples_first, tap.call, tap.statistics)
+        engine._room = None
+        tap.activation = tap.call = tap.statistics = None
+        return grad, None, None, None
+
+
+class _TapCall:
+    """What a tap's backward needs of its module's call (one object: see _Tap.forward)."""
+
+    __slots__ = ("activation", "call", "dim", "engine", "input_grad_bytes", "layer", "record", "shape", "shared",
+                 "statistics", "version")  # fmt: skip
+
+    def __init__(
+        self,
+        engine: ClippingEngine,
+        layer: _Layer,
+        activation: Tensor,
+        record: TapRecord | None,
+        call: _Call | None,
+        shared: SharedCall | None,
+        dim: int,
+        shape: torch.Size,
+        statistics: Statistics | None,
+        input_grad_bytes: int,
+    ) -> None:
+        self.engine, self.layer, self.record, self.call = engine, layer, record, call
+        self.activation: Tensor | None = activation
+        self.version = activation._version  # what the module saw: the backward checks that it is unchanged
+        self.shared, self.dim, self.shape, self.statistics = shared, dim, shape, statistics
+        self.input_grad_bytes = input_grad_bytes  # the gradient autograd forms for the module's input (0: none)
 
 
 class _Bytes:
@@ -334,7 +348,6 @@ class _Bytes:
 
 
 _FEWEST_ROWS = 8  # an approved block is made at least this many examples at a time (ClippingEngine._settle)
-_NONE = (None,) * 12  # _Tap.backward: no gradient for any input but the output
 
 
 class ClippingEngine:
@@ -519,11 +532,11 @@ class ClippingEngine:
             # Read before the tap takes the output (in place, it becomes the output's autograd node). Only with the
             # examples in dim 0: the rule can check the statistics' shape against its input, not their order.
             statistics = forward_statistics(module, output) if layout.dim == 0 else None
-            tapped = _Tap.apply(
-                output if target is None else target, self._anchor, self, layer, activation.detach(), record, call,
-                shared, layout.dim, target is not None, output.shape, statistics,
+            tap = _TapCall(
+                self, layer, activation.detach(), record, call, shared, layout.dim, output.shape, statistics,
                 activation.numel() * activation.element_size() if activation.requires_grad else 0,
             )  # fmt: skip
+            tapped = _Tap.apply(output if target is None else target, self._anchor, tap, target is not None)
             self._note_storage(activation)
             self._note_storage(tapped)
             if tapped.shape != output.shape:
@@ -859,7 +872,7 @@ class ClippingEngine:
                 "attention mask) meets the examples; this one reached them otherwise. Expand its input per example "
                 f"(wpe(pos.expand(n, T))) or freeze it: get_submodule('{layer.path}').requires_grad_(False)",
             )
-        with torch.no_grad():
+        with _grad_off():
             if call is not None:
                 try:
                     contributions = functorch_rule(layer.module, activation, grad_output, layer.params, call=call)
@@ -1118,6 +1131,11 @@ class ClippingEngine:
 
 # Clipping functions that take a column of thresholds for a [groups, n] matrix of norms (functions.py)
 _BROADCASTING = frozenset({ClippingFunction.ABADI.value, ClippingFunction.AUTOMATIC.value})
+
+
+def _grad_off() -> contextlib.AbstractContextManager[Any]:
+    """``torch.no_grad()``, or nothing where grad mode is off already (a tap's backward: a few us a call)."""
+    return torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext()
 
 
 def _rows(vectors: list[Tensor]) -> Tensor:
