@@ -6,8 +6,10 @@ its labels and the key whenever it is needed, so there is no generator state to 
 
 - the key is 256 bits, from the operating system (``secrets``) unless the user fixes ``PrivacyConfig.seed``;
 - a stream's generator is keyed with SHA-256(key, labels): on CPU numpy's ``Philox`` with a 128-bit key (torch's CPU
-  generator keeps only 32 bits of a seed, and its Mersenne Twister state can be recovered from its outputs); on CUDA
-  torch's Philox with a 64-bit seed and a 62-bit starting offset (126 bits) per stream, drawn on the device;
+  generator keeps only 32 bits of a seed, and its Mersenne Twister state can be recovered from its outputs); a large
+  CPU draw is split into parts of a fixed size, each the stream of its labels and its part number, filled in
+  parallel; on CUDA torch's Philox with a 64-bit seed and a 62-bit starting offset (126 bits) per stream, drawn on
+  the device;
 - a checkpoint stores the public counters only (logical steps taken, samples drawn). A resumed run with an OS key
   draws a fresh key: its noise and samples are new and independent, which is valid DP (adaptive composition). With
   an explicit seed the key is rebuilt from the seed, so the counters give a bit-identical continuation.
@@ -22,7 +24,9 @@ Privacy:
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -89,8 +93,26 @@ class SecretKey:
         if device.type == "cuda":
             return torch.empty(shape, device=device).normal_(generator=self.torch_generator(device, *labels))
         out = torch.empty(shape, dtype=torch.float32)
-        if out.numel():
-            self.numpy_generator(*labels).standard_normal(out=out.numpy().reshape(-1), dtype=np.float32)
+        flat = out.numpy().reshape(-1)
+        if flat.size <= _PART:
+            if flat.size:
+                self.numpy_generator(*labels).standard_normal(out=flat, dtype=np.float32)
+            return out.to(device)
+
+        # A large draw: parts of _PART coordinates, each its own stream (labels, "part", j), filled side by side
+        # (numpy fills without the GIL). The parts depend on the size alone, not on the threads: a seeded run draws
+        # the same noise on any machine.
+        def fill(j: int) -> None:
+            part = flat[j * _PART : (j + 1) * _PART]
+            self.numpy_generator(*labels, "part", j).standard_normal(out=part, dtype=np.float32)
+
+        parts = range(-(-flat.size // _PART))
+        workers = min(len(parts), torch.get_num_threads())
+        if workers > 1:
+            list(_pool(workers).map(fill, parts))
+        else:
+            for j in parts:
+                fill(j)
         return out.to(device)
 
     def __repr__(self) -> str:
@@ -113,3 +135,14 @@ class SecretKey:
 
 def _seeded_key(key: bytes) -> SecretKey:
     return SecretKey(key, seeded=True)
+
+
+_PART = 1 << 18  # coordinates per stream of a large CPU draw: ~3 ms of one core each, ~10 us to key
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}  # (process, workers) -> threads (a forked child makes its own)
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    key = (os.getpid(), workers)
+    if key not in _POOLS:
+        _POOLS[key] = ThreadPoolExecutor(workers, thread_name_prefix="lightning_dpzero-noise")
+    return _POOLS[key]

@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 import lightning_dpzero as dpz
+from lightning_dpzero import randomness
 from lightning_dpzero.noise import GaussianNoise
 from lightning_dpzero.randomness import SecretKey
 from lightning_dpzero.sampling.poisson import PoissonBatchSampler
@@ -82,6 +83,33 @@ def test_keyed_noise_is_gaussian_and_its_streams_are_independent() -> None:
     again = GaussianNoise(SecretKey.from_seed(3), rank=0)
     again.start_step(4)
     assert torch.equal(again.sample(torch.Size([n]), std=std, device=CPU), x)
+
+
+def test_a_large_draw_is_made_of_independent_streams_and_the_same_on_any_number_of_threads(monkeypatch) -> None:
+    """A CPU draw of more than randomness._PART coordinates is filled in parts, each its own stream, side by side.
+    Reference: the same draw with 1 thread and with 2 (a seeded run reproduces its noise on any machine); every part
+    differs from the others and from the first part's coordinates drawn alone (no stream used twice); neighbouring
+    parts uncorrelated (|r| < 6 / sqrt(part)); the whole N(0, 1) (mean, std within 6 standard errors)."""
+    monkeypatch.setattr(randomness, "_PART", 4096)
+    key, n = SecretKey.from_seed(11), 4096 * 5 + 100
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = key.standard_normal(torch.Size([n]), CPU, "noise", 0, 1, 2)
+        torch.set_num_threads(1)
+        one = key.standard_normal(torch.Size([n]), CPU, "noise", 0, 1, 2)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    parts = list(two.split(4096))
+    assert len(parts) == 6
+    for a, b in zip(parts[:-2], parts[1:-1]):
+        assert not torch.equal(a, b)
+        assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 6 / math.sqrt(4096)
+    alone = key.standard_normal(torch.Size([4096]), CPU, "noise", 0, 1, 2)  # the unsplit stream of these labels
+    assert not torch.equal(alone, parts[0])
+    assert abs(two.mean().item()) < 6 / math.sqrt(n)
+    assert abs(two.std().item() - 1) < 6 / math.sqrt(2 * n)
 
 
 def test_a_single_device_run_writes_no_secret_and_its_checkpoints_cannot_regenerate_its_noise(tmp_path) -> None:
