@@ -978,7 +978,7 @@ class ClippingEngine:
         if not keys:
             return
         assert self._mask is not None
-        with torch.no_grad():
+        with _grad_off():
             deferred = [item for item in self._deferred if self.groups.group_of[item[0][0]] in groups]
             if deferred:
                 self._settle(deferred)
@@ -1008,7 +1008,7 @@ class ClippingEngine:
                     out = torch.zeros(len(reached), block_norm2.shape[1], dtype=torch.float64, device=device)
                     return out.index_add_(0, owner, block_norm2)  # [groups reached, n]
 
-            mask = self._mask.to(device)
+            mask = self._mask if self._mask.device == device else self._mask.to(device)
             # float64 norms, then fp32 for the clipping function: a norm beyond fp32's range counts as non-finite
             # (after the clamp a norm is >= 0 or NaN, so `< inf` is the finiteness test)
             all_norms = reduce().clamp(min=0).sqrt().float()

@@ -61,5 +61,6 @@ def clip_factors(
     Privacy:
         Bounds each example's contribution by C, the sensitivity the accountant assumes.
     """
-    factors = _FUNCTIONS[str(fn)](norms.float(), clip_norm, stability_constant)  # type: ignore[arg-type]
-    return torch.where(mask.bool(), factors, 0.0)
+    norms = norms if norms.dtype == torch.float32 else norms.float()  # (a cast dispatches even when it is a no-op)
+    factors = _FUNCTIONS[str(fn)](norms, clip_norm, stability_constant)  # type: ignore[arg-type]
+    return torch.where(mask if mask.dtype == torch.bool else mask.bool(), factors, 0.0)
