@@ -844,6 +844,23 @@ def test_a_norm_beyond_fp32_counts_as_non_finite(policy):
     assert_matches(got, expected, 0.5)
 
 
+def test_per_example_vectors_whose_squares_overflow_fp32_are_clipped_by_their_exact_norm():
+    """Reference: reference_clipped_sum (float64). One example's targets are 1e20: the bias's and the LayerNorm's
+    per-example gradients (small vectors, squared norms formed from fp32 squares) have squares beyond fp32 while
+    their norms (~1e20) are within it. Those squared norms must come out non-finite and be recomputed exactly, so
+    that the example is clipped to C by its true norm, not dropped nor scaled by a wrong factor."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+    x, y = torch.randn(N_EXAMPLES, 8), torch.randn(N_EXAMPLES, 8)
+    y[1] = 1e20
+    mask = default_mask()
+    expected = reference_clipped_sum(model, squared_error, (x, y), mask, clip_norm=0.5, style="all-layer",
+                                     function="abadi")  # fmt: skip
+    got, engine = run_engine(model, squared_error, [((x, y), mask)], clip_norm=0.5, clipping_function="abadi")
+    assert engine.exact_recomputations >= 1 and engine.non_finite_examples == 0
+    assert_matches(got, expected, 0.5)
+
+
 @pytest.mark.parametrize("style", ["all-layer", "layer-wise"])
 @pytest.mark.parametrize("build", [tied_gpt, twice_linear], ids=lambda b: b.__name__)
 def test_sink_streams_each_parameter_once_per_physical_batch(build, style):
