@@ -381,13 +381,22 @@ class TwiceConv(nn.Module):
 
 
 # how a convolution's per-example gradients are instantiated
-CONV_WAYS = ["grouped convolution", "patches", "grouped convolution, 2 examples at a time"]
+CONV_WAYS = [
+    "grouped convolution",
+    "patches",
+    "grouped convolution, 2 examples at a time",
+    "kernel-major windows",
+    "kernel-major windows, 2 examples at a time",
+]
 
 
 def _instantiate_convolutions_by(monkeypatch, way: str) -> None:
-    monkeypatch.setattr(conv_rules, "_grouped_is_faster", lambda positions, per_group: way != "patches")
+    monkeypatch.setattr(conv_rules, "_grouped_is_faster", lambda positions, per_group: way.startswith("grouped"))
+    monkeypatch.setattr(conv_rules, "_kernel_major_is_faster", lambda per_group: way.startswith("kernel-major"))
     if way == CONV_WAYS[2]:
         monkeypatch.setattr(conv_rules, "_grouped_rows_at_once", lambda activation, elements: 2)
+    if way == CONV_WAYS[4]:
+        monkeypatch.setattr(conv_rules, "_WINDOW_ELEMENTS", 1)  # one example's windows at a time
 
 
 def _matches_abadi_all_layer(model: nn.Module, loss_fn, inputs: tuple[Tensor, ...], clip_norm: float, norm_mode):
@@ -1097,7 +1106,7 @@ def test_frozen_batchnorm_in_training_mode_is_refused():
 
 
 class _ConvHead(nn.Module):
-    """A convolution, its per-example gradients instantiated (either way: CONV_WAYS)."""
+    """A convolution, its per-example gradients instantiated (any way: CONV_WAYS)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -1112,6 +1121,7 @@ BF16_MODELS = {
     "linear": (lambda: nn.Sequential(nn.Linear(6, 5), nn.GELU(), nn.Linear(5, 3)), (4, 6), ("0.weight", "2.weight")),
     "conv by grouped convolution": (_ConvHead, (2, 5, 5), ("conv.weight",)),
     "conv from patches": (_ConvHead, (2, 5, 5), ("conv.weight",)),
+    "conv from kernel-major windows": (_ConvHead, (2, 5, 5), ("conv.weight",)),
 }
 
 
@@ -1127,7 +1137,9 @@ def test_bf16_layers_keep_bf16_per_example_gradients_and_clip_exactly_what_they_
 
     if upcast_rows != "whole":
         monkeypatch.setattr(contributions_module, "_UPCAST_CHUNK", 20)
-    _instantiate_convolutions_by(monkeypatch, CONV_WAYS[0] if "grouped" in name else CONV_WAYS[1])
+    _instantiate_convolutions_by(
+        monkeypatch, CONV_WAYS[0] if "grouped" in name else CONV_WAYS[3] if "kernel-major" in name else CONV_WAYS[1]
+    )
     torch.manual_seed(42)
     build, shape, bf16_params = BF16_MODELS[name]
     model = build()

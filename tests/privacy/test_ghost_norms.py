@@ -225,17 +225,18 @@ def conv_norms_forward(model: ConvNorms, x: Tensor, conv_weights: Tensor, head_w
     return (y * conv_weights).sum() + (model.head(h) * head_weights).sum()
 
 
-@pytest.mark.parametrize("way", ["grouped convolution", "patches"])
+@pytest.mark.parametrize("way", ["grouped convolution", "patches", "kernel-major windows"])
 @pytest.mark.parametrize("function", list(ClippingFunction))
 @pytest.mark.parametrize("style", list(ClippingStyle))
 def test_convolution_and_norm_layers_move_the_clipped_sum_by_at_most_c(monkeypatch, style, function, way) -> None:
     """Reference: the DP bound ||S(D) - S(D')|| <= C, to (1 + 1e-5), for a convolution's per-example gradients formed
-    either way (conv._grouped_is_faster forced), with GroupNorm and LayerNorm rules on their forward's statistics and
-    several clipping groups clipped at once (param- and group-wise), on opposite pixels at ordinary and extreme
-    scales."""
+    any of three ways (conv._grouped_is_faster, conv._kernel_major_is_faster forced), with GroupNorm and LayerNorm
+    rules on their forward's statistics and several clipping groups clipped at once (param- and group-wise), on
+    opposite pixels at ordinary and extreme scales."""
     import lightning_dpzero.clipping.rules.conv as conv_rules
 
     monkeypatch.setattr(conv_rules, "_grouped_is_faster", lambda positions, per_group: way == "grouped convolution")
+    monkeypatch.setattr(conv_rules, "_kernel_major_is_faster", lambda per_group: way == "kernel-major windows")
     groups = 2 if style is ClippingStyle.GROUP_WISE else None
     config = dict(clipping_style=style, clipping_function=function, clipping_groups=groups)
     for eps in (1e-1, 1e-4, 1e-7):

@@ -35,10 +35,7 @@ def _windows(module: ConvNd, x: Tensor) -> Tensor:
     dims = len(module.kernel_size)
     n, spatial, channels = x.shape[0], x.shape[1:-1], x.shape[-1]
     per_group = channels // module.groups
-    out = [
-        (size - d * (k - 1) - 1) // s + 1
-        for size, k, s, d in zip(spatial, module.kernel_size, module.stride, module.dilation)
-    ]
+    out = _output_size(module, spatial)
     stride = x.stride()
     windows = x.as_strided(
         (n, *out, module.groups, *module.kernel_size, per_group),
@@ -48,6 +45,40 @@ def _windows(module: ConvNd, x: Tensor) -> Tensor:
         ),
     )  # fmt: skip
     return windows.reshape(n, math.prod(out), -1)
+
+
+def _kernel_major(module: ConvNd, x: Tensor) -> Tensor:
+    """x [n, C, *S] -> windows [n, C * prod(kernel), T]: the input window of each of the T output positions, its
+    features in the weight's own (channel, kernel position) order, the positions last.
+
+    Each (channel, kernel position) row is copied as runs along the last spatial dim, where ``_windows`` copies runs
+    of C channels: with few channels (an RGB input layer) several times faster (docs/benchmarks.md), and no
+    reordering to the weight's layout after.
+    """
+    x, padding = _padded(module, x)
+    if any(padding):
+        x = F.pad(x, [side for size in reversed(padding) for side in (size, size)])
+    x = x.contiguous()
+    dims = len(module.kernel_size)
+    n, channels, spatial = x.shape[0], x.shape[1], x.shape[2:]
+    out = _output_size(module, spatial)
+    stride = x.stride()
+    windows = x.as_strided(
+        (n, channels, *module.kernel_size, *out),
+        (
+            stride[0], stride[1], *(stride[2 + i] * module.dilation[i] for i in range(dims)),
+            *(stride[2 + i] * module.stride[i] for i in range(dims)),
+        ),
+    )  # fmt: skip
+    return windows.reshape(n, channels * math.prod(module.kernel_size), math.prod(out))
+
+
+def _output_size(module: ConvNd, padded: torch.Size) -> list[int]:
+    """The output's spatial size, from the padded input's."""
+    return [
+        (size - d * (k - 1) - 1) // s + 1
+        for size, k, s, d in zip(padded, module.kernel_size, module.stride, module.dilation)
+    ]
 
 
 @functools.cache
@@ -122,6 +153,24 @@ def _grouped_is_faster(positions: int, per_group: int) -> bool:
     return positions >= 256 and per_group >= 8
 
 
+def _kernel_major_is_faster(per_group: int) -> bool:
+    """Whether a layer's per-example gradients, where the grouped convolution is not the faster way, are made from its
+    kernel-major windows (``_kernel_major``) rather than its channels-last patches (``_windows``): with few input
+    channels per group, whose channels-last runs are short (measured on CPU, docs/benchmarks.md)."""
+    return per_group < 16
+
+
+def _kernel_major_gradients(module: ConvNd, x: Tensor, grads: Tensor) -> Tensor:
+    """[n, P, C_in / groups * prod(kernel)], the weight's own order: every example's weight gradient (of one group's
+    P output channels), from the kernel-major windows of its input x [n, C_in / groups, *S] and its output gradient
+    ``grads`` [n, T, P] by one batched matmul. The matmul forms the transposed block ([n, D, P]: the faster order on
+    CPU where D is small) and copies it into the weight's order. bf16 where the output gradient is bf16 (the layer's
+    own weight gradient's precision under autocast), fp32 otherwise."""
+    dtype = torch.bfloat16 if grads.dtype == torch.bfloat16 else torch.float32
+    windows = _kernel_major(module, x.to(dtype))  # [n, D, T]
+    return torch.bmm(windows, grads.to(dtype)).transpose(1, 2).contiguous()
+
+
 def _grouped_rows_at_once(activation: Tensor, elements: int) -> int | None:
     """The examples whose per-example weight gradients one grouped convolution makes by default, from the elements
     of an example's input and block (``elements``): on CPU, as many as ``_GROUPED_BYTES`` of fp32 hold, which bounds
@@ -135,6 +184,7 @@ def _grouped_rows_at_once(activation: Tensor, elements: int) -> int | None:
 
 
 _GROUPED_BYTES = 1 << 23
+_WINDOW_ELEMENTS = 1 << 24  # the most elements of kernel-major windows built at once (as of patches: _RIGHT_CHUNK)
 
 
 def _grouped_transient(grad_output: Tensor, input_size: int) -> int:
@@ -160,13 +210,22 @@ def conv_rule(
         block = torch.Size((p, *full_shape(conv.weight)[1:]))
         to_weight = _to_weight(kernel, per_group)
         patches = functools.cache(lambda: _windows(conv, activation))  # [n, T, C_in * prod(k)], built on demand
-        # Instantiated by the grouped weight-gradient convolution where it is the faster way; otherwise by the
-        # contribution's batched matmul of its factors (Contribution.choose_norm_mode).
+        # Instantiated by the grouped weight-gradient convolution where it is the faster way, else, with few channels
+        # per group, from the kernel-major windows; otherwise by the contribution's batched matmul of its factors
+        # (Contribution.choose_norm_mode).
         grouped = _grouped_is_faster(t, per_group)
+        kernel_major = not grouped and _kernel_major_is_faster(per_group)
         per_example = functools.cache(lambda: _per_example_weight_gradients(conv, activation, grad_output))
         # One group: made a few examples at a time (its transient memory, and its speed); see _grouped_rows_at_once.
         chunked = grouped and groups == 1
         input_size = activation[0].numel() if n else 0
+        rows_at_once, transient = None, 0  # how many examples' blocks are made at once; bytes made per example
+        if kernel_major:  # the windows, and the transposed block
+            rows_at_once = max(1, _WINDOW_ELEMENTS // max(1, t * d))
+            transient = (t + p) * d * (2 if grad_output.dtype == torch.bfloat16 else 4)
+        elif grouped:
+            rows_at_once = _grouped_rows_at_once(activation, input_size + p * d) if chunked else None
+            transient = _grouped_transient(grad_output, input_size)
 
         def right(g: int) -> Callable[..., Tensor]:
             if groups == 1:  # not cached: the patches are dropped once the norm is taken (Contribution.spare)
@@ -174,6 +233,11 @@ def conv_rule(
             return lambda rows=slice(None): patches()[rows, :, g * d : (g + 1) * d]
 
         def instantiate(g: int) -> Callable[..., Tensor]:
+            if kernel_major:  # a few examples at a time: their windows are T / P times the size of their blocks
+                channels = slice(g * per_group, (g + 1) * per_group) if groups > 1 else slice(None)
+                return lambda rows: _kernel_major_gradients(
+                    conv, activation[rows, channels], b[rows, :, g * p : (g + 1) * p]
+                )
             if chunked:
                 return lambda rows: _per_example_weight_gradients(conv, activation[rows], grad_output[rows])
             return lambda: per_example()[:, g * p : (g + 1) * p]
@@ -190,9 +254,9 @@ def conv_rule(
                     rows=rows,
                     to_param=to_weight,
                     build_right=right(g),
-                    instantiate=instantiate(g) if grouped else None,
-                    instantiate_rows=_grouped_rows_at_once(activation, input_size + p * d) if chunked else None,
-                    instantiate_bytes=_grouped_transient(grad_output, input_size) if grouped else 0,
+                    instantiate=instantiate(g) if grouped or kernel_major else None,
+                    instantiate_rows=rows_at_once,
+                    instantiate_bytes=transient,
                     dims=(t, p, d),
                     weighted_sum=(
                         functools.partial(_weighted_weight_gradient, conv, activation, grad_output)
