@@ -1057,7 +1057,8 @@ class ClippingEngine:
                 k = self.groups.group_of[name]
                 for key in param_keys:
                     contributions = self._contributions.pop(key)
-                    self._track(key)
+                    if not last:  # (after the backward nothing reads what is held: backward() resets it all)
+                        self._track(key)
                     f = factors[k]
                     if key in exact:  # these examples' blocks are added from their exact instantiation instead
                         rows = exact[key]
