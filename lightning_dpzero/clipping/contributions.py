@@ -38,6 +38,7 @@ __all__ = [
     "CANCELLATION_LIMIT",
     "Contribution",
     "Kind",
+    "VectorBlocks",
     "clipped_sum",
     "exact_per_example",
     "full_shape",
@@ -611,6 +612,62 @@ def clipped_sum(c: Contribution, factors: Tensor) -> Tensor:
         return _to_param(c, out.index_add_(0, *_valid_rows(ids, ids, right)))
     left = _f32(c.left)
     return _to_param(c, left.flatten(0, 1).T @ right.flatten(0, 1))
+
+
+class VectorBlocks:
+    """Blocks each held as one per-example vector (SAMPLE contributions alone in their block: norm layers', biases'),
+    laid side by side in one [n, total] fp32 matrix: their squared norms by one segmented sum, their clipped sums by
+    one matrix-vector product per clipping group, in place of a few operators per block. The norm and the clipped
+    sum of a block are both taken from its columns of that matrix.
+
+    Args:
+        contributions: block key -> its SAMPLE contribution, ordered so that each group's blocks are adjacent.
+        groups: block key -> its clipping group.
+    """
+
+    def __init__(self, contributions: dict[tuple[str, int | None], Contribution], groups: dict) -> None:
+        vectors = [_matrix(c.left) for c in contributions.values()]
+        self.matrix = vectors[0] if len(vectors) == 1 else torch.cat(vectors, 1)  # [n, total]
+        self.widths = [v.shape[1] for v in vectors]
+        self._columns: dict[tuple[str, int | None], tuple[int, int, torch.Size]] = {}  # key -> (start, end, shape)
+        self._groups: dict[int, tuple[int, int]] = {}  # group -> its columns (start, end)
+        start = 0
+        for (key, c), width in zip(contributions.items(), self.widths):
+            self._columns[key] = (start, start + width, c.shape)
+            first, _ = self._groups.get(groups[key], (start, 0))
+            self._groups[groups[key]] = (first, start + width)
+            start += width
+        self._sums: dict[tuple[str, int | None], Tensor] = {}  # key -> its clipped sum, once its group's is taken
+
+    def squared_norms(self) -> Tensor:
+        """[blocks, n] float64: each block's squared norm per example (fp32 sums of squares; an overflow shows as a
+        non-finite value, which the engine recomputes exactly)."""
+        n = self.matrix.shape[0]
+        if not n:
+            return self.matrix.new_zeros(len(self.widths), 0, dtype=torch.float64)
+        if len(self.widths) == 1:
+            return _sq_norms(self.matrix)[0].unsqueeze(0)
+        lengths = torch.tensor(self.widths, device=self.matrix.device).expand(n, -1)
+        squares = self.matrix * self.matrix
+        return torch.segment_reduce(squares, "sum", lengths=lengths, axis=1).double().T
+
+    def clipped_sum(self, key: tuple[str, int | None], group: int, factors: Tensor) -> Tensor:
+        """sum_i factors[i] G_i for the block ``key`` of ``group`` (the same factors for every block of the group),
+        fp32, of the block's shape."""
+        if key not in self._sums:  # the group's first block: every block of the group at once
+            first, last = self._groups[group]
+            keys = [k for k, (start, _, _) in self._columns.items() if first <= start < last]
+            summed = torch.mv(self.matrix[:, first:last].T, factors)
+            widths = [self._columns[k][1] - self._columns[k][0] for k in keys]
+            self._sums.update(zip(keys, summed.split(widths) if len(keys) > 1 else [summed]))
+        block, shape = self._sums.pop(key), self._columns[key][2]
+        return block if len(shape) == 1 else block.view(shape)
+
+
+def _matrix(vectors: Tensor | None) -> Tensor:
+    """[n, *shape] -> [n, prod(shape)] fp32 (no operator where it is that already)."""
+    assert vectors is not None
+    return vectors if vectors.dim() == 2 and vectors.dtype is torch.float32 else _f32(vectors).flatten(1)
 
 
 def zero_rows(c: Contribution, rows: Tensor) -> Contribution:

@@ -30,6 +30,7 @@ from lightning_dpzero.clipping.contributions import (
     CANCELLATION_LIMIT,
     Contribution,
     Kind,
+    VectorBlocks,
     clipped_sum,
     exact_per_example,
     full_shape,
@@ -347,6 +348,7 @@ class _Bytes:
         self.value = 0
 
 
+_VECTOR_ELEMENTS_PER_ROW = 1 << 16  # per-example vectors side by side at once, elements per example (VectorBlocks)
 _FEWEST_ROWS = 8  # an approved block is made at least this many examples at a time (ClippingEngine._settle)
 
 
@@ -427,6 +429,9 @@ class ClippingEngine:
         self._tracks_peak = False
         self._room: int | None = None  # at the tap being received, when followed (_bound_peak)
         self._deferred: list[tuple[tuple[str, int | None], Contribution, str]] = []
+        # Blocks held as one per-example vector (SAMPLE: norm layers', biases'): their squared norms and clipped sums
+        # are taken at their clipping, side by side with the other such blocks clipped then (VectorBlocks).
+        self._vectors: dict[tuple[str, int | None], Contribution] = {}
 
     # ----------------------------------------------------------------------------------------------- hooks
     def attach(self) -> None:
@@ -828,6 +833,7 @@ class ClippingEngine:
             self._norm2.clear()
             self._mass.clear()
             self._deferred.clear()
+            self._vectors.clear()
             self._forward_storage.clear()
             self._held_by_key.clear()
             self._held_keys.clear()
@@ -905,10 +911,21 @@ class ClippingEngine:
                 else:
                     self.last_norm_modes.setdefault(layer.path, "direct")
                 previous = self._contributions[key]
+                first = self._vectors.pop(key, None)  # a block used again: its first use's norm was left to later
                 merged = merge(previous[0], c) if len(previous) == 1 and not c.deferred else None
                 if merged is not None:  # the same parameter used again, its gradient added into one block
                     self._contributions[key] = [merged]
-                    self._norm2[key], self._mass[key] = self_inner(merged)  # of the sum: replaces the first's
+                    if merged.kind is Kind.SAMPLE:  # still one per-example vector: its norm is left to the clipping
+                        self._vectors[key] = merged
+                    else:
+                        self._norm2[key], self._mass[key] = self_inner(merged)  # of the sum: replaces the first's
+                    self._track(key)
+                    continue
+                if first is not None:
+                    self._norm2[key], self._mass[key] = self_inner(first)
+                if c.kind is Kind.SAMPLE and not previous:  # its norm and clipped sum with the others' (_finalize)
+                    self._vectors[key] = c
+                    previous.append(c)
                     self._track(key)
                     continue
                 if not c.deferred:
@@ -983,6 +1000,7 @@ class ClippingEngine:
             if deferred:
                 self._settle(deferred)
                 self._deferred = [item for item in self._deferred if item[1].deferred]
+            vectors = self._vector_blocks(keys)
             block_norm2 = _rows([self._norm2.pop(key) for key in keys])  # [blocks, n] float64
             safe = _safe(block_norm2, _rows([self._mass.pop(key) for key in keys]))
             if self._probe is not None:
@@ -1070,9 +1088,11 @@ class ClippingEngine:
                             block = torch.einsum("k,k...->...", factors[k][chunk].double(), blocks).float()
                             self._add_block(target, contributions[0].rows, block)
                     for c in contributions:
-                        if k in dropped:
-                            c = zero_rows(c, dropped[k])  # 0 * inf would still be NaN
-                        block = clipped_sum(c, f)
+                        if key in vectors and k not in dropped and key not in exact:
+                            block = vectors[key].clipped_sum(key, k, f)
+                        else:
+                            c = zero_rows(c, dropped[k]) if k in dropped else c  # 0 * inf would still be NaN
+                            block = clipped_sum(c, f)
                         if target is None and c.rows is None and block.shape == shape and block.is_contiguous():
                             target = block
                         else:
@@ -1086,6 +1106,27 @@ class ClippingEngine:
                     self._emitted.add(name)
                     self.sink(name, target)
                 del target
+
+    def _vector_blocks(self, keys: list[tuple[str, int | None]]) -> dict[tuple[str, int | None], VectorBlocks]:
+        """The squared norms (into ``_norm2`` and ``_mass``) of the blocks among ``keys`` held as one per-example
+        vector, taken together, a few MB of vectors at a time; returns, for each such block, where its clipped sum
+        is taken from."""
+        group_of = self.groups.group_of
+        pending = sorted((key for key in keys if key in self._vectors), key=lambda key: group_of[key[0]])
+        out: dict[tuple[str, int | None], VectorBlocks] = {}
+        while pending:
+            batch = [pending.pop(0)]
+            size = self._vectors[batch[0]].shape.numel()
+            while pending and size + self._vectors[pending[0]].shape.numel() <= _VECTOR_ELEMENTS_PER_ROW:
+                size += self._vectors[pending[0]].shape.numel()
+                batch.append(pending.pop(0))
+            blocks = VectorBlocks(
+                {key: self._vectors.pop(key) for key in batch}, {key: group_of[key[0]] for key in batch}
+            )
+            for key, norm2 in zip(batch, blocks.squared_norms()):
+                self._norm2[key] = self._mass[key] = norm2  # a sum of squares: no cancellation (value = mass)
+                out[key] = blocks
+        return out
 
     def _examine(self, keys: list[tuple[str, int | None]], block_norm2: Tensor) -> None:
         """Probe: per parameter, each row's squared gradient norm and the rows' unclipped sum; then forget them."""

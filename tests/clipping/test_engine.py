@@ -312,6 +312,50 @@ def test_explicit_group_clip_norms_match_reference(style, groups, norm_fractions
     assert_matches(got, expected, clip_norm)
 
 
+class _ManyVectors(nn.Module):
+    """Biases and norm layers, whose per-example gradients are vectors (several per clipping group), a LayerNorm
+    called twice (its two per-example vectors summed into one), and two weight matrices."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin1 = nn.Linear(4, 6)
+        self.ln1 = nn.LayerNorm(6)
+        self.lin2 = nn.Linear(6, 5)
+        self.ln2 = nn.LayerNorm(5)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.ln1(torch.tanh(self.lin1(x)))
+        h = torch.tanh(self.lin2(h))
+        return self.head(self.ln2(h) + self.ln2(h * h))
+
+
+@pytest.mark.parametrize("at_once", [1, 7, None], ids=["one block at a time", "a few at a time", "all at once"])
+@pytest.mark.parametrize(
+    ("style", "groups"), [("all-layer", None), ("group-wise", 3), ("param-wise", None)], ids=lambda v: str(v)
+)
+def test_vector_blocks_taken_side_by_side_match_reference(monkeypatch, style, groups, at_once):
+    """Reference: reference_clipped_sum over two physical batches, with a threshold per group. The engine takes the
+    norms and clipped sums of blocks held as per-example vectors side by side (contributions.VectorBlocks), a few
+    elements per example at a time (engine._VECTOR_ELEMENTS_PER_ROW: one block, groups split across batches, all):
+    each block's columns and each group's factors must stay its own."""
+    if at_once is not None:
+        monkeypatch.setattr(engine_module, "_VECTOR_ELEMENTS_PER_ROW", at_once)
+    torch.manual_seed(8)
+    model = _ManyVectors()
+    inputs, mask = (torch.randn(N_EXAMPLES, 4) * 3, torch.randn(N_EXAMPLES, 2)), default_mask()
+    k = len(reference_groups(model, style, groups)[0])
+    weights = [j + 1.0 for j in range(k)]  # C_k^2 proportional to k + 1, summing to C^2
+    norms = tuple(0.5 * math.sqrt(w / sum(weights)) for w in weights) if k > 1 else None
+    kwargs = dict(clip_norm=0.5, style=style, function="abadi", groups=groups, group_clip_norms=norms)
+    expected = reference_clipped_sum(model, squared_error, inputs, mask, **kwargs)
+    first = tuple(x[:3] for x in inputs), mask[:3]
+    second = tuple(x[3:] for x in inputs), mask[3:]
+    got, _ = run_engine(model, squared_error, [first, second], clip_norm=0.5, clipping_style=style,
+                        clipping_function="abadi", clipping_groups=groups, group_clip_norms=norms)  # fmt: skip
+    assert_matches(got, expected, 0.5)
+
+
 class _CalledTwiceOnceUnused(nn.Module):
     """Each Linear is called a second time on an output the loss does not use: its tap never reports, so both
     parameter groups are clipped together after the backward, in the order their blocks arrived (lin2 first)."""
