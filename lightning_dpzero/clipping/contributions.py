@@ -657,7 +657,8 @@ class VectorBlocks:
         if key not in self._sums:  # the group's first block: every block of the group at once
             first, last = self._groups[group]
             keys = [k for k, (start, _, _) in self._columns.items() if first <= start < last]
-            summed = torch.mv(self.matrix[:, first:last].T, factors)
+            columns = self.matrix if last - first == self.matrix.shape[1] else self.matrix[:, first:last]
+            summed = torch.mv(columns.T, factors)
             widths = [self._columns[k][1] - self._columns[k][0] for k in keys]
             self._sums.update(zip(keys, summed.split(widths) if len(keys) > 1 else [summed]))
         block, shape = self._sums.pop(key), self._columns[key][2]

@@ -1001,9 +1001,13 @@ class ClippingEngine:
                 self._settle(deferred)
                 self._deferred = [item for item in self._deferred if item[1].deferred]
             vectors = self._vector_blocks(keys)
-            block_norm2 = _rows([self._norm2.pop(key) for key in keys])  # [blocks, n] float64
-            safe = _safe(block_norm2, _rows([self._mass.pop(key) for key in keys]))
+            norm2s = [self._norm2.pop(key) for key in keys]
+            masses = [self._mass.pop(key) for key in keys]
+            block_norm2 = _rows(norm2s)  # [blocks, n] float64
+            # a vector's mass is its value: one stack, not two
+            mass = block_norm2 if all(m is v for m, v in zip(masses, norm2s)) else _rows(masses)
             if self._probe is not None:
+                safe = _safe(block_norm2, mass)
                 if not bool(safe.all()):
                     self._exact_rows(keys, block_norm2, safe)
                 self._examine(keys, block_norm2)
@@ -1014,7 +1018,7 @@ class ClippingEngine:
                 rows_of[self.groups.group_of[key[0]]].append(i)
             reached = sorted(rows_of)  # the groups with blocks to clip
             if len(reached) == 1:  # layer-wise clips one group at a time: no scatter needed
-                reduce = lambda: block_norm2.sum(0, keepdim=True)  # noqa: E731
+                reduce = lambda: block_norm2.sum(0, keepdim=True) if len(keys) > 1 else block_norm2  # noqa: E731
             elif len(reached) == len(keys):  # one block per group (param-wise): the blocks' rows, in group order
                 order = [rows_of[k][0] for k in reached]
                 reduce = lambda: block_norm2 if order == sorted(order) else block_norm2[order]  # noqa: E731
@@ -1027,12 +1031,16 @@ class ClippingEngine:
                     return out.index_add_(0, owner, block_norm2)  # [groups reached, n]
 
             mask = self._mask if self._mask.device == device else self._mask.to(device)
-            # float64 norms, then fp32 for the clipping function: a norm beyond fp32's range counts as non-finite
-            # (after the clamp a norm is >= 0 or NaN, so `< inf` is the finiteness test)
-            all_norms = reduce().clamp(min=0).sqrt().float()
-            # One synchronisation for the usual case: no block at risk and every norm finite.
-            exact, finite = {}, bool(safe.all() & (all_norms < math.inf).all())
-            if not finite:
+            # float64 norms, then fp32 for the clipping function: a norm beyond fp32's range counts as non-finite.
+            # One synchronisation for the usual case, in few operators: every block's mass <= CANCELLATION_LIMIT x
+            # its value (no NaN) and every group's norm finite, which implies every block _safe (every value and
+            # mass finite, no value negative: no clamp needed).
+            all_norms = reduce().sqrt().float()
+            risk = torch.sub(mass, block_norm2, alpha=CANCELLATION_LIMIT)
+            exact, finite = {}, bool((risk <= 0).all() & (all_norms < math.inf).all())
+            if not finite:  # (after the clamp a norm is >= 0 or NaN, so `< inf` is the finiteness test)
+                safe = _safe(block_norm2, mass)
+                all_norms = reduce().clamp(min=0).sqrt().float()
                 if not bool(safe.all()):
                     exact = self._exact_rows(keys, block_norm2, safe)
                     all_norms = reduce().clamp(min=0).sqrt().float()
@@ -1049,7 +1057,7 @@ class ClippingEngine:
                     fn=self.config.clipping_function,
                     stability_constant=self.config.stability_constant,
                 )
-                factors = dict(zip(reached, all_factors.view(len(reached), -1)))
+                factors = {reached[0]: all_factors} if len(reached) == 1 else dict(zip(reached, all_factors.unbind(0)))
             else:
                 for k, norms in zip(reached, all_norms):
                     bad = ~torch.isfinite(norms)  # padding rows copy a real example: they may be non-finite too
