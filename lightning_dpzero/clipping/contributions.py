@@ -570,7 +570,9 @@ def exact_per_example(contributions: list[Contribution], rows: Tensor) -> Tensor
 
 
 def _to_param(c: Contribution, matrix: Tensor) -> Tensor:
-    return c.to_param(matrix) if c.to_param is not None else matrix.reshape(c.shape)
+    if c.to_param is not None:
+        return c.to_param(matrix)
+    return matrix if matrix.shape == c.shape else matrix.reshape(c.shape)
 
 
 def clipped_sum(c: Contribution, factors: Tensor) -> Tensor:
@@ -586,7 +588,8 @@ def clipped_sum(c: Contribution, factors: Tensor) -> Tensor:
         n, p, d = c.instantiated.shape
         rows = c.instantiated.reshape(n, p * d)
         if rows.dtype == torch.float32 or rows.numel() <= _UPCAST_CHUNK:
-            return _to_param(c, torch.mv(_f32(rows).T, factors).view(p, d))
+            summed = torch.mv(_f32(rows).t(), factors)
+            return summed.view(c.shape) if c.to_param is None else c.to_param(summed.view(p, d))
         # a low-precision block: upcast a few columns at a time (an fp32 copy of the whole block would be its peak)
         step = max(1, _UPCAST_CHUNK // n)
         summed = torch.cat([factors @ rows[:, j : j + step].float() for j in range(0, p * d, step)])

@@ -11,16 +11,20 @@ from lightning_dpzero.clipping.contributions import Contribution, Kind, full_sha
 from lightning_dpzero.clipping.registry import register_rule, register_rule_by_name
 
 
+def _positions(x: Tensor) -> Tensor:
+    """[n, *, F] -> [n, T, F] (no dispatch where it is 3-d already)."""
+    return x if x.dim() == 3 else x.reshape(x.shape[0], -1, x.shape[-1])
+
+
 @register_rule(nn.Linear)
 def linear_rule(
     module: nn.Module, activation: Tensor, grad_output: Tensor, params: Mapping[str, str]
 ) -> list[Contribution]:
     linear = cast(nn.Linear, module)  # registered for nn.Linear only
-    n = grad_output.shape[0]
-    b = grad_output.reshape(n, -1, grad_output.shape[-1])  # [n, T, P]: T = all dims between examples and features
+    b = _positions(grad_output)  # [n, T, P]: T = all dims between examples and features
     out = []
     if "weight" in params:
-        a = activation.reshape(n, -1, activation.shape[-1])  # [n, T, D]
+        a = _positions(activation)  # [n, T, D]
         out.append(Contribution(params["weight"], Kind.DENSE, b, a, full_shape(linear.weight)))
     if "bias" in params:
         out.append(Contribution(params["bias"], Kind.SAMPLE, b.sum(1), None, full_shape(linear.bias)))
@@ -32,11 +36,10 @@ def conv1d_transposed_rule(
     module: nn.Module, activation: Tensor, grad_output: Tensor, params: Mapping[str, str]
 ) -> list[Contribution]:
     """Hugging Face's GPT-2 ``Conv1D``: a Linear whose weight is stored transposed, [in, out] (y = x W + b)."""
-    n = grad_output.shape[0]
-    b = grad_output.reshape(n, -1, grad_output.shape[-1])  # [n, T, out]
+    b = _positions(grad_output)  # [n, T, out]
     out = []
     if "weight" in params:
-        a = activation.reshape(n, -1, activation.shape[-1])  # [n, T, in]
+        a = _positions(activation)  # [n, T, in]
         shape = full_shape(cast(Tensor, module.weight))  # [in, out]
         out.append(Contribution(params["weight"], Kind.DENSE, b, a, shape, to_param=_transpose))
     if "bias" in params:

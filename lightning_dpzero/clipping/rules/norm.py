@@ -86,7 +86,7 @@ def layer_norm_rule(
     if _fits(statistics, (*activation.shape[: activation.dim() - k], *(1,) * k)):
         assert statistics is not None
         mean, rstd = (s.float() for s in statistics)
-        normalize = lambda x, rows: (x - mean[rows]).mul_(rstd[rows])  # noqa: E731
+        normalize = lambda x, rows: (x - _take(mean, rows)).mul_(_take(rstd, rows))  # noqa: E731
     return _affine_contributions(module, activation, grad_output, normalize, reduce_dims, params)
 
 
@@ -119,9 +119,17 @@ def group_norm_rule(
         mean, rstd = (s.float().unsqueeze(-1) for s in statistics)  # [n, groups, 1]
 
         def normalize(x: Tensor, rows: slice) -> Tensor:
-            return (x.reshape(x.shape[0], groups, -1) - mean[rows]).mul_(rstd[rows]).view(x.shape)
+            return (x.reshape(x.shape[0], groups, -1) - _take(mean, rows)).mul_(_take(rstd, rows)).view(x.shape)
 
     return _affine_contributions(module, activation, grad_output, normalize, reduce_dims, params)
+
+
+def _take(statistic: Tensor, rows: slice) -> Tensor:
+    """The rows ``rows`` of a statistic (no slicing operator for all of them)."""
+    return statistic if rows == _ALL else statistic[rows]
+
+
+_ALL = slice(None)
 
 
 def _fits(statistics: Statistics | None, shape: tuple[int, ...]) -> bool:
