@@ -280,7 +280,7 @@ CANCELLATION_LIMIT = 64.0  # mass / value above which a squared norm is recomput
 def _sq_norms(x: Tensor) -> tuple[Tensor, Tensor]:
     """||x_i||^2 for x [n, ...]: no cancellation possible (value = mass). An overflow of the fp32 squares shows as a
     non-finite value, which the engine recomputes exactly; an underflow only affects norms far below any C."""
-    rows = x.reshape(x.shape[0], -1)
+    rows = x if x.dim() == 2 else x.reshape(x.shape[0], -1)
     if rows.numel() <= _SMALL and rows.dtype is torch.float32:  # two ops, not three (a norm layer's, a bias's)
         out = (rows * rows).sum(1, dtype=torch.float64)
         return out, out
