@@ -628,7 +628,9 @@ class VectorBlocks:
         groups: block key -> its clipping group.
     """
 
-    def __init__(self, contributions: dict[tuple[str, int | None], Contribution], groups: dict) -> None:
+    def __init__(
+        self, contributions: dict[tuple[str, int | None], Contribution], groups: dict[tuple[str, int | None], int]
+    ) -> None:
         vectors = [_matrix(c.left) for c in contributions.values()]
         self.matrix = vectors[0] if len(vectors) == 1 else torch.cat(vectors, 1)  # [n, total]
         self.widths = [v.shape[1] for v in vectors]
