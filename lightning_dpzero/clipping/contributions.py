@@ -644,17 +644,17 @@ class VectorBlocks:
             start += width
         self._sums: dict[tuple[str, int | None], Tensor] = {}  # key -> its clipped sum, once its group's is taken
 
-    def squared_norms(self) -> Tensor:
-        """[blocks, n] float64: each block's squared norm per example (fp32 sums of squares; an overflow shows as a
+    def squared_norms(self) -> list[Tensor]:
+        """Each block's squared norm per example, [n] float64 (fp32 sums of squares; an overflow shows as a
         non-finite value, which the engine recomputes exactly)."""
         n = self.matrix.shape[0]
         if not n:
-            return self.matrix.new_zeros(len(self.widths), 0, dtype=torch.float64)
+            return [self.matrix.new_zeros(0, dtype=torch.float64) for _ in self.widths]
         if len(self.widths) == 1:
-            return _sq_norms(self.matrix)[0].unsqueeze(0)
+            return [_sq_norms(self.matrix)[0]]
         lengths = torch.tensor(self.widths, device=self.matrix.device).expand(n, -1)
         squares = self.matrix * self.matrix
-        return torch.segment_reduce(squares, "sum", lengths=lengths, axis=1).double().T
+        return list(torch.segment_reduce(squares, "sum", lengths=lengths, axis=1).double().unbind(1))
 
     def clipped_sum(self, key: tuple[str, int | None], group: int, factors: Tensor) -> Tensor:
         """sum_i factors[i] G_i for the block ``key`` of ``group`` (the same factors for every block of the group),

@@ -1004,10 +1004,8 @@ class ClippingEngine:
             norm2s = [self._norm2.pop(key) for key in keys]
             masses = [self._mass.pop(key) for key in keys]
             block_norm2 = _rows(norm2s)  # [blocks, n] float64
-            # a vector's mass is its value: one stack, not two
-            mass = block_norm2 if all(m is v for m, v in zip(masses, norm2s)) else _rows(masses)
             if self._probe is not None:
-                safe = _safe(block_norm2, mass)
+                safe = _safe(block_norm2, _rows(masses))
                 if not bool(safe.all()):
                     self._exact_rows(keys, block_norm2, safe)
                 self._examine(keys, block_norm2)
@@ -1017,8 +1015,8 @@ class ClippingEngine:
             for i, key in enumerate(keys):
                 rows_of[self.groups.group_of[key[0]]].append(i)
             reached = sorted(rows_of)  # the groups with blocks to clip
-            if len(reached) == 1:  # layer-wise clips one group at a time: no scatter needed
-                reduce = lambda: block_norm2.sum(0, keepdim=True) if len(keys) > 1 else block_norm2  # noqa: E731
+            if len(reached) == 1:  # layer-wise clips one group at a time: no scatter needed; [n]
+                reduce = lambda: block_norm2.sum(0) if len(keys) > 1 else norm2s[0]  # noqa: E731  (block_norm2 views it)
             elif len(reached) == len(keys):  # one block per group (param-wise): the blocks' rows, in group order
                 order = [rows_of[k][0] for k in reached]
                 reduce = lambda: block_norm2 if order == sorted(order) else block_norm2[order]  # noqa: E731
@@ -1032,14 +1030,21 @@ class ClippingEngine:
 
             mask = self._mask if self._mask.device == device else self._mask.to(device)
             # float64 norms, then fp32 for the clipping function: a norm beyond fp32's range counts as non-finite.
-            # One synchronisation for the usual case, in few operators: every block's mass <= CANCELLATION_LIMIT x
-            # its value (no NaN) and every group's norm finite, which implies every block _safe (every value and
-            # mass finite, no value negative: no clamp needed).
+            # One synchronisation for the usual case, in few operators: every group's norm finite, and every block
+            # whose norm sums terms of both signs (its mass is not its value) with mass <= CANCELLATION_LIMIT x value
+            # (no NaN). That implies every block _safe (every value and mass finite, none negative: no clamp needed);
+            # a sum of squares (mass is value) that is not finite makes its group's norm non-finite.
             all_norms = reduce().sqrt().float()
-            risk = torch.sub(mass, block_norm2, alpha=CANCELLATION_LIMIT)
-            exact, finite = {}, bool((risk <= 0).all() & (all_norms < math.inf).all())
+            ok = (all_norms < math.inf).all()
+            summed = [i for i, (m, v) in enumerate(zip(masses, norm2s)) if m is not v]  # norms that sum signed terms
+            if summed:
+                risk = torch.sub(
+                    _rows([masses[i] for i in summed]), _rows([norm2s[i] for i in summed]), alpha=CANCELLATION_LIMIT
+                )
+                ok = ok & (risk <= 0).all()
+            exact, finite = {}, bool(ok)
             if not finite:  # (after the clamp a norm is >= 0 or NaN, so `< inf` is the finiteness test)
-                safe = _safe(block_norm2, mass)
+                safe = _safe(block_norm2, _rows(masses))
                 all_norms = reduce().clamp(min=0).sqrt().float()
                 if not bool(safe.all()):
                     exact = self._exact_rows(keys, block_norm2, safe)
@@ -1051,7 +1056,7 @@ class ClippingEngine:
                 thresholds = [self.groups.clip_norms[k] for k in reached]
                 column = torch.tensor(thresholds, device=device).view(-1, 1) if len(set(thresholds)) > 1 else None
                 all_factors = clip_factors(
-                    all_norms if len(reached) > 1 else all_norms[0],
+                    all_norms,  # [groups, n], or [n] for one group
                     mask,
                     clip_norm=thresholds[0] if column is None else column,  # on the norms' device
                     fn=self.config.clipping_function,
@@ -1059,7 +1064,7 @@ class ClippingEngine:
                 )
                 factors = {reached[0]: all_factors} if len(reached) == 1 else dict(zip(reached, all_factors.unbind(0)))
             else:
-                for k, norms in zip(reached, all_norms):
+                for k, norms in zip(reached, all_norms if len(reached) > 1 else [all_norms]):
                     bad = ~torch.isfinite(norms)  # padding rows copy a real example: they may be non-finite too
                     if bool(bad.any()):
                         self._non_finite(bad, mask, k)
