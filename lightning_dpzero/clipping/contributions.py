@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -582,8 +581,9 @@ def clipped_sum(c: Contribution, factors: Tensor) -> Tensor:
         factors: per-example clip factors, shape [n], fp32; 0 for padding rows.
     """
     if c.kind is Kind.SAMPLE:
-        left = _f32(c.left)  # [n, *shape]
-        return torch.mv(left.reshape(left.shape[0], math.prod(left.shape[1:])).T, factors).view(left.shape[1:])
+        assert c.left is not None
+        summed = torch.mv(_matrix(c.left).t(), factors)  # [n, *shape] -> [prod(shape)]
+        return summed if c.left.dim() == 2 else summed.view(c.left.shape[1:])
     if c.instantiated is not None:  # [n] @ [n, P * D]: a matrix-vector product (einsum adds ~10 us per call)
         n, p, d = c.instantiated.shape
         rows = c.instantiated.reshape(n, p * d)

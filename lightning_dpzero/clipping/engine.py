@@ -1123,10 +1123,13 @@ class ClippingEngine:
     def _vector_blocks(self, keys: list[tuple[str, int | None]]) -> dict[tuple[str, int | None], VectorBlocks]:
         """The squared norms (into ``_norm2`` and ``_mass``) of the blocks among ``keys`` held as one per-example
         vector, taken together, a few MB of vectors at a time; returns, for each such block, where its clipped sum
-        is taken from."""
+        is taken from (none for a block alone)."""
         group_of = self.groups.group_of
         pending = sorted((key for key in keys if key in self._vectors), key=lambda key: group_of[key[0]])
         out: dict[tuple[str, int | None], VectorBlocks] = {}
+        if len(pending) == 1:  # one block (layer-wise: a layer's bias): its own norm, and its sum by clipped_sum
+            self._norm2[pending[0]], self._mass[pending[0]] = self_inner(self._vectors.pop(pending[0]))
+            return out
         while pending:
             batch = [pending.pop(0)]
             size = self._vectors[batch[0]].shape.numel()
