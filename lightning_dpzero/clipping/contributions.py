@@ -272,6 +272,9 @@ def _f32(t: Tensor | None) -> Tensor:
 # squared norm exactly (float64, from its instantiated gradient) where the ratio is large (``CANCELLATION_LIMIT``).
 # Gram matrices are formed from rows scaled by powers of two (exact) to max-abs 1, so that no product of four
 # activations or gradients can overflow or underflow fp32; the scales are put back in float64.
+# A function returns the same tensor as value and mass only where every term is non-negative (a sum of squares, a
+# product of two): the engine then skips the cancellation test for it (ClippingEngine._finalize), which such a value
+# cannot fail. Anything summed from terms of both signs must return a mass of its own.
 
 CANCELLATION_LIMIT = 64.0  # mass / value above which a squared norm is recomputed exactly (float64)
 
@@ -634,6 +637,12 @@ class VectorBlocks:
         vectors = [_matrix(c.left) for c in contributions.values()]
         self.matrix = vectors[0] if len(vectors) == 1 else torch.cat(vectors, 1)  # [n, total]
         self.widths = [v.shape[1] for v in vectors]
+        if len(vectors) > 1:  # each contribution now reads its columns of the matrix: the vectors are not held twice
+            start = 0
+            for c, width in zip(contributions.values(), self.widths):
+                assert c.left is not None
+                c.left = self.matrix[:, start : start + width].view(c.left.shape[0], *c.left.shape[1:])
+                start += width
         self._columns: dict[tuple[str, int | None], tuple[int, int, torch.Size]] = {}  # key -> (start, end, shape)
         self._groups: dict[int, tuple[int, int]] = {}  # group -> its columns (start, end)
         start = 0
