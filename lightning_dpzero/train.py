@@ -80,7 +80,8 @@ def run(cfg: DictConfig, root_dir: str | Path | None = None) -> dict[str, Any]:
     plot = PrivacyCurvePlot(root / "privacy_curve.png", metric=cfg.optimized_metric) if cfg.get("plot", True) else None
     callbacks: list[Callback] = [c for c in (PrivacyBudget() if private else None, plot) if c is not None]
     callbacks += _progress_bar(cfg)
-    trainer_cfg = OmegaConf.masked_copy(cfg.trainer, [k for k in cfg.trainer if k != "logger"])
+    callbacks += _callbacks(cfg.trainer.get("callbacks"))
+    trainer_cfg = OmegaConf.masked_copy(cfg.trainer, [k for k in cfg.trainer if k not in ("logger", "callbacks")])
     trainer: L.Trainer = instantiate(
         trainer_cfg,
         strategy=strategy,
@@ -129,6 +130,22 @@ def _progress_bar(cfg: DictConfig) -> list[Callback]:
     from lightning.pytorch.callbacks import RichProgressBar
 
     return [RichProgressBar()]
+
+
+def _callbacks(node: Any) -> list[Callback]:
+    """The callbacks of ``trainer.callbacks`` (a dict by name, or a list), instantiated, after the job's own
+    (the privacy budget, the plot, the progress bar): a name set to null is left out."""
+    if not node:
+        return []
+    entries = list(node.values()) if isinstance(node, DictConfig) else list(node)
+    callbacks = [instantiate(entry) for entry in entries if entry is not None]
+    for entry, callback in zip([e for e in entries if e is not None], callbacks):
+        if not isinstance(callback, Callback):
+            raise TypeError(
+                f"trainer.callbacks: {entry.get('_target_')} made a {type(callback).__name__}, not a Lightning "
+                "Callback (lightning.pytorch.callbacks.Callback)"
+            )
+    return callbacks
 
 
 def _loggers(node: Any, root: Path) -> list[Logger] | bool:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from lightning.pytorch.callbacks import Callback
 
 import lightning_dpzero
 from lightning_dpzero.randomness import SecretKey
@@ -40,12 +41,43 @@ def test_every_privacy_config_composes_and_instantiates(privacy: str) -> None:
     assert isinstance(config, lightning_dpzero.PrivacyConfig)
 
 
+class CountingCallback(Callback):
+    """A user's callback given by config: counts the training batches it sees (one per logical step)."""
+
+    made: list[CountingCallback] = []
+
+    def __init__(self, label: str) -> None:
+        self.label, self.batches = label, 0
+        CountingCallback.made.append(self)
+
+    def on_train_batch_end(self, *args, **kwargs) -> None:
+        self.batches += 1
+
+
 def test_run_trains_privately_and_reports_epsilon(tmp_path) -> None:
-    """Reference: the summary's epsilon is at most the configured target after the planned steps."""
-    summary = run(_compose(SMALL), root_dir=tmp_path)
+    """Reference: the summary's epsilon is at most the configured target after the planned steps; a callback named
+    in trainer.callbacks runs beside the job's own and sees one training batch per logical step."""
+    CountingCallback.made.clear()
+    target = "+trainer.callbacks.count._target_=tests.test_train.CountingCallback"
+    summary = run(_compose([*SMALL, target, "+trainer.callbacks.count.label=mine"]), root_dir=tmp_path)
     assert summary["private"] and summary["steps"] == 3
     assert 0 < summary["epsilon"] <= 8.0
     assert summary["value"] > 0
+    assert [(c.label, c.batches) for c in CountingCallback.made] == [("mine", 3)]
+
+
+def test_trainer_callbacks_must_be_lightning_callbacks() -> None:
+    """Reference: an entry of trainer.callbacks that is not a Callback is refused, naming its target; null entries
+    (a default switched off) are left out."""
+    from omegaconf import OmegaConf
+
+    from lightning_dpzero.train import _callbacks
+
+    with pytest.raises(TypeError, match="collections.OrderedDict made a OrderedDict, not a Lightning Callback"):
+        _callbacks(OmegaConf.create({"bad": {"_target_": "collections.OrderedDict"}}))
+    made = _callbacks(OmegaConf.create({"off": None, "timer": {"_target_": "lightning.pytorch.callbacks.Timer"}}))
+    assert [type(c).__name__ for c in made] == ["Timer"]
+    assert _callbacks(OmegaConf.create({})) == [] and _callbacks(None) == []
 
 
 def test_run_nonprivate_baseline(tmp_path) -> None:
