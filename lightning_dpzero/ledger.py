@@ -297,6 +297,15 @@ class PrivacyLedger:
                 f"the logical batch was sampled with q={sample_rate}, but the accountant would record "
                 f"q={self.sample_rate}; refusing a step whose accounting would not match its sampling."
             )
+        if sample_index < self._sample_position:
+            # The same Poisson sample released twice would be two Gaussian releases of one subsample, which the
+            # accountant (fresh samples each step) would undercount.
+            raise RuntimeError(
+                f"Poisson draw {sample_index} was already used by a logical step (the next unused draw is "
+                f"{self._sample_position}): the training step ran twice on one logical batch, e.g. an optimizer "
+                "that evaluates its closure several times per step (LBFGS). Each logical batch is released once "
+                "under DP: use an optimizer that evaluates the closure once (SGD, Adam, AdamW, ...)."
+            )
         self._step_sample_rate = sample_rate
         self._sample_position = sample_index + 1
 

@@ -117,6 +117,39 @@ def test_refused_at_fit(task, privacy, trainer_kwargs, error, match) -> None:
         _trainer(privacy, **trainer_kwargs).fit(task())
 
 
+class LBFGSTask(Task):
+    """An optimizer that evaluates its closure several times per step: each evaluation is a training step."""
+
+    def configure_optimizers(self):
+        return torch.optim.LBFGS(self.parameters(), lr=0.1, max_iter=3)
+
+
+def test_accumulation_set_during_training_is_refused_before_any_release() -> None:
+    """Sensitivity: GradientAccumulationScheduler sets accumulate_grad_batches once training has started (past the
+    setup check); two Poisson samples' clipped sums would then be noised once and accounted as one step. Refused on
+    the first logical batch: nothing released, nothing accounted, the weights untouched."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    task = Task()
+    before = [p.detach().clone() for p in task.parameters()]
+    trainer = _trainer(callbacks=[GradientAccumulationScheduler({0: 2})])
+    with pytest.raises(RuntimeError, match=r"accumulate_grad_batches is 2 \(a GradientAccumulationScheduler"):
+        trainer.fit(task)
+    assert trainer.strategy.dp.ledger.steps == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, task.parameters()))
+
+
+def test_a_logical_batch_is_never_released_twice() -> None:
+    """Sensitivity: LBFGS evaluates its closure several times per step; each evaluation clipped, noised and
+    accounted the same Poisson sample as a fresh one (2 optimizer steps were accounted as 6 steps: the accountant
+    undercounts a subsample released three times). Refused at the second release of a draw; the first is a
+    genuine step and stays accounted."""
+    trainer = _trainer()
+    with pytest.raises(RuntimeError, match=r"Poisson draw 0 was already used.*\(LBFGS\)"):
+        trainer.fit(LBFGSTask())
+    assert trainer.strategy.dp.ledger.steps == 1
+
+
 def test_changed_sigma_or_sample_rate_on_resume_is_refused(tmp_path) -> None:
     privacy = dpz.PrivacyConfig(noise_multiplier=1.0, expected_batch_size=8, physical_batch_size=8)
     trainer = _trainer(privacy, steps=2)

@@ -222,6 +222,16 @@ class DPStrategyMixin(_StrategyBase):
             return super().training_step(*args, **kwargs)
         module = self._connected_module()
         trainer = module.trainer
+        if self._dp_step_pending or trainer.accumulate_grad_batches != 1:
+            # Accumulated, the previous logical batch is clipped but never released: its clipped sums would be added
+            # to this one's and noised once, two Poisson samples accounted as one step.
+            raise RuntimeError(
+                f"{type(self).__name__}: a logical batch began before the previous one was released (noised and "
+                f"accounted by the optimizer step): accumulate_grad_batches is {trainer.accumulate_grad_batches} "
+                "(a GradientAccumulationScheduler callback sets it during training), or the optimizer step was "
+                "skipped. Under DP every training batch is one logical step and ends in one optimizer step: remove "
+                "the accumulation and set PrivacyConfig(expected_batch_size=..., physical_batch_size=...) instead."
+            )
         ledger = self.dp.ledger
         if not ledger.may_step():
             rank_zero_warn(
