@@ -10,6 +10,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -91,6 +92,14 @@ class RootParameter(L.LightningModule):
         self.scale = nn.Parameter(torch.ones(1))
 
 
+class BatchSizedTask(Task):
+    """A module whose batch_size Lightning's BatchSizeFinder can tune."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch_size = 8
+
+
 @pytest.mark.parametrize(
     ("task", "privacy", "trainer_kwargs", "error", "match"),
     [
@@ -103,6 +112,8 @@ class RootParameter(L.LightningModule):
         (TokenLosses, None, {}, ValueError, r"shape \((\d+), 5\).*per-example losses of shape \[\1\]"),
         (EmptyData, None, {}, ValueError, "training dataset is empty"),
         (Task, None, {"devices": 2}, ValueError, r"DPStrategy runs on one device.*devices=2.*'dp_ddp'"),
+        (Task, None, {"callbacks": [LearningRateFinder()]}, ValueError, "LearningRateFinder tunes the run from"),
+        (BatchSizedTask, None, {"callbacks": [BatchSizeFinder()]}, ValueError, "BatchSizeFinder tunes the run"),
         (
             Task,
             dpz.PrivacyConfig(noise_multiplier=1.0, delta=0.05),

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
@@ -132,6 +133,15 @@ class DPStrategyMixin(_StrategyBase):
                 "logical batches: one training batch is already one logical step (Poisson sample), split into "
                 "physical batches of PrivacyConfig.physical_batch_size. Remove accumulate_grad_batches and set "
                 "PrivacyConfig(expected_batch_size=..., physical_batch_size=...)."
+            )
+        callbacks = getattr(trainer, "callbacks", ())  # set by Lightning's callback connector, not declared on Trainer
+        tuners = [type(c).__name__ for c in callbacks if isinstance(c, (LearningRateFinder, BatchSizeFinder))]
+        if tuners:
+            raise ValueError(
+                f"{name}: {tuners[0]} tunes the run from un-noised training losses (or batch sizes, which would change "
+                "the sampling rate q): the weights trained with what it picks would carry no guarantee. Choose the "
+                "learning rate and batch size on public data, or as a DP hyperparameter search whose every trial "
+                "spends budget, and pass them to the run."
             )
         module = trainer.lightning_module
         if not module.automatic_optimization:
