@@ -10,7 +10,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder
+from lightning.pytorch.callbacks import BatchSizeFinder, Callback, LearningRateFinder
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -92,6 +92,24 @@ class RootParameter(L.LightningModule):
         self.scale = nn.Parameter(torch.ones(1))
 
 
+class FrozenHead(Task):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net.head.requires_grad_(False)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1)
+
+
+class UnfreezeHead(Callback):
+    """Gradual unfreezing (as BackboneFinetuning does): the head joins the optimizer once training has started."""
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if batch_idx == 1:
+            module.net.head.requires_grad_(True)
+            trainer.optimizers[0].add_param_group({"params": list(module.net.head.parameters())})
+
+
 class BatchSizedTask(Task):
     """A module whose batch_size Lightning's BatchSizeFinder can tune."""
 
@@ -106,7 +124,8 @@ class BatchSizedTask(Task):
         (LSTMTask, None, {}, dpz.UnsupportedLayerError, r"'net\.rnn' \(LSTM\).*requires_grad_\(False\)"),
         (ManualTask, None, {}, ValueError, "manual optimization"),
         (TwoOptimizers, None, {}, RuntimeError, "multiple optimizers is only supported with manual optimization"),
-        (ForeignParameter, None, {}, ValueError, r"shape \(3,\) that is not a trainable parameter"),
+        (ForeignParameter, None, {}, ValueError, r"shape \(3,\) that is not one of the LightningModule's parameters"),
+        (FrozenHead, None, {"callbacks": [UnfreezeHead()]}, ValueError, r"\(3, 12\).*made trainable after training"),
         (UnusedParameter, None, {}, RuntimeError, r"\['spare\.weight', 'spare\.bias'\].*requires_grad_\(False\)"),
         (OutsideItsModule, None, {}, dpz.PerExampleCheckError, r"'net\.head\.weight'.*call the module"),
         (TokenLosses, None, {}, ValueError, r"shape \((\d+), 5\).*per-example losses of shape \[\1\]"),

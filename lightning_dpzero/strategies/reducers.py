@@ -54,8 +54,11 @@ class ReducerBase:
                     continue
                 if id(p) not in names:
                     raise ValueError(
-                        f"{self.owner}: the optimizer holds a parameter of shape {tuple(p.shape)} that is not a "
-                        "trainable parameter of the LightningModule; DP cannot bound its sensitivity."
+                        f"{self.owner}: the optimizer holds a parameter of shape {tuple(p.shape)} that is not one of "
+                        "the LightningModule's parameters trained under DP: a parameter of another module, or one "
+                        "made trainable after training started (gradual unfreezing, e.g. BackboneFinetuning; the "
+                        "per-example clipping covers the parameters trainable when fit starts). DP cannot bound its "
+                        "sensitivity."
                     )
                 named.append((names[id(p)], p))
         return named

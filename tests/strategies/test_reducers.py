@@ -38,7 +38,7 @@ def test_release_writes_the_summed_clipped_sums_over_b_and_accounts_once(monkeyp
     frozen = nn.Parameter(torch.zeros(2), requires_grad=False)  # in the optimizer, never updated: skipped
     named = reducer.select({"a": a, "b": b, "c": c}, torch.optim.SGD([b, frozen, a, c], lr=1.0))
     assert [name for name, _ in named] == ["b", "a", "c"]  # the optimizer's order
-    with pytest.raises(ValueError, match="not a trainable parameter of the LightningModule"):
+    with pytest.raises(ValueError, match="not one of the LightningModule.s parameters trained under DP"):
         reducer.select({"a": a}, torch.optim.SGD([a, nn.Parameter(torch.zeros(1))], lr=1.0))
     first, second = torch.randn(2, 3), torch.randn(2, 3)
     reducer.add("a", first)
