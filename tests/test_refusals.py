@@ -169,6 +169,26 @@ def test_accumulation_set_during_training_is_refused_before_any_release() -> Non
     assert all(torch.equal(a, b) for a, b in zip(before, task.parameters()))
 
 
+class SkippedSteps(Task):
+    """Skips every other optimizer step by running the closure alone (a pattern from Lightning's docs)."""
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        if batch_idx % 2 == 0:
+            optimizer.step(closure=optimizer_closure)
+        else:
+            optimizer_closure()
+
+
+def test_a_skipped_optimizer_step_is_refused() -> None:
+    """Sensitivity: a batch whose optimizer step is skipped is clipped but never released; the next batch's release
+    held both samples' clipped sums (4 logical batches, 2 releases). Refused when the next batch begins: only the
+    first batch, released on its own, is accounted."""
+    trainer = _trainer(steps=4)
+    with pytest.raises(RuntimeError, match=r"optimizer step did not run \(an optimizer_step override"):
+        trainer.fit(SkippedSteps())
+    assert trainer.strategy.dp.ledger.steps == 1
+
+
 def test_a_logical_batch_is_never_released_twice() -> None:
     """Sensitivity: LBFGS evaluates its closure several times per step; each evaluation clipped, noised and
     accounted the same Poisson sample as a fresh one (2 optimizer steps were accounted as 6 steps: the accountant

@@ -235,12 +235,18 @@ class DPStrategyMixin(_StrategyBase):
         if self._dp_step_pending or trainer.accumulate_grad_batches != 1:
             # Accumulated, the previous logical batch is clipped but never released: its clipped sums would be added
             # to this one's and noised once, two Poisson samples accounted as one step.
+            cause = (
+                f"accumulate_grad_batches is {trainer.accumulate_grad_batches} (a GradientAccumulationScheduler "
+                "callback sets it during training)"
+                if trainer.accumulate_grad_batches != 1
+                else "the previous batch's optimizer step did not run (an optimizer_step override that calls the "
+                "closure without optimizer.step(closure=...), to skip or accumulate steps)"
+            )
             raise RuntimeError(
                 f"{type(self).__name__}: a logical batch began before the previous one was released (noised and "
-                f"accounted by the optimizer step): accumulate_grad_batches is {trainer.accumulate_grad_batches} "
-                "(a GradientAccumulationScheduler callback sets it during training), or the optimizer step was "
-                "skipped. Under DP every training batch is one logical step and ends in one optimizer step: remove "
-                "the accumulation and set PrivacyConfig(expected_batch_size=..., physical_batch_size=...) instead."
+                f"accounted by the optimizer step): {cause}. Under DP every training batch is one logical step and "
+                "ends in one optimizer step: for larger batches set PrivacyConfig(expected_batch_size=..., "
+                "physical_batch_size=...) instead."
             )
         ledger = self.dp.ledger
         if not ledger.may_step():
