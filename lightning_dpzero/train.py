@@ -137,14 +137,17 @@ def _callbacks(node: Any) -> list[Callback]:
     (the privacy budget, the plot, the progress bar): a name set to null is left out."""
     if not node:
         return []
-    entries = list(node.values()) if isinstance(node, DictConfig) else list(node)
-    callbacks = [instantiate(entry) for entry in entries if entry is not None]
-    for entry, callback in zip([e for e in entries if e is not None], callbacks):
+    callbacks = []
+    for entry in node.values() if isinstance(node, DictConfig) else node:
+        if entry is None:
+            continue
+        callback = instantiate(entry)
         if not isinstance(callback, Callback):
             raise TypeError(
                 f"trainer.callbacks: {entry.get('_target_')} made a {type(callback).__name__}, not a Lightning "
                 "Callback (lightning.pytorch.callbacks.Callback)"
             )
+        callbacks.append(callback)
     return callbacks
 
 
