@@ -49,6 +49,7 @@ CONFIGS = {
 QUIET = ["trainer.val_check_interval=1000000", "trainer.logger=null", "plot=false", "rich_progress_bar=false",
          "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false"]  # fmt: skip
 TARGET = 1.35
+_STOPPED = "another job of the round stopped before its last step"
 
 
 class StepTimes(Callback):
@@ -70,7 +71,7 @@ class StepTimes(Callback):
 
     def _wait(self) -> None:
         if not os.read(self.receive, 1):
-            raise RuntimeError("end_to_end.StepTimes: another job of the round stopped before its last step")
+            raise RuntimeError(f"end_to_end.StepTimes: {_STOPPED}")
 
     def on_train_start(self, *args: object) -> None:
         if not self.first:
@@ -119,10 +120,10 @@ def _round(steps: int, warm_up: int, root: Path) -> dict[str, float]:
         for r, w in pipes:  # only the jobs hold the pipes now: a job that dies closes its end and the ring stops
             os.close(r)
             os.close(w)
-    failed = [(name, out, cmd) for name, out, cmd, proc in jobs if proc.wait() != 0]
-    if failed:
-        name, out, cmd = failed[0]
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{(out / 'job.log').read_text()[-3000:]}")
+    failed = [(out, cmd, (out / "job.log").read_text()) for _, out, cmd, proc in jobs if proc.wait() != 0]
+    if failed:  # the job that failed first: the others stop when it does, each saying so (StepTimes._wait)
+        out, cmd, log = min(failed, key=lambda job: _STOPPED in job[2])
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{log[-3000:]}")
     return {name: statistics.fmean(json.loads((out / "step_times.json").read_text())[warm_up:])
             for name, out, _, _ in jobs}  # fmt: skip
 
