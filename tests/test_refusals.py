@@ -10,14 +10,14 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import BatchSizeFinder, Callback, LearningRateFinder
-from torch import nn
+from lightning.pytorch.callbacks import BatchSizeFinder, Callback, EarlyStopping, LearningRateFinder, ModelCheckpoint
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_dpzero as dpz
 from lightning_dpzero.strategies.deepspeed import DPZeroStrategy
 from lightning_dpzero.strategies.fsdp import shard_lightning_module
-from tests.strategies.test_dp_strategy import Task
+from tests.strategies.test_dp_strategy import Task, per_example_loss
 
 
 def _trainer(privacy: dpz.PrivacyConfig | None = None, steps: int = 2, **kwargs) -> L.Trainer:
@@ -198,6 +198,104 @@ def test_a_logical_batch_is_never_released_twice() -> None:
     with pytest.raises(RuntimeError, match=r"Poisson draw 0 was already used.*\(LBFGS\)"):
         trainer.fit(LBFGSTask())
     assert trainer.strategy.dp.ledger.steps == 1
+
+
+class LogsItsLoss(Task):
+    """Logs its training loss per step and per epoch, validates on held-out rows, and may log a metric of the
+    training data at each epoch's end; ``plateau``: a ReduceLROnPlateau on ``plateau``."""
+
+    def __init__(self, plateau: str | None = None) -> None:
+        super().__init__()
+        self.plateau = plateau
+        g = torch.Generator().manual_seed(1)
+        self.held_out = (torch.randint(0, 12, (8, 5), generator=g), torch.randn(8, 2, 6, 6, generator=g),
+                         torch.randint(0, 3, (8,), generator=g))  # fmt: skip
+        self.seen: list[Tensor] = []
+
+    def training_step(self, batch, batch_idx):
+        losses = super().training_step(batch, batch_idx)
+        self.seen.append(losses.detach().mean())
+        self.log("train_loss", losses.mean(), on_step=True, on_epoch=True)
+        return losses
+
+    def on_train_epoch_end(self) -> None:
+        self.log("epoch_mean_loss", torch.stack(self.seen).mean())
+        self.seen.clear()
+
+    def validation_step(self, batch, batch_idx) -> None:
+        self.log("val_loss", per_example_loss(self.net, batch).mean())
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(*self.held_out), batch_size=8)
+
+    def configure_optimizers(self):
+        optimizer = super().configure_optimizers()
+        if self.plateau is None:
+            return optimizer
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": plateau, "monitor": self.plateau}}
+
+
+def _monitored_trainer(root, steps: int, callbacks: list[Callback], **kwargs) -> L.Trainer:
+    return L.Trainer(
+        strategy=dpz.DPStrategy(dpz.PrivacyConfig(noise_multiplier=1.0, physical_batch_size=8)),
+        max_steps=steps,
+        callbacks=callbacks,
+        default_root_dir=root,
+        logger=False,
+        limit_val_batches=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize(
+    ("consumer", "plateau", "match", "steps"),
+    [
+        (
+            lambda: EarlyStopping(monitor="train_loss"),
+            None,
+            r"EarlyStopping\(monitor='train_loss'\) reads 'train_loss'",
+            0,
+        ),
+        (
+            lambda: ModelCheckpoint(monitor="train_loss_step", every_n_train_steps=1),
+            None,
+            r"ModelCheckpoint\(monitor='train_loss_step'\) reads 'train_loss_step', which `training_step` logs",
+            0,
+        ),
+        (None, "train_loss_epoch", r"ReduceLROnPlateau \(its lr_scheduler 'monitor'\) reads 'train_loss_epoch'", 0),
+        (
+            lambda: EarlyStopping(monitor="epoch_mean_loss", check_on_train_epoch_end=True),
+            None,
+            r"'epoch_mean_loss', which `on_train_epoch_end` logs",
+            5,  # refused at the first epoch's end (40 rows, q = 8/40: 5 steps), before EarlyStopping reads it
+        ),
+    ],
+    ids=["early-stopping", "model-checkpoint", "reduce-on-plateau", "epoch-end-metric"],
+)
+def test_a_run_steered_by_a_training_metric_is_refused(consumer, plateau, match, steps, tmp_path) -> None:
+    """Sensitivity: each monitor reads an un-noised value of the training data and would stop the run, keep a
+    checkpoint or cut the learning rate by it. Refused where the value is logged, before any monitor reads it:
+    nothing past ``steps`` is released, no checkpoint is chosen."""
+    callbacks = [] if consumer is None else [consumer()]
+    trainer = _monitored_trainer(tmp_path, 12, callbacks)
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(LogsItsLoss(plateau))
+    assert trainer.strategy.dp.ledger.steps == steps
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_monitors_of_held_out_and_public_metrics_train(tmp_path) -> None:
+    """Only metrics of the training data are refused: EarlyStopping and a plateau scheduler on the held-out
+    val_loss, and a ModelCheckpoint on PrivacyBudget's epsilon (a function of the step count), train to the end."""
+    checkpoint = ModelCheckpoint(monitor="epsilon", mode="min", every_n_train_steps=1)
+    early = EarlyStopping(monitor="val_loss", patience=100)
+    trainer = _monitored_trainer(tmp_path, 6, [early, checkpoint, dpz.PrivacyBudget()], val_check_interval=3)
+    trainer.fit(LogsItsLoss(plateau="val_loss"))
+    assert trainer.strategy.dp.ledger.steps == 6
+    assert checkpoint.best_model_path and early.wait_count == 0
 
 
 def test_changed_sigma_or_sample_rate_on_resume_is_refused(tmp_path) -> None:

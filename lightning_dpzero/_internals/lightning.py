@@ -1,5 +1,5 @@
-"""Lightning internals: the batch-hook routing, the accelerator connector's flags, DDP's state sync and the
-strategy registry's type (Lightning 2.5-2.6)."""
+"""Lightning internals: the batch-hook routing, the accelerator connector's flags, DDP's state sync, the training
+loop's logged results and the strategy registry's type (Lightning 2.5-2.6)."""
 
 from __future__ import annotations
 
@@ -24,8 +24,11 @@ __all__ = [
     "optimizers_to_device",
     "requested_devices",
     "set_batch_route",
+    "set_training_log",
     "sync_module_states",
+    "training_log",
     "unset_batch_route",
+    "unset_training_log",
     "user_precision_plugin",
 ]
 
@@ -82,6 +85,28 @@ def unset_batch_route(module: Any) -> None:
         delattr(module, _ROUTE)
 
 
+def _training_results(trainer: Any) -> Any:
+    """The collection ``LightningModule.log`` writes to while training (``training_step`` and every training hook;
+    validation has a collection of its own)."""
+    return trainer.fit_loop.epoch_loop._results
+
+
+def training_log(trainer: Any) -> Callable[..., Any]:
+    """What ``LightningModule.log`` calls while training: ``log(fx, name, value, **options)``, ``fx`` the hook."""
+    return _training_results(trainer).log
+
+
+def set_training_log(trainer: Any, log: Callable[..., Any]) -> None:
+    """Shadow ``training_log`` for this Trainer (``unset_training_log`` restores Lightning's)."""
+    _training_results(trainer).log = log
+
+
+def unset_training_log(trainer: Any) -> None:
+    results = _training_results(trainer)
+    if "log" in vars(results):
+        del results.log
+
+
 def data_parallel_over_all_ranks(strategy: Any) -> None:
     """``ModelParallelStrategy(data_parallel_size="auto")``: all ranks (Lightning resolves it only with a tensor-
     parallel size of "auto" too)."""
@@ -118,6 +143,20 @@ def _probe_batch_route() -> None:
     assert _ROUTE not in vars(module)
 
 
+def _probe_training_log() -> None:
+    import inspect
+
+    import lightning.pytorch as pl
+
+    trainer = pl.Trainer(devices=1, accelerator="cpu", logger=False, enable_checkpointing=False)
+    parameters = list(inspect.signature(training_log(trainer)).parameters)
+    assert parameters[:3] == ["fx", "name", "value"] and {"on_step", "on_epoch"} <= set(parameters), parameters
+    set_training_log(trainer, print)
+    assert training_log(trainer) is print
+    unset_training_log(trainer)
+    assert training_log(trainer) != print
+
+
 def _probe_strategy() -> None:
     import torch
     from lightning.pytorch.strategies import DeepSpeedStrategy, SingleDeviceStrategy
@@ -145,6 +184,7 @@ PROBES: dict[str, Callable[[], None]] = {
     "ModelParallelStrategy._data_parallel_size": _probe_model_parallel,
     "Trainer._accelerator_connector._devices_flag / _precision_plugin_flag": _probe_connector,
     "LightningModule._on_before_batch_transfer": _probe_batch_route,
+    "Trainer.fit_loop.epoch_loop._results.log": _probe_training_log,
     "lightning.pytorch.overrides.distributed._sync_module_states": lambda: None,  # imported above
     "lightning.fabric.utilities.optimizer._optimizers_to_device": lambda: None,
 }

@@ -12,6 +12,7 @@ from typing_extensions import override
 from lightning_dpzero.config import Accountant
 from lightning_dpzero.ledger import PrivacyLedger
 from lightning_dpzero.strategies.query import privacy_ledger
+from lightning_dpzero.strategies.steering import public_metrics
 
 __all__ = ["PrivacyBudget"]
 
@@ -71,7 +72,8 @@ class PrivacyBudget(Callback):
             every = 1 if dp.config.accountant is Accountant.RDP else max(1, trainer.log_every_n_steps)  # type: ignore[attr-defined]
         steps = dp.steps
         if steps and (steps % every == 0 or not dp.may_step()):
-            pl_module.log("epsilon", dp.epsilon(), prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
+            with public_metrics(trainer):  # a function of the step count and q: callbacks may monitor it
+                pl_module.log("epsilon", dp.epsilon(), prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
         if not dp.may_step():
             trainer.should_stop = True
 

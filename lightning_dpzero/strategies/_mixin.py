@@ -34,6 +34,7 @@ from lightning_dpzero.precision import DPPrecision, dp_precision_for, refuse_los
 from lightning_dpzero.sampling.poisson import LogicalBatch
 from lightning_dpzero.selfcheck import PerExampleCheckError
 from lightning_dpzero.strategies.reducers import LocalReducer
+from lightning_dpzero.strategies.steering import SteeringGuard
 
 if TYPE_CHECKING:
     from lightning.pytorch.strategies import Strategy
@@ -64,6 +65,7 @@ class DPStrategyMixin(_StrategyBase):
         self.dp = make_method(privacy or PrivacyConfig.default())
         self._reducer: Reducer | None = None
         self._dp_step_pending = False
+        self._guarded_trainer: pl.Trainer | None = None  # whose training log SteeringGuard watches
 
     @property
     def reducer(self) -> Reducer:
@@ -106,6 +108,8 @@ class DPStrategyMixin(_StrategyBase):
         self._check_selection_agrees()  # dp_ddp: each rank pruned its own (synchronised) replica
         if trainer.state.fn == TrainerFn.FITTING:
             self._check_optimizers()
+            SteeringGuard.install(trainer, type(self).__name__)  # the schedulers' monitors are known from here
+            self._guarded_trainer = trainer
 
     def _connected_module(self) -> pl.LightningModule:
         """The LightningModule the Trainer connected to this strategy (every hook below runs after it did)."""
@@ -450,6 +454,9 @@ class DPStrategyMixin(_StrategyBase):
     @override
     def teardown(self) -> None:
         self.dp.detach()
+        if self._guarded_trainer is not None:
+            SteeringGuard.remove(self._guarded_trainer)
+            self._guarded_trainer = None
         module = self.lightning_module
         if module is not None:
             lightning_internals.unset_batch_route(module)  # Lightning's own routing again (validation, a later fit)
