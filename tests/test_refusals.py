@@ -236,6 +236,32 @@ class LogsItsLoss(Task):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": plateau, "monitor": self.plateau}}
 
 
+class TwoLoaders(Task):
+    """Two training DataLoaders (Lightning combines them): each batch is a dict of the two loaders' batches."""
+
+    def train_dataloader(self):
+        rows = TensorDataset(*self.data)
+        return {"a": DataLoader(rows, batch_size=8), "b": DataLoader(rows, batch_size=8)}
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch["a"], batch_idx)
+
+
+def test_a_batch_that_is_not_a_poisson_sample_is_refused() -> None:
+    """Sensitivity: a training batch the strategy did not sample (here Lightning's combination of two loaders) was
+    handed to training_step as it came, and its gradient would have reached the optimizer neither clipped nor
+    noised. Refused before anything is released."""
+    task = TwoLoaders()
+    before = [p.detach().clone() for p in task.parameters()]
+    trainer = _trainer()
+    with pytest.raises(
+        RuntimeError, match=r"not a Poisson sample.*\{'a': LogicalBatch, 'b': LogicalBatch\}.*ConcatDataset"
+    ):
+        trainer.fit(task)
+    assert trainer.strategy.dp.ledger.steps == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, task.parameters()))
+
+
 def _monitored_trainer(root, steps: int, callbacks: list[Callback], **kwargs) -> L.Trainer:
     return L.Trainer(
         strategy=dpz.DPStrategy(dpz.PrivacyConfig(noise_multiplier=1.0, physical_batch_size=8)),

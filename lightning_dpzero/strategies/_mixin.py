@@ -233,7 +233,13 @@ class DPStrategyMixin(_StrategyBase):
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         batch = args[0] if args else None
         if not isinstance(batch, LogicalBatch):
-            return super().training_step(*args, **kwargs)
+            # Trained on as it came, the batch would be neither clipped nor noised nor accounted.
+            raise RuntimeError(
+                f"{type(self).__name__}: the training batch is not a Poisson sample of the training dataset (it is "
+                f"{_describe(batch)}): a DP run samples one training DataLoader. Several (a dict, list or "
+                "CombinedLoader from train_dataloader) are not supported: concatenate their datasets into one "
+                "(torch.utils.data.ConcatDataset); the privacy unit is then one example of the concatenation."
+            )
         module = self._connected_module()
         trainer = module.trainer
         if self._dp_step_pending or trainer.accumulate_grad_batches != 1:
@@ -461,6 +467,16 @@ class DPStrategyMixin(_StrategyBase):
         if module is not None:
             lightning_internals.unset_batch_route(module)  # Lightning's own routing again (validation, a later fit)
         super().teardown()
+
+
+def _describe(batch: Any) -> str:
+    """What a batch is, without its values (they are private)."""
+    if isinstance(batch, Mapping):
+        inner = ", ".join(f"{k!r}: {type(v).__name__}" for k, v in batch.items())
+        return f"a {type(batch).__name__} {{{inner}}}"
+    if isinstance(batch, (list, tuple)):
+        return f"a {type(batch).__name__} of {', '.join(type(v).__name__ for v in batch)}"
+    return f"a {type(batch).__name__}"
 
 
 def _replacement(dataset: Any, used: list[int], collate: Callable[[list[Any]], Any], current: Any) -> Any:
