@@ -220,10 +220,14 @@ def check_replaceable(dataloader: DataLoader, owner: str) -> None:
             "sampling needs a map-style dataset with __len__ and __getitem__."
         )
     if dataloader.batch_size is None or type(dataloader.batch_sampler) is not BatchSampler:
+        what = (
+            "batch_size=None (each item is taken as a batch)"
+            if dataloader.batch_sampler is None
+            else f"a custom batch sampler ({type(dataloader.batch_sampler).__name__})"
+        )
         raise ValueError(
-            f"{owner}: the training DataLoader uses a custom batch sampler "
-            f"({type(dataloader.batch_sampler).__name__}); DP-SGD replaces batching by Poisson sampling, so pass "
-            "DataLoader(dataset, batch_size=...) and let the strategy sample."
+            f"{owner}: the training DataLoader has {what}; DP-SGD replaces batching by Poisson sampling of single "
+            "examples, so pass DataLoader(dataset, batch_size=...) and let the strategy sample."
         )
     if type(dataloader.sampler) not in _REPLACEABLE_SAMPLERS:
         raise ValueError(

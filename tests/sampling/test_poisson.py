@@ -269,11 +269,19 @@ class _SizedStream(_Stream):
             ValueError,
             "custom batch sampler",
         ),
+        (lambda ds: DataLoader(ds, batch_size=None), ValueError, r"batch_size=None \(each item is taken as a batch\)"),
         (lambda ds: DataLoader(_Stream(), batch_size=4), TypeError, "iterable-style"),
         (lambda ds: DataLoader(_SizedStream(), batch_size=4), (TypeError, ValueError), None),
         (lambda ds: [ds[i] for i in range(4)], TypeError, "torch DataLoader"),
     ],
-    ids=["weighted-sampler", "batch-sampler", "iterable-dataset", "sized-iterable-dataset", "not-a-loader"],
+    ids=[
+        "weighted-sampler",
+        "batch-sampler",
+        "no-batching",
+        "iterable-dataset",
+        "sized-iterable-dataset",
+        "not-a-loader",
+    ],
 )
 def test_check_replaceable_refuses(make_loader, error, needle):
     """Reference: DESIGN.md section 6 (shuffling/custom samplers are refused: their batches are not Poisson)."""
