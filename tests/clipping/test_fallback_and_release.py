@@ -60,35 +60,96 @@ def test_fallback_never_accepts_batchnorm() -> None:
         ClippingEngine(model, PrivacyConfig(noise_multiplier=1.0, functorch_fallback=True))
 
 
+def _chain(width: int, depth: int = 8) -> nn.Module:
+    return nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(depth)])
+
+
 def _peak_live_contributions(style: str) -> int:
+    """Contributions held just before a group is clipped, at most, for blocks that never fit in what the forward's
+    storages let go of: [2, 64, 64] per-example gradients (32 KB) against [2, 2, 64] activations (1 KB)."""
     torch.manual_seed(0)
-    model = nn.Sequential(*[nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(8)])
+    model = _chain(64)
     kwargs = {"clipping_groups": 4} if style == "group-wise" else {}
     engine = ClippingEngine(model, PrivacyConfig(noise_multiplier=1.0, clipping_style=style, **kwargs))
     engine.attach()
     peak = 0
     finalize = engine._finalize
 
-    def spy(groups, last: bool = False) -> None:  # live contributions just before a group is clipped and freed
+    def spy(groups, last: bool = False, spill: bool = False) -> None:  # live contributions before a group is clipped
         nonlocal peak
         groups = list(groups)
         if groups:
             peak = max(peak, sum(len(v) for v in engine._contributions.values()))
-        finalize(groups, last)
+        finalize(groups, last, spill)
 
     engine._finalize = spy  # type: ignore[method-assign]
     with engine.recording(CPU):
-        loss = model(torch.randn(4, 16)).sum(1).sum()
-    engine.backward(loss, torch.ones(4, dtype=torch.bool))
+        loss = model(torch.randn(2, 2, 64)).sum((1, 2)).sum()
+    engine.backward(loss, torch.ones(2, dtype=torch.bool))
+    assert not engine._held_back
     return peak
 
 
 def test_layer_and_group_wise_release_stored_tensors_early() -> None:
-    """Reference: all-layer holds every layer's factors until the backward ends; layer-wise at most one layer's."""
+    """Reference: all-layer holds every layer's factors until the backward ends; layer-wise at most one layer's
+    where the blocks do not fit in the memory the forward has let go of."""
     all_layer = _peak_live_contributions("all-layer")
     assert all_layer == 16  # 8 weights + 8 biases
     assert _peak_live_contributions("layer-wise") == 2  # one layer's weight and bias at a time
     assert _peak_live_contributions("group-wise") == 4  # one group of 2 layers
+
+
+@pytest.mark.parametrize("style", ["layer-wise", "param-wise", "group-wise"])
+@pytest.mark.parametrize("spill", [False, True], ids=["held-to-the-end", "spilled"])
+def test_groups_held_back_fit_in_what_the_forward_let_go_of(style, spill) -> None:
+    """Reference: reference_clipped_sum. With [4, 256, 4] activations (16 KB each) and [4, 4, 4] blocks, groups
+    complete in the backward are held back and clipped after it in one pass, only while their blocks fit in the
+    bytes the forward's storages held at its end and have let go of since. ``spill``: an output gradient that no
+    longer fits beside them (forced at the fifth tap) clips them there. Either way, the clipped sums are the
+    reference's."""
+    torch.manual_seed(3)
+    model = _chain(4)
+    x = torch.randn(4, 256, 4)
+    mask = torch.tensor([True, True, False, True])
+
+    def loss_fn(m: nn.Module, inputs: tuple[Tensor, ...]) -> Tensor:
+        return m(inputs[0]).square().mean((1, 2))
+
+    groups = 4 if style == "group-wise" else None
+    expected = reference_clipped_sum(
+        model, loss_fn, (x,), mask, clip_norm=0.1, style=style, function="abadi", groups=groups
+    )
+    kwargs = {"clipping_groups": groups} if groups else {}
+    engine = ClippingEngine(
+        model,
+        PrivacyConfig(noise_multiplier=1.0, clip_norm=0.1, clipping_style=style, clipping_function="abadi", **kwargs),
+    )
+    engine.attach()
+    held_back, spilled, taps = [], [], 0
+    hold_back, spill_at = engine._hold_back, engine._spill
+
+    def hold_spy(groups: set[int]) -> set[int]:
+        out = hold_back(groups)
+        held_back.extend(out)
+        assert engine._held_back_bytes <= engine._forward_end_bytes - engine._forward_live()  # the invariant
+        return out
+
+    def spill_spy(incoming: int) -> None:
+        nonlocal taps
+        taps += 1
+        before = set(engine._held_back)
+        spill_at(10**12 if spill and taps == 5 else incoming)
+        if before and not engine._held_back:
+            spilled.append(before)
+
+    engine._hold_back, engine._spill = hold_spy, spill_spy  # type: ignore[method-assign]
+    with engine.recording(CPU):
+        loss = loss_fn(model, (x,)).sum()
+    engine.backward(loss, mask)
+    for name, value in expected.items():
+        torch.testing.assert_close(engine.summed[name].double(), value, rtol=1e-5, atol=1e-6)
+    assert len(held_back) >= 2
+    assert bool(spilled) == spill
 
 
 @pytest.mark.parametrize("style", ["layer-wise", "param-wise"])
@@ -112,12 +173,13 @@ def test_groups_holding_only_per_example_gradients_are_clipped_together_after_th
     clipped: dict[str, bool] = {}  # parameter -> clipped after the backward
     finalize = engine._finalize
 
-    def spy(groups, last: bool = False) -> None:
+    def spy(groups, last: bool = False, spill: bool = False) -> None:
         before = {key[0] for key in engine._contributions}
-        finalize(groups, last)
+        finalize(groups, last, spill)
         clipped.update(dict.fromkeys(before - {key[0] for key in engine._contributions}, last))
 
     engine._finalize = spy  # type: ignore[method-assign]
+    engine._hold_back = lambda groups: set()  # type: ignore[method-assign]  # (weights that fit: the test above)
     with engine.recording(CPU):
         loss = loss_fn(model, (x, y)).sum()
     engine.backward(loss, mask)
