@@ -607,13 +607,7 @@ class ClippingEngine:
             self._keys_of_group[group].pop(key, None)
         if not self._tracks_peak:  # nothing reads the bound (no deferred call yet): nothing to count
             return
-        new: dict[int, int] = {}
-        for c in contributions:
-            for tensor in (c.left, c.right, c.instantiated):
-                if tensor is not None:
-                    storage = tensor.untyped_storage()
-                    if not self._is_forward_storage(storage):
-                        new[id(storage)] = storage.nbytes()
+        new = self._held_storages(contributions)
         for sid, size in self._held_by_key.pop(key, {}).items():
             self._held_keys[sid] -= 1
             if not self._held_keys[sid]:
@@ -666,9 +660,10 @@ class ClippingEngine:
     def _hold_back(self, groups: set[int]) -> set[int]:
         """Of ``groups``, complete in the backward, those to clip after it with the others, in one pass: their blocks
         fit, with those already held back, in the bytes the forward's storages held at its end and have let go of
-        since. Held there, they do not raise the step's peak above the forward's end (a lower bound of the peak),
-        and one pass over every group costs less than a pass per group (layer-wise clipping of the benchmark's
-        transformers: ~3 ms of ~80 per step). ``_receive`` clips them as soon as an output gradient would not fit
+        since: what is held back, with the storages still alive, stays within what the forward held at its end (a
+        lower bound of the step's peak; the tap's own blocks come on top, as without holding back). One pass over
+        every group costs less than a pass per group (layer-wise clipping of the benchmark's transformers: ~3 ms of
+        ~80 per step). ``_receive`` clips them as soon as an output gradient would not fit
         beside them. Not when clipped sums stream to a sink (every rank emits them in the same order), nor for a
         group with a deferred contribution (its block is not made yet)."""
         if self.sink is not None or not groups:
@@ -687,15 +682,19 @@ class ClippingEngine:
 
     def _group_bytes(self, group: int) -> int:
         """Bytes the blocks of ``group`` hold beyond the forward's storages."""
-        seen: dict[int, int] = {}
-        for key in self._keys_of_group.get(group, ()):
-            for c in self._contributions.get(key, ()):
-                for tensor in (c.left, c.right, c.instantiated):
-                    if tensor is not None:
-                        storage = tensor.untyped_storage()
-                        if not self._is_forward_storage(storage):
-                            seen[id(storage)] = storage.nbytes()
-        return sum(seen.values())
+        keys = self._keys_of_group.get(group, ())
+        return sum(self._held_storages(c for key in keys for c in self._contributions.get(key, ())).values())
+
+    def _held_storages(self, contributions: Iterable[Contribution]) -> dict[int, int]:
+        """{storage id: bytes} of what ``contributions`` hold beyond the forward's storages."""
+        held: dict[int, int] = {}
+        for c in contributions:
+            for tensor in (c.left, c.right, c.instantiated):
+                if tensor is not None:
+                    storage = tensor.untyped_storage()
+                    if not self._is_forward_storage(storage):
+                        held[id(storage)] = storage.nbytes()
+        return held
 
     def _spill(self, incoming: int) -> None:
         """Clip the groups held back now if ``incoming`` more bytes would not fit beside them (``_hold_back``)."""

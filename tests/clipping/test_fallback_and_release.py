@@ -99,31 +99,11 @@ def test_layer_and_group_wise_release_stored_tensors_early() -> None:
     assert _peak_live_contributions("group-wise") == 4  # one group of 2 layers
 
 
-@pytest.mark.parametrize("style", ["layer-wise", "param-wise", "group-wise"])
-@pytest.mark.parametrize("spill", [False, True], ids=["held-to-the-end", "spilled"])
-def test_groups_held_back_fit_in_what_the_forward_let_go_of(style, spill) -> None:
-    """Reference: reference_clipped_sum. With [4, 256, 4] activations (16 KB each) and [4, 4, 4] blocks, groups
-    complete in the backward are held back and clipped after it in one pass, only while their blocks fit in the
-    bytes the forward's storages held at its end and have let go of since. ``spill``: an output gradient that no
-    longer fits beside them (forced at the fifth tap) clips them there. Either way, the clipped sums are the
-    reference's."""
-    torch.manual_seed(3)
-    model = _chain(4)
-    x = torch.randn(4, 256, 4)
-    mask = torch.tensor([True, True, False, True])
-
-    def loss_fn(m: nn.Module, inputs: tuple[Tensor, ...]) -> Tensor:
-        return m(inputs[0]).square().mean((1, 2))
-
-    groups = 4 if style == "group-wise" else None
-    expected = reference_clipped_sum(
-        model, loss_fn, (x,), mask, clip_norm=0.1, style=style, function="abadi", groups=groups
-    )
-    kwargs = {"clipping_groups": groups} if groups else {}
-    engine = ClippingEngine(
-        model,
-        PrivacyConfig(noise_multiplier=1.0, clip_norm=0.1, clipping_style=style, clipping_function="abadi", **kwargs),
-    )
+def _held_back_run(model: nn.Module, config: PrivacyConfig, x: Tensor, mask: Tensor, spill: bool, loss_fn) -> tuple:
+    """The engine's clipped sums on (x, mask), the groups it held back and those it spilled (``spill``: an output
+    gradient forced not to fit at the fifth tap); checks at each hold-back that what is held fits in what the
+    forward's storages let go of."""
+    engine = ClippingEngine(model, config)
     engine.attach()
     held_back, spilled, taps = [], [], 0
     hold_back, spill_at = engine._hold_back, engine._spill
@@ -143,13 +123,51 @@ def test_groups_held_back_fit_in_what_the_forward_let_go_of(style, spill) -> Non
             spilled.append(before)
 
     engine._hold_back, engine._spill = hold_spy, spill_spy  # type: ignore[method-assign]
-    with engine.recording(CPU):
-        loss = loss_fn(model, (x,)).sum()
-    engine.backward(loss, mask)
+    try:
+        with engine.recording(CPU):
+            loss = loss_fn(model, (x,)).sum()
+        engine.backward(loss, mask)
+    finally:
+        engine.detach()
+    return engine.pop_summed(), held_back, spilled
+
+
+@pytest.mark.parametrize("style", ["layer-wise", "param-wise", "group-wise"])
+@pytest.mark.parametrize("spill", [False, True], ids=["held-to-the-end", "spilled"])
+def test_groups_held_back_fit_in_what_the_forward_let_go_of(style, spill) -> None:
+    """Reference: reference_clipped_sum. With [4, 256, 4] activations (16 KB each) and [4, 4, 4] blocks, groups
+    complete in the backward are held back and clipped after it in one pass, only while their blocks fit in the
+    bytes the forward's storages held at its end and have let go of since. ``spill``: an output gradient that no
+    longer fits beside them (forced at the fifth tap) clips them there. Either way, the clipped sums are the
+    reference's; and sensitivity: removing one example (made 1000x larger than the others) moves them by <= C."""
+    torch.manual_seed(3)
+    model = _chain(4)
+    x = torch.randn(4, 256, 4)
+    mask = torch.tensor([True, True, False, True])
+
+    def loss_fn(m: nn.Module, inputs: tuple[Tensor, ...]) -> Tensor:
+        return m(inputs[0]).square().mean((1, 2))
+
+    groups = 4 if style == "group-wise" else None
+    expected = reference_clipped_sum(
+        model, loss_fn, (x,), mask, clip_norm=0.1, style=style, function="abadi", groups=groups
+    )
+    kwargs = {"clipping_groups": groups} if groups else {}
+    config = PrivacyConfig(
+        noise_multiplier=1.0, clip_norm=0.1, clipping_style=style, clipping_function="abadi", **kwargs
+    )
+    summed, held_back, spilled = _held_back_run(model, config, x, mask, spill, loss_fn)
     for name, value in expected.items():
-        torch.testing.assert_close(engine.summed[name].double(), value, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(summed[name].double(), value, rtol=1e-5, atol=1e-6)
     assert len(held_back) >= 2
     assert bool(spilled) == spill
+
+    x[0] *= 1000.0
+    everything, held_back, _ = _held_back_run(model, config, x, mask, spill, loss_fn)
+    without, _, _ = _held_back_run(model, config, x[1:], mask[1:], spill, loss_fn)
+    assert len(held_back) >= 2
+    moved = torch.cat([(everything[name] - without[name]).double().flatten() for name in everything]).norm()
+    assert moved.item() <= 0.1 * (1 + 1e-5)
 
 
 @pytest.mark.parametrize("style", ["layer-wise", "param-wise"])
