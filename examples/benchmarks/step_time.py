@@ -14,13 +14,16 @@ Every mode runs in this one process on a deep copy of the same initial model and
 
 - ``non-private``: ``mean(per-example losses).backward()``, ``opt.step()``.
 - ``ours <style>``: what the DP strategies do per physical batch: ``ClippingEngine.recording`` around the forward,
-  ``engine.backward(sum of per-example losses, mask)``, then noise N(0, sigma^2 C^2) and division by B, ``opt.step()``
-  (sigma = 1, C = 1, the default clipping function). ``group-wise`` asks for 4 groups (fewer where the model has
-  fewer modules); each row shows its number of groups.
+  ``engine.backward(sum of per-example losses, mask)``, then the single-device release: the clipped sums in one flat
+  buffer, noise N(0, sigma^2 C^2) from the library's keyed streams (``GaussianNoise``: numpy's Philox, ~10-13 ns per
+  coordinate on one core), division by B, ``opt.step()`` (sigma = 1, C = 1, the default clipping function).
+  ``group-wise`` asks for 4 groups (fewer where the model has fewer modules); each row shows its number of groups.
 - ``Opacus hooks`` / ``Opacus ghost``: ``PrivacyEngine.make_private`` (sigma = 1, max_grad_norm = 1, no Poisson
   sampling) with ``grad_sample_mode="hooks"`` (per-example gradients) or ``"ghost"`` (ghost clipping: two backward
   passes; the loss is built by the returned criterion, per example: for the GPT the token losses are averaged per
-  row, through ``criterion(..., shape=logits.shape)``, as in our per-example loss).
+  row, through ``criterion(..., shape=logits.shape)``, as in our per-example loss). Opacus draws its noise from
+  torch's default generator (its ``secure_mode=False`` default: ~3-4 ns per coordinate, a Mersenne Twister whose
+  state its outputs reveal).
 
 The GPT ties its output head to the token embedding. Opacus's hooks mode handles that (it adds the per-example
 gradients of both uses); its ghost mode refuses it ("Parameter tying is not supported with Ghost Clipping"), and the
@@ -83,6 +86,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_dpzero.allocator import retain_freed_memory
 from lightning_dpzero.clipping import ClippingEngine
 from lightning_dpzero.config import PrivacyConfig
+from lightning_dpzero.noise import GaussianNoise
+from lightning_dpzero.randomness import SecretKey
 from lightning_dpzero.tasks.gpt import GPT, GPTConfig
 
 SIGMA, CLIP = 1.0, 1.0
@@ -266,17 +271,29 @@ def ours(bench: Bench, model: nn.Module, style: str) -> Mode:
     p = bench.batch[0].shape[0]
     mask = torch.ones(p, dtype=torch.bool, device=device)
 
+    noise = GaussianNoise(SecretKey.from_os())  # the library's keyed noise streams, as the ledger draws them
+    named = list(engine.params.items())
+    steps = iter(range(1 << 62))
+
     def step() -> None:
         with engine.recording(device, rows=p), _autocast(bench):
             loss = bench.per_example_losses(model, bench.batch).sum()
         engine.backward(loss, mask)
         summed = engine.pop_summed()
-        for name, param in engine.params.items():
-            g = summed.get(name)
-            if g is None:
-                g = torch.zeros_like(param, dtype=torch.float32)
-            g += torch.randn_like(g) * (SIGMA * CLIP)
-            param.grad = (g / p).to(param.dtype)  # B = p: one physical batch per logical step
+        # The single-device release (strategies.reducers.LocalReducer and the ledger): the clipped sums in one flat
+        # fp32 buffer, noise once per coordinate, division by B (= p: one physical batch per logical step), the
+        # parameters' gradients views of it.
+        flat = torch.cat([
+            summed[name].flatten() if name in summed else torch.zeros(param.numel(), device=device)
+            for name, param in named
+        ])  # fmt: skip
+        noise.start_step(next(steps))
+        flat += noise.sample(flat.shape, std=SIGMA * CLIP, device=flat.device)
+        flat /= p
+        offset = 0
+        for _, param in named:
+            param.grad = flat[offset : offset + param.numel()].view_as(param).to(param.dtype)
+            offset += param.numel()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
