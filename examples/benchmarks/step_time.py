@@ -69,6 +69,7 @@ import argparse
 import contextlib
 import copy
 import gc
+import itertools
 import os
 import platform
 import statistics
@@ -88,6 +89,8 @@ from lightning_dpzero.clipping import ClippingEngine
 from lightning_dpzero.config import PrivacyConfig
 from lightning_dpzero.noise import GaussianNoise
 from lightning_dpzero.randomness import SecretKey
+from lightning_dpzero.strategies.reducers import LocalReducer
+from lightning_dpzero.strategies.reducers import _write_gradients as write_gradients
 from lightning_dpzero.tasks.gpt import GPT, GPTConfig
 
 SIGMA, CLIP = 1.0, 1.0
@@ -272,28 +275,23 @@ def ours(bench: Bench, model: nn.Module, style: str) -> Mode:
     mask = torch.ones(p, dtype=torch.bool, device=device)
 
     noise = GaussianNoise(SecretKey.from_os())  # the library's keyed noise streams, as the ledger draws them
+    reducer = LocalReducer(device, "step_time")  # the single-device strategy's reducer
     named = list(engine.params.items())
-    steps = iter(range(1 << 62))
+    steps = itertools.count()
 
     def step() -> None:
         with engine.recording(device, rows=p), _autocast(bench):
             loss = bench.per_example_losses(model, bench.batch).sum()
         engine.backward(loss, mask)
-        summed = engine.pop_summed()
-        # The single-device release (strategies.reducers.LocalReducer and the ledger): the clipped sums in one flat
-        # fp32 buffer, noise once per coordinate, division by B (= p: one physical batch per logical step), the
-        # parameters' gradients views of it.
-        flat = torch.cat([
-            summed[name].flatten() if name in summed else torch.zeros(param.numel(), device=device)
-            for name, param in named
-        ])  # fmt: skip
+        # The single-device release (LocalReducer, then the ledger): the clipped sums in one flat fp32 buffer, noise
+        # once per coordinate, division by B (= p: one physical batch per logical step), the gradients views of it.
+        for name, clipped_sum in engine.pop_summed().items():
+            reducer.add(name, clipped_sum)
+        flat = reducer._flat(named)
         noise.start_step(next(steps))
         flat += noise.sample(flat.shape, std=SIGMA * CLIP, device=flat.device)
         flat /= p
-        offset = 0
-        for _, param in named:
-            param.grad = flat[offset : offset + param.numel()].view_as(param).to(param.dtype)
-            offset += param.numel()
+        write_gradients(flat, named)
         opt.step()
         opt.zero_grad(set_to_none=True)
 

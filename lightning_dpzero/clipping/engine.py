@@ -663,9 +663,9 @@ class ClippingEngine:
         since: what is held back, with the storages still alive, stays within what the forward held at its end (a
         lower bound of the step's peak; the tap's own blocks come on top, as without holding back). One pass over
         every group costs less than a pass per group (layer-wise clipping of the benchmark's transformers: ~3 ms of
-        ~80 per step). ``_receive`` clips them as soon as an output gradient would not fit
-        beside them. Not when clipped sums stream to a sink (every rank emits them in the same order), nor for a
-        group with a deferred contribution (its block is not made yet)."""
+        ~80 per step). ``_receive`` clips them as soon as an output gradient would not fit beside them. Not when
+        clipped sums stream to a sink (every rank emits them in the same order), nor for a group with a deferred
+        contribution (its block is not made yet)."""
         if self.sink is not None or not groups:
             return set()
         deferred = {self.groups.group_of[key[0]] for key, _, _ in self._deferred}
