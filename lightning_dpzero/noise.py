@@ -13,7 +13,7 @@ import os
 import torch
 from torch import Tensor
 
-from lightning_dpzero.randomness import SecretKey
+from lightning_dpzero.randomness import SecretKey, gaussian_from_bits
 
 __all__ = ["GaussianNoise", "SecureGaussianNoise"]
 
@@ -27,10 +27,9 @@ class GaussianNoise:
 
     Privacy:
         The noise is as unpredictable as the key: 256 bits from the OS unless ``PrivacyConfig.seed`` fixes it. On
-        CPU each draw is numpy's Philox keyed with 128 bits; on CUDA torch's Philox with 126 bits of seed and offset.
-        Cost on the 2-core CI machine: ~13 ns per coordinate on CPU (torch's unkeyable Mersenne Twister: ~4 ns);
-        a draw of more than 2^18 coordinates is filled in parts on torch's number of threads, each part its own
-        stream (2.4M coordinates: ~8 ns per coordinate with 2 threads).
+        CPU each draw is AES-256 in counter mode under its stream's 256-bit key, made Gaussian by Box-Muller
+        (``randomness.gaussian_from_bits``); on CUDA torch's Philox with 126 bits of seed and offset. Cost on the
+        2-core CI machine: ~2.5 ns per coordinate on one CPU core (torch's unkeyable Mersenne Twister: ~3.5 ns).
     """
 
     def __init__(self, key: SecretKey, rank: int = 0) -> None:
@@ -53,11 +52,10 @@ class GaussianNoise:
 class SecureGaussianNoise:
     """N(0, std^2) samples from the operating system's cryptographically secure generator (``os.urandom``).
 
-    Box-Muller on pairs of 53-bit uniforms in (0, 1), computed in float64 and rounded to fp32. Nothing to seed and
-    nothing to checkpoint: every draw is fresh entropy, so a resumed run can never repeat noise, and no state in a
-    checkpoint or in memory predicts it. Cost, measured on the 2-core CI machine: ~70 ns per coordinate (half of it
-    reading the OS generator, half float64 logs and trigonometry, then a copy to the device) against ~13 ns for
-    ``GaussianNoise``: ~0.7 s per logical step for a 10M-parameter model.
+    The same Box-Muller as ``GaussianNoise`` (``randomness.gaussian_from_bits``) on bytes from the OS. Nothing to
+    seed and nothing to checkpoint: every draw is fresh entropy, so a resumed run can never repeat noise, and no
+    state in a checkpoint or in memory predicts it. Cost, measured on the 2-core CI machine: ~5 ns per coordinate
+    (reading 6 bytes from the OS per coordinate, then the transform) against ~2.5 ns for ``GaussianNoise``.
 
     Privacy:
         Needs no key: even a key that leaked (or a user's seed that was guessed) would not predict this noise. It
@@ -67,17 +65,10 @@ class SecureGaussianNoise:
 
     def sample(self, shape: torch.Size, *, std: float, device: torch.device) -> Tensor:
         """A fresh fp32 sample of shape ``shape`` with standard deviation ``std``."""
-        n = math.prod(shape)
-        if std == 0.0 or n == 0:
+        if std == 0.0:
             return torch.zeros(shape, device=device, dtype=torch.float32)
-        pairs = (n + 1) // 2
-        words = torch.frombuffer(bytearray(os.urandom(16 * pairs)), dtype=torch.int64).view(2, pairs)
-        # 53-bit uniforms strictly inside (0, 1) (the mask undoes the sign extension of >> on int64)
-        u = ((words >> 11) & ((1 << 53) - 1)).double().add_(0.5).mul_(2.0**-53)
-        radius = torch.sqrt(-2.0 * torch.log(u[0]))
-        angle = u[1] * (2.0 * math.pi)
-        normal = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:n]
-        return (normal * std).float().reshape(shape).to(device)
+        normal = torch.from_numpy(gaussian_from_bits(math.prod(shape), os.urandom))
+        return normal.mul_(std).view(shape).to(device)
 
     def start_step(self, step: int) -> None:
         """Nothing to position: every draw is fresh OS entropy."""

@@ -36,8 +36,8 @@ def secret_needles(key: bytes, rank: int, steps: int = 4, draws: int = 64) -> li
     secret = SecretKey(key, seeded=False)
     needles = [key, key.hex().encode()]
     for labels in stream_labels(rank, steps, draws):
-        material = secret.derive(*labels)[:16]
-        needles += [material[:8], material[8:16]]  # numpy's Philox keeps its key as two uint64 words
+        material = secret.derive(*labels)  # the stream's AES-256 key; its first 16 bytes key numpy's Philox
+        needles += [material[i : i + 8] for i in range(0, 32, 8)]  # Philox keeps its key as two uint64 words
     return needles
 
 

@@ -8,6 +8,7 @@ import math
 import pickle
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -85,13 +86,76 @@ def test_keyed_noise_is_gaussian_and_its_streams_are_independent() -> None:
     assert torch.equal(again.sample(torch.Size([n]), std=std, device=CPU), x)
 
 
-def test_a_large_draw_is_made_of_independent_streams_and_the_same_on_any_number_of_threads(monkeypatch) -> None:
-    """A CPU draw of more than randomness._PART coordinates is filled in parts, each its own stream, side by side.
-    Reference: the same draw with 1 thread and with 2 (a seeded run reproduces its noise on any machine); every part
-    differs from the others and from the first part's coordinates drawn alone (no stream used twice); neighbouring
-    parts uncorrelated (|r| < 6 / sqrt(part)); the whole N(0, 1) (mean, std within 6 standard errors)."""
-    monkeypatch.setattr(randomness, "_PART", 4096)
-    key, n = SecretKey.from_seed(11), 4096 * 5 + 100
+def test_a_stream_is_aes_256_in_counter_mode_under_its_labels_key() -> None:
+    """Reference: AES-256 of the counter blocks 0, 1, 2, ... (big-endian, 128 bits) under SHA-256(key, labels),
+    through ``cryptography``'s ECB mode; successive calls continue the stream; other labels give another stream."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    key, labels = SecretKey.from_seed(7), ("noise", 1, 2, 3)
+    stream = key.key_stream(*labels)
+    got = stream(40) + stream(200)
+    ecb = Cipher(algorithms.AES(key.derive(*labels)), modes.ECB()).encryptor()
+    want = ecb.update(b"".join(i.to_bytes(16, "big") for i in range(15)))
+    assert got == want[:240]
+    assert key.key_stream("noise", 1, 2, 4)(240) != got
+
+
+def _box_muller_float64(raw: bytes) -> np.ndarray:
+    """Float64 Box-Muller on the layout of ``gaussian_from_bits`` (one block): 8-byte radius words, then 4-byte
+    angle words; radius from (k + 1/2) / 2^63 with k the word's top 63 bits, angle from its top 24 bits."""
+    pairs = len(raw) // 12
+    words = np.frombuffer(raw[: 8 * pairs], dtype=np.uint64)
+    u = np.array([((int(w) >> 1) + 0.5) * 2.0**-63 for w in words])
+    theta = ((np.frombuffer(raw[8 * pairs :], dtype=np.uint32) >> 8).astype(np.float64) + 0.5) * (2 * math.pi / 2**24)
+    radius = np.sqrt(-2.0 * np.log(u))
+    return np.concatenate([radius * np.cos(theta), radius * np.sin(theta)])
+
+
+def test_gaussian_from_bits_matches_a_float64_box_muller_on_the_same_bits() -> None:
+    """Reference: ``_box_muller_float64`` on the same bytes, random and extreme (radius words 0 and 2^64 - 1, angle
+    words 0 and 2^32 - 1): squared radius within 1e-6 (1 + r^2), angle within 1e-5 where r > 0.01. The smallest
+    radius word gives the largest radius, sqrt(128 ln 2) = 9.42: the tail reaches 9.42 standard deviations."""
+    pairs = 4096
+    radius_words = np.random.default_rng(0).integers(0, 2**64, pairs, dtype=np.uint64, endpoint=False)
+    angle_words = np.random.default_rng(1).integers(0, 2**32, pairs, dtype=np.uint32, endpoint=False)
+    radius_words[:4] = [0, 0, 2**64 - 1, 2**64 - 1]
+    angle_words[:4] = [0, 2**32 - 1, 0, 2**32 - 1]
+    raw = radius_words.tobytes() + angle_words.tobytes()
+    got = randomness.gaussian_from_bits(2 * pairs, lambda n: raw[:n]).astype(np.float64)
+    want = _box_muller_float64(raw)
+    (x, y), (x0, y0) = got.reshape(2, pairs), want.reshape(2, pairs)
+    r2, r2_want = x**2 + y**2, x0**2 + y0**2
+    assert np.all(np.abs(r2 - r2_want) <= 1e-6 * (1 + r2_want))
+    far = r2_want > 1e-4
+    angle_error = np.angle(np.exp(1j * (np.arctan2(y, x) - np.arctan2(y0, x0))))
+    assert np.all(np.abs(angle_error[far]) < 1e-5)
+    assert math.isclose(math.sqrt(r2[0]), math.sqrt(128 * math.log(2)), rel_tol=1e-6)
+    assert r2[2] < 1e-6 and np.isfinite(got).all()
+    odd = randomness.gaussian_from_bits(2 * pairs - 1, lambda n: raw[:n])  # an odd count drops the last sine
+    assert np.array_equal(odd, got[:-1].astype(np.float32))
+
+
+def test_keyed_draws_are_standard_normal_in_the_body_and_the_tails() -> None:
+    """Reference: scipy's N(0, 1). 2^20 draws of one seeded stream: Kolmogorov-Smirnov distance below 3 / sqrt(n)
+    (a false alarm has probability < 1e-7), and the counts beyond 2, 3 and 4 standard deviations each within 6 of
+    their standard deviations of the expected count."""
+    from scipy import stats
+
+    n = 1 << 20
+    x = SecretKey.from_seed(5).standard_normal(torch.Size([n]), CPU, "noise", 0, 0, 0).double().numpy()
+    assert stats.kstest(x, "norm").statistic < 3 / math.sqrt(n)
+    for t in (2.0, 3.0, 4.0):
+        expected = n * 2 * stats.norm.sf(t)
+        assert abs(np.count_nonzero(np.abs(x) > t) - expected) < 6 * math.sqrt(expected), t
+
+
+def test_a_draw_of_several_blocks_continues_its_stream_and_is_the_same_on_any_number_of_threads(monkeypatch) -> None:
+    """A draw is made in blocks of ``randomness._PAIRS`` pairs from one stream. Reference: the same draw on 1 and on
+    2 threads (a seeded run reproduces its noise on any machine); no block repeats another (the stream continues);
+    neighbouring blocks uncorrelated (|r| < 6 / sqrt(block)); the whole N(0, 1) (mean, std within 6 standard
+    errors)."""
+    monkeypatch.setattr(randomness, "_PAIRS", 2048)
+    key, n, block = SecretKey.from_seed(11), 4096 * 5 + 101, 4096
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -101,13 +165,11 @@ def test_a_large_draw_is_made_of_independent_streams_and_the_same_on_any_number_
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
-    parts = list(two.split(4096))
-    assert len(parts) == 6
-    for a, b in zip(parts[:-2], parts[1:-1]):
+    blocks = list(two.split(block))
+    assert len(blocks) == 6
+    for a, b in zip(blocks[:-2], blocks[1:-1]):
         assert not torch.equal(a, b)
-        assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 6 / math.sqrt(4096)
-    alone = key.standard_normal(torch.Size([4096]), CPU, "noise", 0, 1, 2)  # the unsplit stream of these labels
-    assert not torch.equal(alone, parts[0])
+        assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 6 / math.sqrt(block)
     assert abs(two.mean().item()) < 6 / math.sqrt(n)
     assert abs(two.std().item() - 1) < 6 / math.sqrt(2 * n)
 
