@@ -141,10 +141,10 @@ def gaussian_from_bits(n: int, bits: Callable[[int], bytes]) -> np.ndarray:
     bits give the same samples on any number of threads.
 
     Privacy:
-        The 63-bit radius keeps the tail out to ``sqrt(128 ln 2)`` = 9.42 standard deviations per pair (CUDA's
-        float Box-Muller on 32-bit uniforms stops at 6.7), so the noise is Gaussian wherever it has any
-        probability above 2^-64. Computed in float32 (``u`` to 24 significant bits), like every float sampler it
-        does not address floating-point attacks on the low-order bits (Mironov 2012).
+        The 63-bit radius keeps the tail out to ``sqrt(128 ln 2)`` = 9.42 standard deviations per pair (32-bit
+        uniforms would stop it at 6.7): the radius is cut only where its probability is below 2^-64. Computed in
+        float32 (``u`` to 24 significant bits); like every float sampler it does not address floating-point attacks
+        on the low-order bits (Mironov 2012).
     """
     out = np.empty(n, dtype=np.float32)
     for first in range(0, n, 2 * _PAIRS):
