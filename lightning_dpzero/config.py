@@ -224,7 +224,7 @@ class PrivacyConfig:
             (a resumed run draws fresh noise and samples, which is valid DP). Whoever knows the seed can regenerate
             all noise; the library never writes it to checkpoints, logs or Hydra/CLI outputs.
         secure_rng: draw the noise from the OS's cryptographically secure generator instead of the key's AES
-            streams (~5 ns instead of ~2.5 ns per coordinate on a 2-core CPU; not reproducible, needs no key).
+            streams (~17 ns instead of ~2.8 ns per coordinate on a 2-core CPU; not reproducible, needs no key).
             Poisson sampling stays on the key's streams.
         method: ``first_order`` (DP-SGD) or ``zeroth_order`` (forward passes only, at inference memory; see
             ``ZerothOrderConfig``). Zeroth-order clips the vector of an example's P finite differences with

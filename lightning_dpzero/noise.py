@@ -29,7 +29,7 @@ class GaussianNoise:
         The noise is as unpredictable as the key: 256 bits from the OS unless ``PrivacyConfig.seed`` fixes it. On
         CPU each draw is AES-256 in counter mode under its stream's 256-bit key, made Gaussian by Box-Muller
         (``randomness.gaussian_from_bits``); on CUDA torch's Philox with 126 bits of seed and offset. Cost on the
-        2-core CI machine: ~2.5 ns per coordinate on one CPU core (torch's unkeyable Mersenne Twister: ~3.5 ns).
+        2-core CI machine: ~2.8 ns per coordinate on one CPU core (torch's unkeyable Mersenne Twister: ~3.5 ns).
     """
 
     def __init__(self, key: SecretKey, rank: int = 0) -> None:
@@ -54,8 +54,8 @@ class SecureGaussianNoise:
 
     The same Box-Muller as ``GaussianNoise`` (``randomness.gaussian_from_bits``) on bytes from the OS. Nothing to
     seed and nothing to checkpoint: every draw is fresh entropy, so a resumed run can never repeat noise, and no
-    state in a checkpoint or in memory predicts it. Cost, measured on the 2-core CI machine: ~5 ns per coordinate
-    (reading 6 bytes from the OS per coordinate, then the transform) against ~2.5 ns for ``GaussianNoise``.
+    state in a checkpoint or in memory predicts it. Cost, measured on the 2-core CI machine: ~17 ns per coordinate
+    (reading 6 bytes per coordinate from the OS is most of it) against ~2.8 ns for ``GaussianNoise``.
 
     Privacy:
         Needs no key: even a key that leaked (or a user's seed that was guessed) would not predict this noise. It
