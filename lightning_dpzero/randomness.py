@@ -10,7 +10,7 @@ its labels and the key whenever it is needed, so there is no generator state to 
   Gaussian by ``gaussian_from_bits``. Poisson sampling, which needs numpy's binomial draws and permutations, uses
   numpy's ``Philox`` with the first 128 bits of its stream's key (torch's CPU generator keeps only 32 bits of a seed,
   and its Mersenne Twister state can be recovered from its outputs). CUDA noise is torch's Philox with a 64-bit seed
-  and a 62-bit starting offset (126 bits) per stream, drawn on the device;
+  and a 62-bit starting offset (126 bits) per stream, drawn on the device in float64 (``normal_via_float64``);
 - a checkpoint stores the public counters only (logical steps taken, samples drawn). A resumed run with an OS key
   draws a fresh key: its noise and samples are new and independent, which is valid DP (adaptive composition). With
   an explicit seed the key is rebuilt from the seed, so the counters give a bit-identical continuation.
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-__all__ = ["SecretKey", "gaussian_from_bits"]
+__all__ = ["SecretKey", "gaussian_from_bits", "normal_via_float64"]
 
 _KEY_BYTES = 32  # 256 bits: the run's key
 _OFFSET_MASK = (1 << 62) - 4  # CUDA Philox offsets: a multiple of 4 (torch's check), far from overflow
@@ -93,7 +93,7 @@ class SecretKey:
     def standard_normal(self, shape: torch.Size, device: torch.device, *labels: str | int) -> torch.Tensor:
         """An fp32 tensor of N(0, 1) samples of ``shape`` on ``device``, from the stream ``labels``."""
         if device.type == "cuda":
-            return torch.empty(shape, device=device).normal_(generator=self.torch_generator(device, *labels))
+            return normal_via_float64(shape, device, self.torch_generator(device, *labels))
         return torch.from_numpy(gaussian_from_bits(math.prod(shape), self.key_stream(*labels))).view(shape).to(device)
 
     def key_stream(self, *labels: str | int) -> Callable[[int], bytes]:
@@ -125,6 +125,24 @@ class SecretKey:
 
 def _seeded_key(key: bytes) -> SecretKey:
     return SecretKey(key, seeded=True)
+
+
+_FLOAT64_CHUNK = 1 << 24  # coordinates drawn in float64 at once on CUDA: 128 MiB of temporary
+
+
+def normal_via_float64(shape: torch.Size, device: torch.device, generator: torch.Generator) -> torch.Tensor:
+    """An fp32 tensor of N(0, 1) samples from torch's float64 sampler, ``_FLOAT64_CHUNK`` coordinates at a time.
+
+    Privacy:
+        On CUDA torch's float32 sampler is Box-Muller on 32-bit uniforms (cuRAND's ``curand_normal4``): its radius
+        stops at sqrt(66 ln 2) = 6.76 standard deviations. Its float64 sampler (``curand_normal2_double``) takes
+        53-bit uniforms, out to sqrt(108 ln 2) = 8.65 (docs/design.md, "Randomness and secrets", on what the cutoff
+        costs). The generator continues from chunk to chunk: no stream is drawn twice.
+    """
+    out = torch.empty(shape, device=device, dtype=torch.float32)
+    for chunk in out.view(-1).split(_FLOAT64_CHUNK):
+        chunk.copy_(torch.empty(chunk.numel(), device=device, dtype=torch.float64).normal_(generator=generator))
+    return out
 
 
 _PAIRS = 1 << 15  # Box-Muller pairs per block: a block's 384 KiB of bits and its temporaries stay in cache

@@ -174,6 +174,27 @@ def test_a_draw_of_several_blocks_continues_its_stream_and_is_the_same_on_any_nu
     assert abs(two.std().item() - 1) < 6 / math.sqrt(2 * n)
 
 
+def test_the_cuda_path_draws_float64_in_chunks_that_continue_the_stream(monkeypatch) -> None:
+    """``normal_via_float64`` (the CUDA path; run here with a CPU generator). Reference: torch's float64 sampler, cast
+    to fp32: the same generator state gives the same draw; chunks of ``_FLOAT64_CHUNK`` continue the generator (no
+    chunk repeats another, neighbours uncorrelated within 6 / sqrt(chunk)); N(0, 1) moments within 6 standard errors;
+    empty and 0-d shapes."""
+    monkeypatch.setattr(randomness, "_FLOAT64_CHUNK", 4096)
+    n = 4096 * 4 + 7
+    x = randomness.normal_via_float64(torch.Size([n]), CPU, torch.Generator().manual_seed(3))
+    assert x.dtype == torch.float32 and x.shape == (n,)
+    assert torch.equal(x, randomness.normal_via_float64(torch.Size([n]), CPU, torch.Generator().manual_seed(3)))
+    first = torch.empty(4096, dtype=torch.float64).normal_(generator=torch.Generator().manual_seed(3)).float()
+    assert torch.equal(x[:4096], first)
+    chunks = list(x.split(4096))
+    for a, b in zip(chunks[:-2], chunks[1:-1]):
+        assert not torch.equal(a, b)
+        assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 6 / math.sqrt(4096)
+    assert abs(x.mean().item()) < 6 / math.sqrt(n) and abs(x.std().item() - 1) < 6 / math.sqrt(2 * n)
+    assert randomness.normal_via_float64(torch.Size([0, 3]), CPU, torch.Generator()).shape == (0, 3)
+    assert randomness.normal_via_float64(torch.Size([]), CPU, torch.Generator()).shape == ()
+
+
 def test_a_single_device_run_writes_no_secret_and_its_checkpoints_cannot_regenerate_its_noise(tmp_path) -> None:
     """Reference: tests/privacy/leaks.py. A default run (OS key) with full and weights-only checkpoints after every
     step and a CSV log: no file holds the key, its streams' key material or a generator state; resuming from the
