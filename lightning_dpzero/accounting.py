@@ -23,10 +23,14 @@ from dp_accounting.rdp import rdp_privacy_accountant
 from lightning_dpzero.config import Accountant
 
 __all__ = [
+    "TAIL_CUTOFF",
+    "TAIL_SHARE",
     "PrivacyAccountant",
     "calibrate_noise_multiplier",
     "dpsgd_event",
     "epsilon_for",
+    "tail_delta",
+    "tail_noise_multiplier",
 ]
 
 # PLD discretisation of the privacy-loss values; dp-accounting's default (tight, ~0.2-0.8 s per evaluation).
@@ -99,6 +103,38 @@ def epsilon_for(history: Sequence[tuple[float, float, int]], *, delta: float, ac
     for sigma, q, steps in history:
         acc.compose(dpsgd_event(noise_multiplier=sigma, sample_rate=q, steps=steps))
     return float(acc.get_epsilon(delta))
+
+
+# The noise samplers draw no radius beyond this many standard deviations: the smaller of CUDA's float64 Box-Muller on
+# 53-bit uniforms (sqrt(108 ln 2) = 8.65) and the CPU sampler's 63-bit radius uniforms (sqrt(128 ln 2) = 9.42).
+TAIL_CUTOFF = math.sqrt(108 * math.log(2))
+# The most of delta that the cutoff may take before a run is refused.
+TAIL_SHARE = 0.01
+
+
+def tail_delta(*, noise_multiplier: float, sample_rate: float, steps: int, cutoff: float = TAIL_CUTOFF) -> float:
+    """At most what the noise's tail cutoff adds to delta over ``steps`` steps: q T exp(-(R - 1/sigma)^2 / 2).
+
+    In a step that samples an example, its clipped gradient moves the released sum by at most 1/sigma noise standard
+    deviations; the outputs that only the neighbouring run can give lie where one pair of coordinates' noise radius
+    would exceed R - 1/sigma, which has probability exp(-(R - 1/sigma)^2 / 2) (the tail of a 2-D Gaussian's radius).
+    The accountant assumes noise without a cutoff; this bounds the difference (docs/design.md, "What the tail's
+    cutoff costs"). Where 1/sigma >= R, every sampled step may reveal the example: q T.
+    """
+    reach = cutoff - 1.0 / noise_multiplier
+    per_step = 1.0 if reach <= 0 else math.exp(-reach * reach / 2)
+    return sample_rate * steps * per_step
+
+
+def tail_noise_multiplier(
+    *, sample_rate: float, steps: int, delta: float, share: float = TAIL_SHARE, cutoff: float = TAIL_CUTOFF
+) -> float:
+    """The smallest sigma whose ``tail_delta`` over ``steps`` steps is at most ``share * delta`` (inf: none is)."""
+    allowed = share * delta / (sample_rate * steps)
+    if allowed >= 1.0:
+        return 0.0
+    reach = math.sqrt(-2.0 * math.log(allowed))
+    return math.inf if reach >= cutoff else 1.0 / (cutoff - reach)
 
 
 def calibrate_noise_multiplier(

@@ -17,7 +17,14 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from lightning_dpzero.accounting import PrivacyAccountant, calibrate_noise_multiplier
+from lightning_dpzero.accounting import (
+    TAIL_CUTOFF,
+    TAIL_SHARE,
+    PrivacyAccountant,
+    calibrate_noise_multiplier,
+    tail_delta,
+    tail_noise_multiplier,
+)
 from lightning_dpzero.config import PrivacyConfig
 from lightning_dpzero.noise import GaussianNoise, SecureGaussianNoise
 from lightning_dpzero.randomness import SecretKey
@@ -261,6 +268,9 @@ class PrivacyLedger:
                 f"{calibrated_epsilon}); this run plans {planned or 'unbounded'} steps, so it will stop when one "
                 "more step would exceed the budget."
             )
+        steps = planned if planned is not None else calibrated_steps
+        if sigma > 0 and steps is not None:
+            self._check_tail(sigma=float(sigma), q=q, steps=steps, delta=delta, owner=owner)
         return Binding(
             dataset_size=n,
             sample_rate=q,
@@ -270,6 +280,22 @@ class PrivacyLedger:
             calibrated_steps=calibrated_steps,
             calibrated_epsilon=calibrated_epsilon,
         )
+
+    @staticmethod
+    def _check_tail(*, sigma: float, q: float, steps: int, delta: float, owner: str) -> None:
+        """Refuse a sigma so small that the noise's tail cutoff could add more than ``TAIL_SHARE`` of delta over
+        ``steps`` steps (``accounting.tail_delta``), which the accountant does not count."""
+        extra = tail_delta(noise_multiplier=sigma, sample_rate=q, steps=steps)
+        if extra > TAIL_SHARE * delta:
+            needed = tail_noise_multiplier(sample_rate=q, steps=steps, delta=delta)
+            fix = f"use noise_multiplier >= {needed:.3g}" if math.isfinite(needed) else "no noise_multiplier is enough"
+            raise ValueError(
+                f"{owner}: noise_multiplier={sigma:.4g} is too small for the noise sampler, whose tail stops at "
+                f"{TAIL_CUTOFF:.2f} standard deviations: over {steps} steps at q={q:.4g} the cutoff could add up to "
+                f"{extra:.3g} to delta={delta:.3g}, more than {TAIL_SHARE:.0%} of it, and the accountant does not "
+                f"count it. For these steps and q, {fix} (a lower target_epsilon), or train fewer steps or at a "
+                "lower sample rate."
+            )
 
     def _check_rebinding(self, *, n: int, q: float, owner: str) -> None:
         binding = self._bound()
@@ -310,7 +336,10 @@ class PrivacyLedger:
         self._sample_position = sample_index + 1
 
     def may_step(self) -> bool:
-        """Whether one more logical step keeps epsilon within the budget (always True without a budget)."""
+        """Whether one more logical step keeps epsilon within the budget (always True without a budget), and the
+        noise's tail cutoff within ``TAIL_SHARE`` of delta (checked at binding for a run that plans its steps)."""
+        if self._tail_exhausted():
+            return False
         if self.epsilon_limit is None or self.accountant is None or self.binding is None:
             return True
         binding = self.binding
@@ -331,10 +360,27 @@ class PrivacyLedger:
             <= self.epsilon_limit
         )
 
+    def _tail_exhausted(self) -> bool:
+        """Whether one more step would let the noise's tail cutoff add more than ``TAIL_SHARE`` of delta."""
+        if self.binding is None or self.accountant is None or self.binding.noise_multiplier <= 0:
+            return False
+        binding = self.binding
+        extra = tail_delta(
+            noise_multiplier=binding.noise_multiplier, sample_rate=binding.sample_rate, steps=self.accountant.steps + 1
+        )
+        return extra > TAIL_SHARE * binding.delta
+
     def refuse_past_budget(self) -> None:
         """Raise ``PrivacyBudgetExhausted`` when one more step would take epsilon past the budget."""
         if self.accountant is None or self.binding is None:
             raise RuntimeError("the privacy ledger is not bound to a dataset yet: bind_data() runs before a step")
+        if self._tail_exhausted():
+            raise PrivacyBudgetExhausted(
+                f"one more step would let the noise's tail cutoff ({TAIL_CUTOFF:.2f} standard deviations) add more "
+                f"than {TAIL_SHARE:.0%} of delta={self.binding.delta:.3g} at noise_multiplier="
+                f"{self.binding.noise_multiplier:.4g} (after {self.accountant.steps} steps); a larger noise_multiplier "
+                "allows more steps (accounting.tail_noise_multiplier)."
+            )
         if not self.may_step():
             raise PrivacyBudgetExhausted(
                 f"one more step would take epsilon past the budget of {self.epsilon_limit} "

@@ -46,7 +46,7 @@ def test_epsilon_never_exceeds_the_budget_and_equals_dp_accounting(
     try:
         dp.bind_data(loader, planned_steps=lambda _: planned, owner="test")
     except ValueError as err:
-        assert "cannot be reached" in str(err)  # a refused plan is fine: nothing runs
+        assert "cannot be reached" in str(err) or "too small for the noise sampler" in str(err)  # nothing runs
         return
     if extra_limit is not None:  # what PrivacyBudget(max_epsilon=...) does
         dp.epsilon_limit = extra_limit if dp.epsilon_limit is None else min(dp.epsilon_limit, extra_limit)
