@@ -370,22 +370,32 @@ class PrivacyLedger:
         )
         return extra > TAIL_SHARE * binding.delta
 
-    def refuse_past_budget(self) -> None:
-        """Raise ``PrivacyBudgetExhausted`` when one more step would take epsilon past the budget."""
+    def stop_reason(self) -> str | None:
+        """Why one more logical step may not run (the tail cutoff's share of delta, or epsilon's budget), or None."""
         if self.accountant is None or self.binding is None:
-            raise RuntimeError("the privacy ledger is not bound to a dataset yet: bind_data() runs before a step")
+            return None
         if self._tail_exhausted():
-            raise PrivacyBudgetExhausted(
+            return (
                 f"one more step would let the noise's tail cutoff ({TAIL_CUTOFF:.2f} standard deviations) add more "
                 f"than {TAIL_SHARE:.0%} of delta={self.binding.delta:.3g} at noise_multiplier="
                 f"{self.binding.noise_multiplier:.4g} (after {self.accountant.steps} steps); a larger noise_multiplier "
                 "allows more steps (accounting.tail_noise_multiplier)."
             )
         if not self.may_step():
-            raise PrivacyBudgetExhausted(
+            return (
                 f"one more step would take epsilon past the budget of {self.epsilon_limit} "
                 f"(epsilon now {self.epsilon():.4g} after {self.accountant.steps} steps)."
             )
+        return None
+
+    def refuse_past_budget(self) -> None:
+        """Raise ``PrivacyBudgetExhausted`` when one more step would take epsilon past the budget (or let the noise's
+        tail cutoff take more than its share of delta)."""
+        if self.accountant is None or self.binding is None:
+            raise RuntimeError("the privacy ledger is not bound to a dataset yet: bind_data() runs before a step")
+        reason = self.stop_reason()
+        if reason is not None:
+            raise PrivacyBudgetExhausted(reason)
 
     def release(self, owned: Iterable[Tensor], *, scale: float = 1.0) -> None:
         """Release one logical step: in place, each tensor <- (scale * t + N(0, sigma^2 C^2)) / B, then account it.

@@ -260,10 +260,7 @@ class DPStrategyMixin(_StrategyBase):
             )
         ledger = self.dp.ledger
         if not ledger.may_step():
-            rank_zero_warn(
-                f"{type(self).__name__}: stopping: one more logical step would take epsilon past the budget of "
-                f"{ledger.epsilon_limit} (now {ledger.epsilon():.4g} after {ledger.steps} steps)."
-            )
+            rank_zero_warn(f"{type(self).__name__}: stopping: {ledger.stop_reason()}")
             trainer.should_stop = True
             return None  # Lightning skips the backward and the optimizer step
         self._check_ledger(module)

@@ -70,7 +70,8 @@ def test_a_run_whose_noise_is_too_small_for_the_tail_is_refused_with_the_sigma_i
 
 def test_a_run_without_planned_steps_stops_where_the_tail_would_pass_its_share() -> None:
     """Reference: ``tail_delta`` step by step. Unbounded (no planned steps) at sigma = 0.35: ``may_step`` holds
-    exactly while one more step keeps the bound within 1% of delta, then the step is refused."""
+    exactly while one more step keeps the bound within 1% of delta, then the step is refused, the reason naming the
+    tail cutoff."""
     sigma, q = 0.35, 0.01
     ledger, loader = _ledger(sigma)
     ledger.bind_data(loader, planned_steps=lambda _: None, owner="test")
@@ -81,5 +82,6 @@ def test_a_run_without_planned_steps_stops_where_the_tail_would_pass_its_share()
         ledger.release([])
         taken += 1
     assert taken == allowed
+    assert "tail cutoff" in (ledger.stop_reason() or "")  # what the strategy's stop warning says
     with pytest.raises(PrivacyBudgetExhausted, match="tail cutoff"):
         ledger.refuse_past_budget()
