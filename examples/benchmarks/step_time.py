@@ -14,10 +14,10 @@ Every mode runs in this one process on a deep copy of the same initial model and
 
 - ``non-private``: ``mean(per-example losses).backward()``, ``opt.step()``.
 - ``ours <style>``: what the DP strategies do per physical batch: ``ClippingEngine.recording`` around the forward,
-  ``engine.backward(sum of per-example losses, mask)``, then the single-device release: the clipped sums in one flat
-  buffer, noise N(0, sigma^2 C^2) from the library's keyed streams (``GaussianNoise``: AES-256 in counter mode and
-  Box-Muller, ~2.5-3 ns per coordinate on one core), division by B, ``opt.step()`` (sigma = 1, C = 1, the default
-  clipping function).
+  ``engine.backward(sum of per-example losses, mask)``, then the single-device strategy's release
+  (``LocalReducer.release`` with a ``PrivacyLedger``): the clipped sums in one flat buffer, noise N(0, sigma^2 C^2)
+  from the ledger's keyed streams (AES-256 in counter mode and Box-Muller, ~2.5-3 ns per coordinate on one core),
+  division by B, the step's accounting event, ``opt.step()`` (sigma = 1, C = 1, the default clipping function).
   ``group-wise`` asks for 4 groups (fewer where the model has fewer modules); each row shows its number of groups.
 - ``Opacus hooks`` / ``Opacus ghost``: ``PrivacyEngine.make_private`` (sigma = 1, max_grad_norm = 1, no Poisson
   sampling) with ``grad_sample_mode="hooks"`` (per-example gradients) or ``"ghost"`` (ghost clipping: two backward
@@ -70,7 +70,6 @@ import argparse
 import contextlib
 import copy
 import gc
-import itertools
 import os
 import platform
 import statistics
@@ -88,10 +87,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_dpzero.allocator import retain_freed_memory
 from lightning_dpzero.clipping import ClippingEngine
 from lightning_dpzero.config import PrivacyConfig
-from lightning_dpzero.noise import GaussianNoise
-from lightning_dpzero.randomness import SecretKey
+from lightning_dpzero.ledger import PrivacyLedger
 from lightning_dpzero.strategies.reducers import LocalReducer
-from lightning_dpzero.strategies.reducers import _write_gradients as write_gradients
 from lightning_dpzero.tasks.gpt import GPT, GPTConfig
 
 SIGMA, CLIP = 1.0, 1.0
@@ -275,24 +272,22 @@ def ours(bench: Bench, model: nn.Module, style: str) -> Mode:
     p = bench.batch[0].shape[0]
     mask = torch.ones(p, dtype=torch.bool, device=device)
 
-    noise = GaussianNoise(SecretKey.from_os())  # the library's keyed noise streams, as the ledger draws them
-    reducer = LocalReducer(device, "step_time")  # the single-device strategy's reducer
+    # The single-device strategy's release, as it runs: LocalReducer gathers the clipped sums into one flat fp32
+    # buffer; the ledger (bound to a dataset of 100 p examples, sampled at q = 1/100: B = p, one physical batch per
+    # logical step) adds the noise from its keyed streams once per coordinate, divides by B and accounts the step.
+    ledger = PrivacyLedger(config)
+    ledger.bind_data(DataLoader(TensorDataset(torch.zeros(100 * p)), batch_size=p), planned_steps=lambda _: None,
+                     owner="step_time")  # fmt: skip
+    reducer = LocalReducer(device, "step_time")
     named = list(engine.params.items())
-    steps = itertools.count()
 
     def step() -> None:
         with engine.recording(device, rows=p), _autocast(bench):
             loss = bench.per_example_losses(model, bench.batch).sum()
         engine.backward(loss, mask)
-        # The single-device release (LocalReducer, then the ledger): the clipped sums in one flat fp32 buffer, noise
-        # once per coordinate, division by B (= p: one physical batch per logical step), the gradients views of it.
         for name, clipped_sum in engine.pop_summed().items():
             reducer.add(name, clipped_sum)
-        flat = reducer._flat(named)
-        noise.start_step(next(steps))
-        flat += noise.sample(flat.shape, std=SIGMA * CLIP, device=flat.device)
-        flat /= p
-        write_gradients(flat, named)
+        reducer.release(ledger, named)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
